@@ -1,0 +1,100 @@
+"""The one place that starts Taichi, matched to the torch device.
+
+Every module that launches kernels calls :func:`ensure_init` first, so users never call
+``ti.init`` themselves. The arch comes from, in order: the ``arch`` argument of an explicit
+:func:`init`, the ``TAICHI_MPM_ARCH`` environment variable (``auto``, ``cpu`` or ``cuda``),
+then ``auto`` (CUDA when torch sees a GPU and Taichi can start on it, else CPU).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import taichi as ti
+
+ENV_VAR = "TAICHI_MPM_ARCH"
+_ARCHS = ("auto", "cpu", "cuda")
+
+_arch: Optional[str] = None  # "cpu" or "cuda" once Taichi is up
+_debug: bool = False
+
+
+class RuntimeConflictError(RuntimeError):
+    """Raised when Taichi is asked to start again with different settings."""
+
+
+def _requested_arch(arch: Optional[str]) -> str:
+    requested = (arch or os.environ.get(ENV_VAR) or "auto").strip().lower()
+    if requested not in _ARCHS:
+        source = "arch argument" if arch else f"environment variable {ENV_VAR}"
+        raise ValueError(f"{source} must be one of {_ARCHS}, got {requested!r}")
+    return requested
+
+
+def _cuda_usable() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def init(arch: Optional[str] = None, debug: bool = False, **ti_kwargs) -> str:
+    """Start Taichi once for this process and return the arch in use ("cpu" or "cuda").
+
+    Args:
+        arch: "auto" | "cpu" | "cuda"; None reads ``TAICHI_MPM_ARCH`` and falls back to "auto".
+        debug: Taichi's debug mode (bounds checks in kernels; slow).
+        **ti_kwargs: passed on to ``ti.init`` (e.g. ``device_memory_fraction``).
+
+    Calling it again with the same arch (and debug flag) does nothing; asking for another arch
+    once Taichi is running raises :class:`RuntimeConflictError`, because ``ti.init`` would
+    silently destroy every field and kernel already made.
+    """
+    global _arch, _debug
+    requested = _requested_arch(arch)
+    if _arch is not None:
+        if requested not in ("auto", _arch) or debug != _debug:
+            raise RuntimeConflictError(
+                f"Taichi already runs with arch={_arch!r}, debug={_debug}; cannot restart it with "
+                f"arch={requested!r}, debug={debug} in the same process")
+        return _arch
+
+    if requested == "cuda" and not _cuda_usable():
+        raise RuntimeError("arch='cuda' was asked for but torch sees no CUDA device")
+    chosen = "cuda" if requested == "cuda" or (requested == "auto" and _cuda_usable()) else "cpu"
+    ti_kwargs.setdefault("offline_cache", True)
+    ti_kwargs.setdefault("log_level", ti.WARN)
+    if chosen == "cuda":
+        try:
+            ti.init(arch=ti.cuda, debug=debug, **ti_kwargs)
+        except Exception:
+            if requested == "cuda":
+                raise
+            chosen = "cpu"
+    if chosen == "cpu":
+        ti.init(arch=ti.cpu, debug=debug, **ti_kwargs)
+    elif ti.lang.impl.current_cfg().arch != ti.cuda:
+        # Taichi falls back to CPU by itself when its CUDA start fails; keep torch and Taichi matched.
+        if requested == "cuda":
+            raise RuntimeError("Taichi could not start on CUDA although torch sees a GPU")
+        chosen = "cpu"
+    _arch, _debug = chosen, debug
+    return chosen
+
+
+def ensure_init() -> str:
+    """Start Taichi with the default choice if nobody has yet; return the arch in use."""
+    return _arch if _arch is not None else init()
+
+
+def arch() -> Optional[str]:
+    """The arch Taichi runs on ("cpu" / "cuda"), or None before it starts."""
+    return _arch
+
+
+def device():
+    """The torch device whose memory Taichi kernels read and write without copies."""
+    import torch
+
+    return torch.device("cuda" if ensure_init() == "cuda" else "cpu")

@@ -1,0 +1,101 @@
+"""bridge.runtime: one ti.init per process, matched to torch, overridable by environment."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import taichi as ti
+import torch
+
+import bridge
+from bridge import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter (a fresh Taichi runtime) from a file, as Taichi needs source."""
+    script = ROOT / "tests" / f"_runtime_probe_{os.getpid()}.py"
+    script.write_text(textwrap.dedent(code))
+    try:
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              env=full_env, timeout=120)
+    finally:
+        script.unlink()
+
+
+def test_lazy_init_picks_cpu_without_gpu(ti_arch):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ti_arch == expected
+    assert bridge.arch() == expected
+    assert bridge.device().type == expected
+
+
+def test_init_twice_same_arch_is_noop(ti_arch):
+    assert bridge.init(ti_arch) == ti_arch
+    assert bridge.init("auto") == ti_arch
+    assert bridge.ensure_init() == ti_arch
+
+
+def test_conflicting_arch_raises_in_process(ti_arch):
+    other = "cuda" if ti_arch == "cpu" else "cpu"
+    with pytest.raises(runtime.RuntimeConflictError, match="already runs"):
+        bridge.init(other)
+    with pytest.raises(runtime.RuntimeConflictError):
+        bridge.init(ti_arch, debug=True)
+    assert bridge.arch() == ti_arch  # the running runtime is untouched
+
+
+def test_kernel_writes_torch_tensor_in_place(ti_arch):
+    @ti.kernel
+    def scale_in_place(a: ti.types.ndarray(), factor: ti.f32):
+        for i in a:
+            a[i] *= factor
+
+    t = torch.arange(8, dtype=torch.float32, device=bridge.device())
+    scale_in_place(t, 3.0)
+    assert torch.equal(t.cpu(), torch.arange(8, dtype=torch.float32) * 3)
+
+
+def test_conflicting_reinit_in_fresh_process():
+    proc = run_python("""
+        import bridge
+        bridge.init("cpu")
+        try:
+            bridge.init("cuda")
+        except bridge.RuntimeConflictError as e:
+            print("CONFLICT", e)
+    """, TAICHI_MPM_ARCH="auto")
+    assert proc.returncode == 0, proc.stderr
+    assert "CONFLICT" in proc.stdout and "already runs with arch='cpu'" in proc.stdout
+
+
+def test_environment_variable_chooses_arch():
+    proc = run_python("""
+        import bridge
+        print("ARCH", bridge.ensure_init(), bridge.device())
+    """, TAICHI_MPM_ARCH="cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "ARCH cpu cpu" in proc.stdout
+
+
+def test_bad_environment_variable_is_a_clear_error():
+    proc = run_python("""
+        import bridge
+        bridge.ensure_init()
+    """, TAICHI_MPM_ARCH="tpu")
+    assert proc.returncode != 0
+    assert "TAICHI_MPM_ARCH" in proc.stderr and "tpu" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on machines without CUDA")
+def test_cuda_without_gpu_is_a_clear_error():
+    proc = run_python("""
+        import bridge
+        bridge.init("cuda")
+    """)
+    assert proc.returncode != 0
+    assert "torch sees no CUDA device" in proc.stderr
