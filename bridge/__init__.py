@@ -10,7 +10,11 @@ import importlib
 from .runtime import ENV_VAR, RuntimeConflictError, arch, device, ensure_init, init
 
 # public name -> submodule that defines it; filled in as the torch layer grows
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "rasterize": "rasterization",
+    "Gaussians": "surface",
+    "particles_to_gaussians": "surface",
+}
 
 
 def __getattr__(name: str):
