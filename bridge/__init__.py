@@ -12,6 +12,8 @@ from .runtime import ENV_VAR, RuntimeConflictError, arch, device, ensure_init, i
 # public name -> submodule that defines it; filled in as the torch layer grows
 _LAZY: dict[str, str] = {
     "rasterize": "rasterization",
+    "GaussianRasterizationSettings": "inria",
+    "GaussianRasterizer": "inria",
     "Gaussians": "surface",
     "particles_to_gaussians": "surface",
 }

@@ -1,7 +1,7 @@
 """Fit random 3D Gaussians to views of a ground-truth scene with L1 + D-SSIM (the 3DGS loss).
 
     python -m scenes.fit_gaussians [--gt scene.ply] [--views 12] [--width 128 --height 96]
-                                   [--gaussians 3000] [--iters 600] [--out outputs/fit_gaussians]
+                                   [--gaussians 3000] [--iters 300] [--out outputs/fit_gaussians]
 
 The ground truth is a known Gaussian set: a PLY given with --gt, or else a built-in one (a rainbow
 torus around a two-tone sphere). Target views come from an orbit of cameras; the fit starts from
@@ -67,7 +67,8 @@ def save_grid(path: Path, rows: list[torch.Tensor]) -> None:
     imageio.imwrite(path, (grid.detach().cpu().numpy() * 255).round().astype(np.uint8))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
+    """Run the fit; returns {"psnr_initial": dB, "psnr_final": dB} over all views."""
     from pytorch_msssim import ssim
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--height", type=int, default=96)
     ap.add_argument("--gaussians", type=int, default=3000)
-    ap.add_argument("--iters", type=int, default=600)
+    ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--batch", type=int, default=4, help="cameras per step")
     ap.add_argument("--sh-degree", type=int, default=1)
     ap.add_argument("--ssim-weight", type=float, default=0.2)
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
     gt_degree = int(round(math.sqrt(gt["sh"].shape[1]))) - 1
     lo, hi = gt["means"].min(0).values, gt["means"].max(0).values
     centre, extent = (lo + hi) / 2, float((hi - lo).norm())
-    cams = Camera.orbit(args.views, radius=1.3 * extent, elevation_degrees=25, target=centre.tolist(),
+    cams = Camera.orbit(args.views, radius=0.8 * extent, elevation_degrees=25, target=centre.tolist(),
                         width=args.width, height=args.height, fov_y_degrees=45)
     viewmats, Ks = (t.to(dev) for t in stack_cameras(cams))
     background = torch.ones(1, 3, device=dev)
@@ -114,6 +115,9 @@ def main(argv=None) -> None:
         return {"means": params["means"], "quats": params["quats"], "scales": params["log_scales"].exp(),
                 "opacities": torch.sigmoid(params["opacity_logits"]), "sh": params["sh"]}
 
+    with torch.no_grad():
+        psnr_initial = psnr(render(activated(), viewmats, Ks, args.width, args.height, args.sh_degree, background),
+                            targets)
     bar = tqdm(range(args.iters), desc="fitting")
     for it in bar:
         views = torch.randperm(args.views, device=dev)[:args.batch]
@@ -139,7 +143,10 @@ def main(argv=None) -> None:
         opacity_logits=params["opacity_logits"].detach().cpu().numpy(),
         log_scales=params["log_scales"].detach().cpu().numpy(),
         quats=torch.nn.functional.normalize(params["quats"].detach(), dim=1).cpu().numpy()))
-    print(f"PSNR over {args.views} views: {psnr(final, targets):.2f} dB; wrote {out}/renders.png and {out}/fit.ply")
+    psnr_final = psnr(final, targets)
+    print(f"PSNR over {args.views} views: {psnr_initial:.2f} dB at the start, {psnr_final:.2f} dB now; "
+          f"wrote {out}/renders.png and {out}/fit.ply")
+    return {"psnr_initial": psnr_initial, "psnr_final": psnr_final}
 
 
 if __name__ == "__main__":

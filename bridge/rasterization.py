@@ -1,0 +1,286 @@
+"""gsplat-style 3D Gaussian splatting for batches of cameras, differentiable through Taichi kernels.
+
+Staged like gsplat, one autograd Function per stage:
+    _Project (render/projection.py)  Gaussians -> per-camera screen-space splats
+    bin_rects (render/binning.py)    tile/splat pairs sorted by (tile, depth), no gradient
+    _Blend (render/blending.py)      splats -> images, alphas
+Backgrounds, render modes and expected depth are plain torch on top, so autograd handles them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from render.binning import DEFAULT_MAX_PAIRS, TileGrid, bin_rects
+from render.blending import blend_kernels
+from render.projection import projection_kernels
+
+from .runtime import device as taichi_device
+from .runtime import ensure_init
+
+RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
+RASTERIZE_MODES = ("classic", "antialiased")
+TILE_THREADS = 256  # one CUDA thread per pixel of a 16x16 tile
+MAX_CHANNELS = 32  # features per splat held in shared memory by the CUDA blending kernels
+
+
+class _Project(torch.autograd.Function):
+    """Gaussians -> (means2d, conics, depths, rgb, opacities, radii, rects), each (C, N, ...)."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
+                sh_degree, given_cov, antialiased):
+        # detached: Taichi would otherwise allocate .grad on every input that requires grad
+        means, quats, scales, covars, opacities, sh, viewmats, Ks = (
+            t.detach() for t in (means, quats, scales, covars, opacities, sh, viewmats, Ks))
+        C, N, dev = viewmats.shape[0], means.shape[0], means.device
+        forward_kernel, _ = projection_kernels(sh_degree, given_cov, antialiased)
+        means2d, conics = torch.empty(C, N, 2, device=dev), torch.empty(C, N, 3, device=dev)
+        depths, opac = torch.empty(C, N, device=dev), torch.empty(C, N, device=dev)
+        rgb = torch.empty(C, N if sh_degree >= 0 else 1, 3, device=dev)
+        radii = torch.empty(C, N, 2, dtype=torch.int32, device=dev)
+        rects = torch.empty(C, N, 4, dtype=torch.int32, device=dev)
+        forward_kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
+                       means2d, conics, depths, rgb, opac, radii, rects)
+        ctx.save_for_backward(means, quats, scales, covars, opacities, sh, viewmats, Ks, rects)
+        ctx.config = (width, height, sh_degree, given_cov, antialiased)
+        ctx.mark_non_differentiable(radii, rects)
+        return means2d, conics, depths, rgb, opac, radii, rects
+
+    @staticmethod
+    def backward(ctx, v_means2d, v_conics, v_depths, v_rgb, v_opac, _v_radii, _v_rects):
+        means, quats, scales, covars, opacities, sh, viewmats, Ks, rects = ctx.saved_tensors
+        width, height, sh_degree, given_cov, antialiased = ctx.config
+        _, backward_kernel = projection_kernels(sh_degree, given_cov, antialiased)
+        grads = [torch.zeros_like(t) for t in (means, quats, scales, covars, opacities, sh)]
+        C, N = rects.shape[:2]
+
+        def dense(g, *shape):  # outputs unused by the loss come back as None
+            return torch.zeros(shape, device=rects.device) if g is None else g.contiguous()
+
+        v_means2d, v_conics = dense(v_means2d, C, N, 2), dense(v_conics, C, N, 3)
+        v_depths, v_opac = dense(v_depths, C, N), dense(v_opac, C, N)
+        v_rgb = dense(v_rgb, C, N if sh_degree >= 0 else 1, 3)
+        backward_kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects,
+                        v_means2d, v_conics, v_depths, v_rgb, v_opac, *grads)
+        v_means, v_quats, v_scales, v_covars, v_opacities, v_sh = grads
+        return (v_means, v_quats if not given_cov else None, v_scales if not given_cov else None,
+                v_covars if given_cov else None, v_opacities, v_sh if sh_degree >= 0 else None,
+                None, None, None, None, None, None, None, None, None)
+
+
+class _Blend(torch.autograd.Function):
+    """Screen-space splats + sorted tile pairs -> (features (C, H, W, K), alphas (C, H, W))."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, features, item_ids, tile_ranges, width, height, variant):
+        means2d, conics, opacities, features = (t.detach() for t in (means2d, conics, opacities, features))
+        C, K = means2d.shape[0], features.shape[-1]
+        forward_kernel, _ = blend_kernels(variant, K)
+        dev = means2d.device
+        image = torch.empty(C, height, width, K, device=dev)
+        final_T = torch.empty(C, height, width, device=dev)
+        last = torch.empty(C, height, width, dtype=torch.int32, device=dev)
+        tile_walked = torch.zeros(tile_ranges.shape[:3], dtype=torch.int32, device=dev)
+        forward_kernel(means2d, conics, opacities, features, item_ids, tile_ranges, width, height,
+                       image, final_T, last, tile_walked)
+        ctx.save_for_backward(means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last,
+                              tile_walked)
+        ctx.config = (width, height, variant)
+        return image, 1.0 - final_T
+
+    @staticmethod
+    def backward(ctx, v_image, v_alpha):
+        means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last, tile_walked = ctx.saved_tensors
+        width, height, variant = ctx.config
+        _, backward_kernel = blend_kernels(variant, features.shape[-1])
+        C, K = features.shape[0], features.shape[-1]
+        v_image = torch.zeros(C, height, width, K, device=features.device) if v_image is None else v_image.contiguous()
+        v_alpha = torch.zeros_like(final_T) if v_alpha is None else v_alpha.contiguous()
+        grads = [torch.zeros_like(t) for t in (means2d, conics, opacities, features)]
+        backward_kernel(means2d, conics, opacities, features, item_ids, tile_ranges, width, height, final_T,
+                        last, tile_walked, v_image, v_alpha, *grads)
+        return (*grads, None, None, None, None, None)
+
+
+def _render_nothing(C, width, height, channels, color_channels, backgrounds, grid, dev):
+    """Zero Gaussians: the background (or zeros) everywhere, alpha 0."""
+    image = torch.zeros(C, height, width, channels, device=dev)
+    if backgrounds is not None:
+        pad = channels - color_channels
+        image = image + torch.cat([backgrounds, backgrounds.new_zeros(C, pad)], -1)[:, None, None, :]
+    meta = dict(means2d=torch.zeros(C, 0, 2, device=dev), conics=torch.zeros(C, 0, 3, device=dev),
+                depths=torch.zeros(C, 0, device=dev), opacities=torch.zeros(C, 0, device=dev),
+                radii=torch.zeros(C, 0, 2, dtype=torch.int32, device=dev), gaussian_ids=None,
+                tile_ranges=torch.zeros(C, grid.tiles_y, grid.tiles_x, 2, dtype=torch.int32, device=dev),
+                item_ids=torch.zeros(0, dtype=torch.int32, device=dev), num_pairs=0, width=width,
+                height=height, tile_size=grid.tile_size, n_cameras=C)
+    return image, torch.zeros(C, height, width, 1, device=dev), meta
+
+
+def _check(name: str, t: torch.Tensor, shapes: tuple, dev: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if t.device.type != dev.type or (dev.type == "cuda" and t.device.index not in (None, torch.cuda.current_device())):
+        raise ValueError(f"{name} is on {t.device} but the Taichi kernels run on {dev}; move it there")
+    if t.dim() != len(shapes) or any(s is not None and s != d for s, d in zip(shapes, t.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shapes) + ")"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
+              sh_degree, backgrounds, render_mode, rasterize_mode, means2d_offset, validate, dev):
+    """Clear Python errors for bad arguments; returns (N, C, color channels, blended channels)."""
+    if render_mode not in RENDER_MODES:
+        raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
+    if rasterize_mode not in RASTERIZE_MODES:
+        raise ValueError(f"rasterize_mode must be one of {RASTERIZE_MODES}, got {rasterize_mode!r}")
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise ValueError(f"width and height must be positive ints, got {width!r}, {height!r}")
+    if not 0.0 < near_plane < far_plane:
+        raise ValueError(f"need 0 < near_plane < far_plane, got {near_plane}, {far_plane}")
+    _check("means", means, (None, 3), dev)
+    N = means.shape[0]
+    _check("viewmats", viewmats, (None, 4, 4), dev)
+    C = viewmats.shape[0]
+    if C == 0:
+        raise ValueError("viewmats holds no camera")
+    _check("Ks", Ks, (C, 3, 3), dev)
+    _check("opacities", opacities, (N,), dev)
+    if covars is not None:
+        _check("covars", covars, (N, 6), dev)
+    else:
+        if quats is None or scales is None:
+            raise ValueError("give quats and scales, or covars")
+        _check("quats", quats, (N, 4), dev)
+        _check("scales", scales, (N, 3), dev)
+    if sh_degree is not None:
+        if not (isinstance(sh_degree, int) and 0 <= sh_degree <= 3):
+            raise ValueError(f"sh_degree must be an int in 0..3 or None, got {sh_degree!r}")
+        _check("colors", colors, (N, None, 3), dev)
+        if colors.shape[1] < (sh_degree + 1) ** 2:
+            raise ValueError(f"sh_degree={sh_degree} needs {(sh_degree + 1) ** 2} SH coefficients per "
+                             f"Gaussian, colors has {colors.shape[1]}")
+    elif colors.dim() == 2:
+        _check("colors", colors, (N, None), dev)
+    else:
+        _check("colors", colors, (C, N, None), dev)
+    color_channels = 3 if sh_degree is not None else colors.shape[-1]
+    channels = {"RGB": color_channels, "D": 1, "ED": 1}.get(render_mode, color_channels + 1)
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise ValueError(f"{channels} channels to blend; between 1 and {MAX_CHANNELS} are supported "
+                         f"(render wider features in chunks)")
+    if means2d_offset is not None:
+        _check("means2d_offset", means2d_offset, (C, N, 2), dev)
+    if backgrounds is not None:
+        if render_mode in ("D", "ED"):
+            raise ValueError(f"backgrounds apply to colour channels; render_mode={render_mode!r} has none")
+        _check("backgrounds", backgrounds, (C, color_channels), dev)
+    if validate and N > 0:  # value checks cost one device sync
+        named = {name: t for name, t in (("means", means), ("quats", quats), ("scales", scales), ("covars", covars),
+                                         ("opacities", opacities), ("colors", colors), ("viewmats", viewmats),
+                                         ("Ks", Ks), ("backgrounds", backgrounds)) if t is not None}
+        bad = torch.stack([~torch.isfinite(t).all() for t in named.values()]).tolist()
+        if any(bad):
+            raise ValueError("non-finite values (nan/inf) in " + ", ".join(n for n, b in zip(named, bad) if b))
+        if covars is None and bool((quats.detach().norm(dim=-1) == 0).any()):
+            raise ValueError("quats contains a zero quaternion")
+        if bool(((Ks[:, 0, 0] <= 0) | (Ks[:, 1, 1] <= 0)).any()):
+            raise ValueError("Ks must have positive focal lengths fx, fy")
+
+    return N, C, color_channels, channels
+
+
+def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Optional[torch.Tensor],
+              opacities: torch.Tensor, colors: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
+              width: int, height: int, near_plane: float = 0.01, far_plane: float = 1e10,
+              sh_degree: Optional[int] = None, backgrounds: Optional[torch.Tensor] = None,
+              render_mode: str = "RGB", rasterize_mode: str = "classic", covars: Optional[torch.Tensor] = None,
+              max_pairs: int = DEFAULT_MAX_PAIRS, validate: bool = True,
+              means2d_offset: Optional[torch.Tensor] = None, *, packed: bool = False, tile_size: int = 16,
+              eps2d: float = 0.3, radius_clip: float = 0.0, camera_model: str = "pinhole",
+              sparse_grad: bool = False, absgrad: bool = False, distributed: bool = False):
+    """Render N Gaussians from C cameras (gsplat.rasterization's contract, pinhole, dense).
+
+    Args:
+        means: (N, 3) centres. quats: (N, 4) wxyz rotations (normalized inside). scales: (N, 3).
+        covars: (N, 6) upper-triangular cov3D (xx, xy, xz, yy, yz, zz) used instead of quats/scales.
+        opacities: (N,) in [0, 1].
+        colors: (N, B, 3) SH coefficients with B >= (sh_degree+1)^2 when sh_degree is given, else
+            (N, D) or (C, N, D) features.
+        viewmats: (C, 4, 4) world-to-camera (OpenCV axes: x right, y down, z forward).
+        Ks: (C, 3, 3) intrinsics (pixel centres at +0.5, as gsplat).
+        near_plane, far_plane: camera-space depth range kept.
+        backgrounds: (C, D) added to the colour channels with weight 1 - alpha.
+        render_mode: "RGB", "D" (accumulated depth), "ED" (depth / alpha), "RGB+D" or "RGB+ED".
+        rasterize_mode: "classic" or "antialiased" (Mip-Splatting opacity compensation).
+        max_pairs: cap on tile/Gaussian pairs; more raises render.binning.TooManyPairsError.
+        validate: check finiteness of inputs (one device sync).
+        means2d_offset: optional (C, N, 2) pixels added to the projected means before blending; its
+            gradient is the screen-space gradient (the Inria face passes a zero-valued one).
+        packed, tile_size, eps2d, radius_clip, camera_model, sparse_grad, absgrad, distributed:
+            gsplat's options, accepted so that gsplat calls run unchanged; the layout is always dense
+            (packed is ignored) and only gsplat's defaults are supported for the others.
+
+    Returns:
+        render_colors (C, H, W, D'), render_alphas (C, H, W, 1) and meta, a dict with means2d
+        (C, N, 2; call retain_grad() for screen-space gradients), conics, depths, opacities, radii
+        (C, N, 2) int32, tile_ranges, item_ids, width, height, tile_size, n_cameras.
+        Gradients reach means, quats, scales (or covars), opacities, colors and backgrounds;
+        viewmats and Ks get none.
+    """
+    unsupported = {name: value for name, value, default in (
+        ("tile_size", tile_size, 16), ("eps2d", eps2d, 0.3), ("radius_clip", radius_clip, 0.0),
+        ("camera_model", camera_model, "pinhole"), ("sparse_grad", sparse_grad, False),
+        ("absgrad", absgrad, False), ("distributed", distributed, False)) if value != default}
+    if unsupported:
+        raise NotImplementedError(f"gsplat options not supported here: {unsupported}")
+    del packed  # always dense (C, N, ...) outputs
+    arch = ensure_init()
+    dev = taichi_device()
+    # the per-pixel kernels are plain Taichi and also run on CUDA: a fallback and a cross-check
+    blend_variant = "pixel" if arch == "cpu" or os.environ.get("SPLAT_BLEND") == "pixel" else "block"
+    N, C, color_channels, channels = _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, width,
+                                               height, near_plane, far_plane, sh_degree, backgrounds, render_mode,
+                                               rasterize_mode, means2d_offset, validate, dev)
+    grid = TileGrid(width, height)
+    if C * N >= 2**31 or C * grid.num_tiles * TILE_THREADS >= 2**31:
+        raise ValueError(f"{C} cameras x {N} Gaussians at {width}x{height} overflow the kernels' int32 "
+                         f"indices; render fewer cameras per call")
+    sh_deg = -1 if sh_degree is None else sh_degree
+    if N == 0:
+        return _render_nothing(C, width, height, channels, color_channels, backgrounds, grid, dev)
+    zeros = lambda *s: torch.zeros(s, device=dev)  # noqa: E731  (placeholders for unused kernel arguments)
+    given_cov = covars is not None
+    means2d, conics, depths, rgb, opac, radii, rects = _Project.apply(
+        means.contiguous(), zeros(1, 4) if given_cov else quats.contiguous(),
+        zeros(1, 3) if given_cov else scales.contiguous(),
+        covars.contiguous() if given_cov else zeros(1, 6), opacities.contiguous(),
+        colors.contiguous() if sh_degree is not None else zeros(1, 1, 3),
+        viewmats.contiguous(), Ks.contiguous(), width, height, float(near_plane), float(far_plane), sh_deg,
+        given_cov, rasterize_mode == "antialiased")
+    if means2d_offset is not None:
+        means2d = means2d + means2d_offset
+    if sh_degree is None:
+        rgb = colors.unsqueeze(0).expand(C, -1, -1) if colors.dim() == 2 else colors
+    features = {"RGB": [rgb], "D": [depths[..., None]], "ED": [depths[..., None]],
+                "RGB+D": [rgb, depths[..., None]], "RGB+ED": [rgb, depths[..., None]]}[render_mode]
+    features = torch.cat(features, -1).contiguous()
+    binning = bin_rects(rects.view(-1, 4), depths.detach().reshape(-1), C, grid, max_pairs)
+    item_ids = binning.item_ids if binning.num_pairs else torch.zeros(1, dtype=torch.int32, device=dev)
+    image, alpha = _Blend.apply(means2d, conics, opac, features, item_ids, binning.tile_ranges,
+                                width, height, blend_variant)
+    if backgrounds is not None:
+        pad = image.shape[-1] - color_channels
+        bg = torch.cat([backgrounds, backgrounds.new_zeros(C, pad)], -1) if pad else backgrounds
+        image = image + (1.0 - alpha)[..., None] * bg[:, None, None, :]
+    if render_mode in ("ED", "RGB+ED"):
+        image = torch.cat([image[..., :-1], image[..., -1:] / alpha[..., None].clamp_min(1e-10)], -1)
+    meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, radii=radii, gaussian_ids=None,
+                tile_ranges=binning.tile_ranges, item_ids=binning.item_ids, num_pairs=binning.num_pairs,
+                width=width, height=height, tile_size=grid.tile_size, n_cameras=C)
+    return image, alpha[..., None], meta

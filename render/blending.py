@@ -1,0 +1,306 @@
+"""Alpha blending of sorted splats per 16x16 tile, forward and hand-written backward.
+
+Rules shared with the float64 reference (render/reference.py): for the splats of a pixel in
+front-to-back order, alpha = min(0.99, opacity * exp(power)) with power = -0.5 d^T conic d and
+d = mean2D - pixel centre; splats with power > 0 or alpha < 1/255 are skipped; blending stops before a
+splat that would bring the transmittance T below 1e-4. The forward keeps, per pixel, the final T and
+the number of pairs of the tile's range it walked through up to the last one blended; the backward
+walks back from there, dividing T by (1 - alpha).
+
+Two kernels per direction: on CUDA one 256-thread block per tile loads batches of splats into shared
+memory and the backward reduces each warp's gradients with shuffles before one global atomic; on CPU
+(where Taichi has no shared memory or warps) each pixel walks its tile's range on its own. Both call
+the same per-splat functions below.
+"""
+
+import functools
+
+import taichi as ti
+
+from .projection import ALPHA_MIN, TILE
+
+ALPHA_MAX = 0.99
+T_MIN = 1e-4
+BLOCK = TILE * TILE
+FULL_MASK = 0xFFFFFFFF
+
+nd = ti.types.ndarray
+
+
+@ti.func
+def _splat_alpha(mean, conic, opacity, pixel):
+    """alpha, opacity*gaussian (before the clamp) and d = mean - pixel for one splat at one pixel."""
+    d = mean - pixel
+    power = -0.5 * (conic[0] * d.x * d.x + conic[2] * d.y * d.y) - conic[1] * d.x * d.y
+    raw = 0.0
+    if power <= 0.0:
+        raw = opacity * ti.exp(power)
+    return ti.min(ALPHA_MAX, raw), raw, d
+
+
+@ti.func
+def _splat_grads(alpha, raw, d, conic, opacity, v_alpha):
+    """dL/d(mean2D, conic, opacity) of one splat at one pixel from dL/dalpha."""
+    v_mean = ti.math.vec2(0.0)
+    v_conic = ti.math.vec3(0.0)
+    v_opacity = 0.0
+    if raw <= ALPHA_MAX:  # clamped alphas do not depend on the splat
+        v_opacity = raw / opacity * v_alpha
+        v_power = alpha * v_alpha
+        v_mean = -v_power * ti.math.vec2(conic[0] * d.x + conic[1] * d.y, conic[2] * d.y + conic[1] * d.x)
+        v_conic = -v_power * ti.math.vec3(0.5 * d.x * d.x, d.x * d.y, 0.5 * d.y * d.y)
+    return v_mean, v_conic, v_opacity
+
+
+@ti.func
+def _pixel_of(tile_index, lane, tiles_x, num_tiles):
+    image = tile_index // num_tiles
+    local = tile_index % num_tiles
+    px = (local % tiles_x) * TILE + lane % TILE
+    py = (local // tiles_x) * TILE + lane // TILE
+    return image, px, py
+
+
+@functools.cache
+def blend_kernels(variant: str, channels: int):
+    """(forward, backward) kernels blending `channels` features per splat.
+
+    variant: "block" (CUDA only: shared memory, warp reductions) or "pixel" (any arch).
+    """
+    if variant not in ("block", "pixel"):
+        raise ValueError(f"variant must be 'block' or 'pixel', got {variant!r}")
+    K = channels
+
+    @ti.func
+    def load(means2d: ti.template(), conics: ti.template(), opacities: ti.template(), features: ti.template(),
+             item, N):
+        c, n = item // N, item % N
+        mean = ti.math.vec2(means2d[c, n, 0], means2d[c, n, 1])
+        conic = ti.math.vec3(conics[c, n, 0], conics[c, n, 1], conics[c, n, 2])
+        feat = ti.Vector([features[c, n, k] for k in ti.static(range(K))], ti.f32)
+        return mean, conic, opacities[c, n], feat
+
+    if variant == "pixel":
+        @ti.kernel
+        def forward(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
+                    features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+                    width: ti.i32, height: ti.i32,
+                    image: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
+                     tile_walked: nd(ti.i32, ndim=3)):
+            N = means2d.shape[1]
+            for c, py, px in ti.ndrange(image.shape[0], height, width):
+                ty, tx = py // TILE, px // TILE
+                start, end = ranges[c, ty, tx, 0], ranges[c, ty, tx, 1]
+                pixel = ti.math.vec2(px + 0.5, py + 0.5)
+                T = 1.0
+                acc = ti.Vector.zero(ti.f32, K)
+                n_walked = 0
+                for j in range(start, end):
+                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item_ids[j], N)
+                    alpha, _, _ = _splat_alpha(mean, conic, opacity, pixel)
+                    if alpha >= ALPHA_MIN:
+                        next_T = T * (1.0 - alpha)
+                        if next_T < T_MIN:
+                            break
+                        acc += alpha * T * feat
+                        T = next_T
+                        n_walked = j - start + 1
+                for k in ti.static(range(K)):
+                    image[c, py, px, k] = acc[k]
+                final_T[c, py, px] = T
+                last[c, py, px] = n_walked
+                ti.atomic_max(tile_walked[c, ty, tx], n_walked)
+
+        @ti.kernel
+        def backward(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
+                     features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+                     width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
+                      tile_walked: nd(ti.i32, ndim=3),
+                     v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=3),
+                     v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_opacities: nd(ti.f32, ndim=2),
+                     v_features: nd(ti.f32, ndim=3)):
+            N = means2d.shape[1]
+            for c, py, px in ti.ndrange(v_image.shape[0], height, width):
+                start = ranges[c, py // TILE, px // TILE, 0]
+                pixel = ti.math.vec2(px + 0.5, py + 0.5)
+                T_final = final_T[c, py, px]
+                T = T_final
+                v_pix = ti.Vector([v_image[c, py, px, k] for k in ti.static(range(K))], ti.f32)
+                v_out_alpha = v_alpha_out[c, py, px]
+                behind = ti.Vector.zero(ti.f32, K)  # blended features behind the current splat, per unit T
+                for back in range(last[c, py, px]):
+                    j = start + last[c, py, px] - 1 - back
+                    item = item_ids[j]
+                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item, N)
+                    alpha, raw, d = _splat_alpha(mean, conic, opacity, pixel)
+                    if alpha >= ALPHA_MIN:
+                        T = T / (1.0 - alpha)
+                        v_alpha = T * (feat - behind).dot(v_pix) + v_out_alpha * T_final / (1.0 - alpha)
+                        behind = alpha * feat + (1.0 - alpha) * behind
+                        v_mean, v_conic, v_opacity = _splat_grads(alpha, raw, d, conic, opacity, v_alpha)
+                        cc, n = item // N, item % N
+                        for k in ti.static(range(K)):
+                            v_features[cc, n, k] += alpha * T * v_pix[k]
+                        v_means2d[cc, n, 0] += v_mean.x
+                        v_means2d[cc, n, 1] += v_mean.y
+                        for k in ti.static(range(3)):
+                            v_conics[cc, n, k] += v_conic[k]
+                        v_opacities[cc, n] += v_opacity
+
+        return forward, backward
+
+    @ti.func
+    def warp_sum(x):
+        """Sum over the 32 lanes of a warp, valid in lane 0; every lane must call it."""
+        total = x + 0.0
+        for offset in ti.static((16, 8, 4, 2, 1)):
+            total += ti.simt.warp.shfl_down_f32(ti.u32(FULL_MASK), total, offset)
+        return total
+
+    @ti.kernel
+    def forward_cuda(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
+                     features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+                     width: ti.i32, height: ti.i32,
+                     image: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
+                     tile_walked: nd(ti.i32, ndim=3)):
+        N = means2d.shape[1]
+        tiles_y, tiles_x = ranges.shape[1], ranges.shape[2]
+        num_tiles = tiles_x * tiles_y
+        ti.loop_config(block_dim=BLOCK)
+        for thread in range(ranges.shape[0] * num_tiles * BLOCK):
+            lane = thread % BLOCK
+            c, px, py = _pixel_of(thread // BLOCK, lane, tiles_x, num_tiles)
+            ty, tx = py // TILE, px // TILE
+            start, end = ranges[c, ty, tx, 0], ranges[c, ty, tx, 1]
+            s_geom = ti.simt.block.SharedArray((BLOCK, 6), ti.f32)
+            s_feat = ti.simt.block.SharedArray((BLOCK, K), ti.f32)
+            pixel = ti.math.vec2(px + 0.5, py + 0.5)
+            inside = px < width and py < height
+            done = not inside
+            T = 1.0
+            acc = ti.Vector.zero(ti.f32, K)
+            n_walked = 0
+            for batch in range((end - start + BLOCK - 1) // BLOCK):
+                if ti.simt.block.sync_all_nonzero(ti.cast(done, ti.i32)):
+                    break  # every pixel of the tile is saturated
+                j = start + batch * BLOCK + lane
+                if j < end:
+                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item_ids[j], N)
+                    s_geom[lane, 0], s_geom[lane, 1] = mean.x, mean.y
+                    s_geom[lane, 2], s_geom[lane, 3], s_geom[lane, 4] = conic.x, conic.y, conic.z
+                    s_geom[lane, 5] = opacity
+                    for k in ti.static(range(K)):
+                        s_feat[lane, k] = feat[k]
+                ti.simt.block.sync()
+                for s in range(ti.min(BLOCK, end - start - batch * BLOCK)):
+                    if not done:
+                        mean = ti.math.vec2(s_geom[s, 0], s_geom[s, 1])
+                        conic = ti.math.vec3(s_geom[s, 2], s_geom[s, 3], s_geom[s, 4])
+                        alpha, _, _ = _splat_alpha(mean, conic, s_geom[s, 5], pixel)
+                        if alpha >= ALPHA_MIN:
+                            next_T = T * (1.0 - alpha)
+                            if next_T < T_MIN:
+                                done = True
+                            else:
+                                for k in ti.static(range(K)):
+                                    acc[k] += alpha * T * s_feat[s, k]
+                                T = next_T
+                                n_walked = batch * BLOCK + s + 1
+            if inside:
+                for k in ti.static(range(K)):
+                    image[c, py, px, k] = acc[k]
+                final_T[c, py, px] = T
+                last[c, py, px] = n_walked
+            for offset in ti.static((16, 8, 4, 2, 1)):
+                n_walked = ti.max(n_walked, ti.simt.warp.shfl_down_i32(ti.u32(FULL_MASK), n_walked, offset))
+            if lane % 32 == 0:
+                ti.atomic_max(tile_walked[c, ty, tx], n_walked)
+
+    @ti.kernel
+    def backward_cuda(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
+                      features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+                      width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
+                      tile_walked: nd(ti.i32, ndim=3),
+                      v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=3),
+                      v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_opacities: nd(ti.f32, ndim=2),
+                      v_features: nd(ti.f32, ndim=3)):
+        N = means2d.shape[1]
+        tiles_y, tiles_x = ranges.shape[1], ranges.shape[2]
+        num_tiles = tiles_x * tiles_y
+        ti.loop_config(block_dim=BLOCK)
+        for thread in range(ranges.shape[0] * num_tiles * BLOCK):
+            lane = thread % BLOCK
+            c, px, py = _pixel_of(thread // BLOCK, lane, tiles_x, num_tiles)
+            ty, tx = py // TILE, px // TILE
+            start = ranges[c, ty, tx, 0]
+            s_geom = ti.simt.block.SharedArray((BLOCK, 6), ti.f32)
+            s_feat = ti.simt.block.SharedArray((BLOCK, K), ti.f32)
+            s_item = ti.simt.block.SharedArray((BLOCK,), ti.i32)
+            pixel = ti.math.vec2(px + 0.5, py + 0.5)
+            inside = px < width and py < height
+            n_walked = 0
+            T_final = 1.0
+            v_pix = ti.Vector.zero(ti.f32, K)
+            v_out_alpha = 0.0
+            if inside:
+                n_walked = last[c, py, px]
+                T_final = final_T[c, py, px]
+                v_out_alpha = v_alpha_out[c, py, px]
+                for k in ti.static(range(K)):
+                    v_pix[k] = v_image[c, py, px, k]
+            T = T_final
+            behind = ti.Vector.zero(ti.f32, K)
+            end = start + tile_walked[c, ty, tx]  # the furthest any pixel of the tile got
+            for batch in range((end - start + BLOCK - 1) // BLOCK):
+                ti.simt.block.sync()
+                j = end - 1 - batch * BLOCK - lane
+                if j >= start:
+                    item = item_ids[j]
+                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item, N)
+                    s_item[lane] = item
+                    s_geom[lane, 0], s_geom[lane, 1] = mean.x, mean.y
+                    s_geom[lane, 2], s_geom[lane, 3], s_geom[lane, 4] = conic.x, conic.y, conic.z
+                    s_geom[lane, 5] = opacity
+                    for k in ti.static(range(K)):
+                        s_feat[lane, k] = feat[k]
+                ti.simt.block.sync()
+                for s in range(ti.min(BLOCK, end - start - batch * BLOCK)):
+                    pos = end - 1 - batch * BLOCK - s - start  # index of this splat in the tile's range
+                    v_mean = ti.math.vec2(0.0)
+                    v_conic = ti.math.vec3(0.0)
+                    v_opacity = 0.0
+                    v_feat = ti.Vector.zero(ti.f32, K)
+                    contributes = 0
+                    if pos < n_walked:
+                        mean = ti.math.vec2(s_geom[s, 0], s_geom[s, 1])
+                        conic = ti.math.vec3(s_geom[s, 2], s_geom[s, 3], s_geom[s, 4])
+                        opacity = s_geom[s, 5]
+                        alpha, raw, d = _splat_alpha(mean, conic, opacity, pixel)
+                        if alpha >= ALPHA_MIN:
+                            contributes = 1
+                            feat = ti.Vector([s_feat[s, k] for k in ti.static(range(K))], ti.f32)
+                            T = T / (1.0 - alpha)
+                            v_alpha = T * (feat - behind).dot(v_pix) + v_out_alpha * T_final / (1.0 - alpha)
+                            behind = alpha * feat + (1.0 - alpha) * behind
+                            v_mean, v_conic, v_opacity = _splat_grads(alpha, raw, d, conic, opacity, v_alpha)
+                            v_feat = alpha * T * v_pix
+                    if ti.simt.warp.any_nonzero(ti.u32(FULL_MASK), contributes):
+                        v_mean.x = warp_sum(v_mean.x)
+                        v_mean.y = warp_sum(v_mean.y)
+                        for k in ti.static(range(3)):
+                            v_conic[k] = warp_sum(v_conic[k])
+                        v_opacity = warp_sum(v_opacity)
+                        for k in ti.static(range(K)):
+                            v_feat[k] = warp_sum(v_feat[k])
+                        if lane % 32 == 0:
+                            item = s_item[s]
+                            cc, n = item // N, item % N
+                            ti.atomic_add(v_means2d[cc, n, 0], v_mean.x)
+                            ti.atomic_add(v_means2d[cc, n, 1], v_mean.y)
+                            for k in ti.static(range(3)):
+                                ti.atomic_add(v_conics[cc, n, k], v_conic[k])
+                            ti.atomic_add(v_opacities[cc, n], v_opacity)
+                            for k in ti.static(range(K)):
+                                ti.atomic_add(v_features[cc, n, k], v_feat[k])
+
+    return forward_cuda, backward_cuda

@@ -1,0 +1,269 @@
+"""Preprocess stage of 3D Gaussian splatting: 3D Gaussians -> screen-space splats, and its backward.
+
+For every (camera c, Gaussian n): covariance from scale and quaternion (or a given cov3D), EWA
+projection with the 0.3 px^2 low-pass dilation (or Mip-Splatting's antialiased mode, which scales
+opacity by sqrt(det(cov2D) / det(cov2D + 0.3 I))), SH to RGB, near/far cull, and the exact screen
+rectangle where alpha can reach 1/255: |d|_conic <= sqrt(2 ln(255 opacity)), whose bounding box has
+half-widths r*sqrt(cov_xx), r*sqrt(cov_yy). Pixel (px, py) has its centre at (px + 0.5, py + 0.5);
+intrinsics follow gsplat (mean2D = f * x / z + c).
+
+The backward kernel recomputes the forward quantities (nothing is stored but the tile rectangles) and
+chains the screen-space gradients back to means, quaternions, scales or cov3D, opacities and SH.
+"""
+
+import functools
+
+import taichi as ti
+
+from .sh import sh_to_rgb, sh_to_rgb_backward
+
+DILATION = 0.3      # px^2 added to the projected covariance
+ALPHA_MIN = 1.0 / 255.0
+TILE = 16
+
+nd = ti.types.ndarray
+
+
+@ti.func
+def _camera(viewmats: ti.template(), Ks: ti.template(), c):
+    R = ti.Matrix([[viewmats[c, 0, 0], viewmats[c, 0, 1], viewmats[c, 0, 2]],
+                   [viewmats[c, 1, 0], viewmats[c, 1, 1], viewmats[c, 1, 2]],
+                   [viewmats[c, 2, 0], viewmats[c, 2, 1], viewmats[c, 2, 2]]])
+    t = ti.math.vec3(viewmats[c, 0, 3], viewmats[c, 1, 3], viewmats[c, 2, 3])
+    return R, t, Ks[c, 0, 0], Ks[c, 1, 1], Ks[c, 0, 2], Ks[c, 1, 2]
+
+
+@ti.func
+def _rotation(q):
+    """Rotation matrix of the normalized quaternion q = (w, x, y, z)."""
+    w, x, y, z = q[0], q[1], q[2], q[3]
+    return ti.Matrix([[1.0 - 2.0 * (y * y + z * z), 2.0 * (x * y - w * z), 2.0 * (x * z + w * y)],
+                      [2.0 * (x * y + w * z), 1.0 - 2.0 * (x * x + z * z), 2.0 * (y * z - w * x)],
+                      [2.0 * (x * z - w * y), 2.0 * (y * z + w * x), 1.0 - 2.0 * (x * x + y * y)]])
+
+
+@ti.func
+def _rotation_backward(q, v_R):
+    """dL/dq for the normalized quaternion q given dL/dR."""
+    w, x, y, z = q[0], q[1], q[2], q[3]
+    v_w = 2.0 * (z * (v_R[1, 0] - v_R[0, 1]) + y * (v_R[0, 2] - v_R[2, 0]) + x * (v_R[2, 1] - v_R[1, 2]))
+    v_x = 2.0 * (y * (v_R[1, 0] + v_R[0, 1]) + z * (v_R[2, 0] + v_R[0, 2]) + w * (v_R[2, 1] - v_R[1, 2])
+                 - 2.0 * x * (v_R[1, 1] + v_R[2, 2]))
+    v_y = 2.0 * (x * (v_R[1, 0] + v_R[0, 1]) + w * (v_R[0, 2] - v_R[2, 0]) + z * (v_R[1, 2] + v_R[2, 1])
+                 - 2.0 * y * (v_R[0, 0] + v_R[2, 2]))
+    v_z = 2.0 * (w * (v_R[1, 0] - v_R[0, 1]) + x * (v_R[0, 2] + v_R[2, 0]) + y * (v_R[1, 2] + v_R[2, 1])
+                 - 2.0 * z * (v_R[0, 0] + v_R[1, 1]))
+    return ti.math.vec4(v_w, v_x, v_y, v_z)
+
+
+@ti.func
+def _sym3(covars: ti.template(), n):
+    a, b, c = covars[n, 0], covars[n, 1], covars[n, 2]
+    d, e, f = covars[n, 3], covars[n, 4], covars[n, 5]
+    return ti.Matrix([[a, b, c], [b, d, e], [c, e, f]])
+
+
+@ti.func
+def _scale_rotation(quats: ti.template(), scales: ti.template(), n):
+    """M = R(q) diag(s), so that cov3D = M M^T; also returns the raw and normalized quaternion."""
+    q_raw = ti.math.vec4(quats[n, 0], quats[n, 1], quats[n, 2], quats[n, 3])
+    q = q_raw.normalized()
+    s = ti.math.vec3(scales[n, 0], scales[n, 1], scales[n, 2])
+    R = _rotation(q)
+    M = ti.Matrix([[R[i, j] * s[j] for j in ti.static(range(3))] for i in ti.static(range(3))])
+    return M, R, s, q, q_raw
+
+
+@ti.func
+def _frustum_limits(fx, fy, cx, cy, width, height):
+    """Bounds on x/z, y/z used when building the Jacobian (as Inria and gsplat do: 1.3x the FoV)."""
+    tan_x = 0.5 * width / fx
+    tan_y = 0.5 * height / fy
+    return (cx / fx + 0.3 * tan_x, (width - cx) / fx + 0.3 * tan_x,
+            cy / fy + 0.3 * tan_y, (height - cy) / fy + 0.3 * tan_y)
+
+
+@functools.cache
+def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool):
+    """(forward, backward) kernels for one configuration; sh_degree < 0 means no SH (colors given)."""
+
+    @ti.func
+    def cov3(quats: ti.template(), scales: ti.template(), covars: ti.template(), n):
+        S = ti.Matrix.zero(ti.f32, 3, 3)
+        if ti.static(given_cov):
+            S = _sym3(covars, n)
+        else:
+            M, _R, _s, _q, _q_raw = _scale_rotation(quats, scales, n)
+            S = M @ M.transpose()
+        return S
+
+    @ti.kernel
+    def forward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
+                covars: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1), sh: nd(ti.f32, ndim=3),
+                viewmats: nd(ti.f32, ndim=3), Ks: nd(ti.f32, ndim=3), width: ti.i32, height: ti.i32,
+                near: ti.f32, far: ti.f32,
+                means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), depths: nd(ti.f32, ndim=2),
+                rgb: nd(ti.f32, ndim=3), opac_out: nd(ti.f32, ndim=2), radii: nd(ti.i32, ndim=3),
+                rects: nd(ti.i32, ndim=3)):
+        N = means.shape[0]
+        tiles_x = (width + TILE - 1) // TILE
+        tiles_y = (height + TILE - 1) // TILE
+        for idx in range(viewmats.shape[0] * N):
+            c, n = idx // N, idx % N
+            Rv, tv, fx, fy, cx, cy = _camera(viewmats, Ks, c)
+            p = ti.math.vec3(means[n, 0], means[n, 1], means[n, 2])
+            t = Rv @ p + tv
+            visible = False
+            mean2d = ti.math.vec2(0.0)
+            conic = ti.math.vec3(0.0)
+            op = 0.0
+            rx, ry = 0.0, 0.0
+            rect = ti.math.ivec4(0)
+            if t.z >= near and t.z <= far:
+                lx0, lx1, ly0, ly1 = _frustum_limits(fx, fy, cx, cy, width, height)
+                z = t.z
+                u = ti.math.clamp(t.x / z, -lx0, lx1)
+                v = ti.math.clamp(t.y / z, -ly0, ly1)
+                J = ti.Matrix([[fx / z, 0.0, -fx * u / z], [0.0, fy / z, -fy * v / z]])
+                A = J @ Rv
+                cov2 = A @ cov3(quats, scales, covars, n) @ A.transpose()
+                a = cov2[0, 0] + DILATION
+                b = cov2[0, 1]
+                d = cov2[1, 1] + DILATION
+                det = a * d - b * b
+                if det > 0.0:
+                    comp = 1.0
+                    if ti.static(antialiased):
+                        det_orig = cov2[0, 0] * cov2[1, 1] - b * b
+                        comp = ti.sqrt(ti.max(det_orig / det, 0.0))
+                    op = opacities[n] * comp
+                    if op >= ALPHA_MIN:
+                        mean2d = ti.math.vec2(fx * t.x / z + cx, fy * t.y / z + cy)
+                        conic = ti.math.vec3(d / det, -b / det, a / det)
+                        extent = ti.sqrt(2.0 * ti.log(255.0 * op))
+                        rx = extent * ti.sqrt(a)
+                        ry = extent * ti.sqrt(d)
+                        # pixels whose centre px + 0.5 lies within [mean - r, mean + r], clipped first
+                        # so that huge splats never overflow the integer conversion
+                        px0 = ti.cast(ti.ceil(ti.max(mean2d.x - rx - 0.5, 0.0)), ti.i32)
+                        px1 = ti.cast(ti.floor(ti.min(mean2d.x + rx - 0.5, width - 1.0)), ti.i32)
+                        py0 = ti.cast(ti.ceil(ti.max(mean2d.y - ry - 0.5, 0.0)), ti.i32)
+                        py1 = ti.cast(ti.floor(ti.min(mean2d.y + ry - 0.5, height - 1.0)), ti.i32)
+                        if px0 <= px1 and py0 <= py1:
+                            visible = True
+                            rect = ti.math.ivec4(px0 // TILE, py0 // TILE,
+                                                 ti.min(px1 // TILE + 1, tiles_x), ti.min(py1 // TILE + 1, tiles_y))
+            if visible:
+                means2d[c, n, 0], means2d[c, n, 1] = mean2d.x, mean2d.y
+                conics[c, n, 0], conics[c, n, 1], conics[c, n, 2] = conic.x, conic.y, conic.z
+                depths[c, n] = t.z
+                opac_out[c, n] = op
+                radii[c, n, 0] = ti.cast(ti.ceil(ti.min(rx, 1e9)), ti.i32)
+                radii[c, n, 1] = ti.cast(ti.ceil(ti.min(ry, 1e9)), ti.i32)
+                if ti.static(sh_degree >= 0):
+                    color = sh_to_rgb(sh, n, p + Rv.transpose() @ tv, sh_degree)
+                    for ch in ti.static(range(3)):
+                        rgb[c, n, ch] = color[ch]
+            else:
+                means2d[c, n, 0], means2d[c, n, 1] = 0.0, 0.0
+                conics[c, n, 0], conics[c, n, 1], conics[c, n, 2] = 0.0, 0.0, 0.0
+                depths[c, n] = 0.0
+                opac_out[c, n] = 0.0
+                radii[c, n, 0], radii[c, n, 1] = 0, 0
+                if ti.static(sh_degree >= 0):
+                    for ch in ti.static(range(3)):
+                        rgb[c, n, ch] = 0.0
+            for k in ti.static(range(4)):
+                rects[c, n, k] = rect[k]
+
+    @ti.kernel
+    def backward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
+                 covars: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1), sh: nd(ti.f32, ndim=3),
+                 viewmats: nd(ti.f32, ndim=3), Ks: nd(ti.f32, ndim=3), width: ti.i32, height: ti.i32,
+                 rects: nd(ti.i32, ndim=3),
+                 v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_depths: nd(ti.f32, ndim=2),
+                 v_rgb: nd(ti.f32, ndim=3), v_opac_out: nd(ti.f32, ndim=2),
+                 v_means: nd(ti.f32, ndim=2), v_quats: nd(ti.f32, ndim=2), v_scales: nd(ti.f32, ndim=2),
+                 v_covars: nd(ti.f32, ndim=2), v_opacities: nd(ti.f32, ndim=1), v_sh: nd(ti.f32, ndim=3)):
+        N = means.shape[0]
+        for idx in range(viewmats.shape[0] * N):
+            c, n = idx // N, idx % N
+            if rects[c, n, 2] > rects[c, n, 0] and rects[c, n, 3] > rects[c, n, 1]:
+                Rv, tv, fx, fy, cx, cy = _camera(viewmats, Ks, c)
+                p = ti.math.vec3(means[n, 0], means[n, 1], means[n, 2])
+                t = Rv @ p + tv
+                z = t.z
+                lx0, lx1, ly0, ly1 = _frustum_limits(fx, fy, cx, cy, width, height)
+                u = ti.math.clamp(t.x / z, -lx0, lx1)
+                v = ti.math.clamp(t.y / z, -ly0, ly1)
+                J = ti.Matrix([[fx / z, 0.0, -fx * u / z], [0.0, fy / z, -fy * v / z]])
+                A = J @ Rv
+                S3 = cov3(quats, scales, covars, n)
+                cov2 = A @ S3 @ A.transpose()
+                a = cov2[0, 0] + DILATION
+                b = cov2[0, 1]
+                d = cov2[1, 1] + DILATION
+                det = a * d - b * b
+                conic = ti.Matrix([[d / det, -b / det], [-b / det, a / det]])
+
+                # conic = inverse(cov2 + 0.3 I): dL/dcov2 = -conic G conic, G the symmetric dL/dconic
+                G = ti.Matrix([[v_conics[c, n, 0], 0.5 * v_conics[c, n, 1]],
+                               [0.5 * v_conics[c, n, 1], v_conics[c, n, 2]]])
+                v_cov2 = -(conic @ G @ conic)
+                v_op = v_opac_out[c, n]
+                if ti.static(antialiased):
+                    det_orig = cov2[0, 0] * cov2[1, 1] - b * b
+                    comp = ti.sqrt(ti.max(det_orig / det, 0.0))
+                    if comp > 0.0:
+                        # d det(X)/dX = adj(X) for symmetric 2x2 X
+                        adj_orig = ti.Matrix([[cov2[1, 1], -b], [-b, cov2[0, 0]]])
+                        adj_dil = ti.Matrix([[d, -b], [-b, a]])
+                        v_comp = v_op * opacities[n]
+                        v_cov2 += v_comp * 0.5 / comp * (adj_orig / det - det_orig / (det * det) * adj_dil)
+                    v_op *= comp
+                v_opacities[n] += v_op
+
+                # cov2 = A S3 A^T with A = J Rv
+                v_S3 = A.transpose() @ v_cov2 @ A
+                v_A = 2.0 * v_cov2 @ A @ S3
+                v_J = v_A @ Rv.transpose()
+                v_t = ti.math.vec3(0.0)
+                v_t.z += (-fx * v_J[0, 0] - fy * v_J[1, 1] + fx * u * v_J[0, 2] + fy * v * v_J[1, 2]) / (z * z)
+                v_u = -fx / z * v_J[0, 2]
+                v_v = -fy / z * v_J[1, 2]
+                if -lx0 < t.x / z < lx1:
+                    v_t.x += v_u / z
+                    v_t.z -= v_u * t.x / (z * z)
+                if -ly0 < t.y / z < ly1:
+                    v_t.y += v_v / z
+                    v_t.z -= v_v * t.y / (z * z)
+                # mean2d = f * t.xy / z + c, and depth = z
+                gx, gy = v_means2d[c, n, 0], v_means2d[c, n, 1]
+                v_t += ti.math.vec3(fx * gx / z, fy * gy / z, -(fx * gx * t.x + fy * gy * t.y) / (z * z))
+                v_t.z += v_depths[c, n]
+                v_p = Rv.transpose() @ v_t
+                if ti.static(sh_degree >= 0):
+                    v_color = ti.math.vec3(v_rgb[c, n, 0], v_rgb[c, n, 1], v_rgb[c, n, 2])
+                    v_p += sh_to_rgb_backward(sh, v_sh, n, p + Rv.transpose() @ tv, v_color, sh_degree)
+                for k in ti.static(range(3)):
+                    v_means[n, k] += v_p[k]
+
+                if ti.static(given_cov):
+                    v_covars[n, 0] += v_S3[0, 0]
+                    v_covars[n, 1] += v_S3[0, 1] + v_S3[1, 0]
+                    v_covars[n, 2] += v_S3[0, 2] + v_S3[2, 0]
+                    v_covars[n, 3] += v_S3[1, 1]
+                    v_covars[n, 4] += v_S3[1, 2] + v_S3[2, 1]
+                    v_covars[n, 5] += v_S3[2, 2]
+                else:
+                    M, R, s, q, q_raw = _scale_rotation(quats, scales, n)
+                    v_M = (v_S3 + v_S3.transpose()) @ M
+                    v_R = ti.Matrix([[v_M[i, j] * s[j] for j in ti.static(range(3))] for i in ti.static(range(3))])
+                    for j in ti.static(range(3)):
+                        v_scales[n, j] += v_M[0, j] * R[0, j] + v_M[1, j] * R[1, j] + v_M[2, j] * R[2, j]
+                    v_q = _rotation_backward(q, v_R)
+                    v_q_raw = (v_q - q * q.dot(v_q)) / q_raw.norm()
+                    for k in ti.static(range(4)):
+                        v_quats[n, k] += v_q_raw[k]
+
+    return forward, backward
