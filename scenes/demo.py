@@ -23,10 +23,11 @@ from taichi_mpm import Elastic, MPMSolver, Sand
 def build_scene(mesh: Path, res: int, particles_per_cell: float) -> tuple[MPMSolver, np.ndarray]:
     """The solver with its bodies, and the body index of every particle (by particle id)."""
     solver = MPMSolver(res=res, boundary="slip", friction=0.4)
+    floor = float(solver.valid_lower[1])  # particles must stay a cell inside the box
     counts = [
         solver.add_mesh(mesh, Elastic(E=2e4, nu=0.3, density=1000.0), particles_per_cell,
                         scale=0.24, translation=(0.38, 0.5, 0.5), velocity=(0.6, -0.5, 0.0)),
-        solver.add_cube((0.5, 0.03, 0.32), (0.3, 0.2, 0.36), Sand(E=1e5, density=1600.0), particles_per_cell),
+        solver.add_cube((0.5, floor + 0.005, 0.32), (0.3, 0.2, 0.36), Sand(E=1e5, density=1600.0), particles_per_cell),
     ]
     return solver, np.repeat(np.arange(len(counts)), counts)
 
