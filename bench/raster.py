@@ -1,6 +1,7 @@
 """GPU benchmark of the Taichi 3DGS rasterizer against gsplat on the same Gaussians, same run.
 
     python bench/raster.py [--iters 10] [--out bench/results/raster.json]
+    python bench/raster.py --host-overhead     (any arch: host time of a tiny render, outside kernel launches)
 
 Scenes at 1920x1080, SH degree 3: random 100k and 1M Gaussians, and a trained-scene-like set
 (clustered on surfaces, log-normal scales, mostly opaque) written to and read back from a 3DGS PLY.
@@ -150,13 +151,82 @@ def gsplat_render(leaves, viewmats, Ks):
     return img
 
 
+def host_overhead(repeats: int = 5, calls: int = 100) -> dict:
+    """Host time of one render of a tiny scene (200 Gaussians, 32x32) outside Taichi's C++ launch calls.
+
+    On CPU those calls run the kernels, so this is the Python/torch glue around them; on CUDA they
+    only enqueue, so it is everything but the launch calls themselves. Median of `repeats` runs of
+    `calls` renders, in microseconds.
+    """
+    from taichi.lang import impl
+
+    g = torch.Generator().manual_seed(0)
+    n, w, h = 200, 32, 32
+    dev = torch.device("cuda" if ensure_init() == "cuda" else "cpu")
+    scene = dict(means=torch.randn(n, 3, generator=g) * 0.5 + torch.tensor([0, 0, 3.0]),
+                 quats=torch.randn(n, 4, generator=g), scales=torch.rand(n, 3, generator=g) * 0.05 + 0.01,
+                 opacities=torch.rand(n, generator=g), sh=torch.randn(n, 16, 3, generator=g) * 0.3)
+    leaves = {k: v.to(dev).requires_grad_(True) for k, v in scene.items()}
+    viewmats, Ks = (t.to(dev) for t in stack_cameras([Camera.look_at((0, 0, 0), (0, 0, 3), (0, -1, 0), w, h, 50)]))
+    weights = torch.randn(1, h, w, 3, generator=g).to(dev)
+
+    def forward():
+        return rasterize(leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"], leaves["sh"],
+                         viewmats, Ks, w, h, sh_degree=3, validate=False)[0]
+
+    def fwd_bwd():
+        (forward() * weights).sum().backward()
+
+    runtime = impl.get_runtime()
+    program = runtime.prog
+    inside = [0.0]
+
+    class TimedProgram:  # the Taichi program with its kernel launches timed
+        def __getattr__(self, name):
+            return getattr(program, name)
+
+        def launch_kernel(self, *a):
+            t0 = time.perf_counter()
+            program.launch_kernel(*a)
+            inside[0] += time.perf_counter() - t0
+
+    out = {"arch": dev.type, "scene": f"{n} Gaussians, {w}x{h}, SH3"}
+    fwd_bwd()
+    runtime.prog = TimedProgram()
+    try:
+        for name, fn in (("forward_us", forward), ("fwd_bwd_us", fwd_bwd)):
+            runs = []
+            for _ in range(repeats):
+                inside[0] = 0.0
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                runs.append((time.perf_counter() - t0 - inside[0]) / calls * 1e6)
+            out[name] = float(np.median(runs))
+    finally:
+        runtime.prog = program
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "raster.json"))
+    ap.add_argument("--out", help="JSON path (default bench/results/raster.json, or "
+                                  "raster_host_overhead_<arch>.json with --host-overhead)")
     ap.add_argument("--scenes", default="random_100k,random_1M,trained_like")
     ap.add_argument("--no-gsplat", action="store_true")
+    ap.add_argument("--host-overhead", action="store_true",
+                    help="only time the host glue of a tiny render (any arch) and write raster_host_overhead_<arch>.json")
     args = ap.parse_args()
+    if args.host_overhead:
+        result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), **host_overhead()}
+        print(json.dumps(result))
+        out = Path(args.out or Path(__file__).parent / "results" / f"raster_host_overhead_{result['arch']}.json")
+        out.write_text(json.dumps(result, indent=1))
+        print("wrote", out)
+        return
     if ensure_init() != "cuda":
         raise SystemExit("this benchmark needs CUDA")
     dev = torch.device("cuda")
@@ -205,9 +275,10 @@ def main() -> None:
               f"{o['peak_mem_mb']:>8.0f} | {gs.get('forward_ms', float('nan')):>10.2f}{gs.get('backward_ms', float('nan')):>8.2f}"
               f"{gs.get('peak_mem_mb', float('nan')):>8.0f} | {r.get('ratio_fwd_bwd', float('nan')):>6.2f} "
               f"{r.get('image_vs_gsplat', {}).get('psnr_db', float('nan')):>14.1f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print("wrote", args.out)
+    out = Path(args.out or Path(__file__).parent / "results" / "raster.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print("wrote", out)
 
 
 if __name__ == "__main__":

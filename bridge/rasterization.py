@@ -2,7 +2,7 @@
 
 Staged like gsplat, one autograd Function per stage:
     _Project (render/projection.py)  Gaussians -> per-camera screen-space splats
-    bin_rects (render/binning.py)    tile/splat pairs sorted by (tile, depth), no gradient
+    bin_counted_rects (render/binning.py)  tile/splat pairs sorted by (tile, depth), no gradient
     _Blend (render/blending.py)      splats -> images, alphas
 Backgrounds, render modes and expected depth are plain torch on top, so autograd handles them.
 """
@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from render.binning import DEFAULT_MAX_PAIRS, TileGrid, bin_rects
+from render.binning import DEFAULT_MAX_PAIRS, TileGrid, bin_counted_rects
 from render.blending import blend_kernels
 from render.projection import projection_kernels
 
@@ -27,7 +27,7 @@ MAX_CHANNELS = 32  # features per splat held in shared memory by the CUDA blendi
 
 
 class _Project(torch.autograd.Function):
-    """Gaussians -> (means2d, conics, depths, rgb, opacities, radii, rects), each (C, N, ...)."""
+    """Gaussians -> (means2d, conics, depths, rgb, opacities, radii, rects, pair counts), each (C, N, ...)."""
 
     @staticmethod
     def forward(ctx, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
@@ -42,20 +42,25 @@ class _Project(torch.autograd.Function):
         rgb = torch.empty(C, N if sh_degree >= 0 else 1, 3, device=dev)
         radii = torch.empty(C, N, 2, dtype=torch.int32, device=dev)
         rects = torch.empty(C, N, 4, dtype=torch.int32, device=dev)
+        pair_counts = torch.empty(C, N, dtype=torch.int32, device=dev)
         forward_kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
-                       means2d, conics, depths, rgb, opac, radii, rects)
+                       means2d, conics, depths, rgb, opac, radii, rects, pair_counts)
         ctx.save_for_backward(means, quats, scales, covars, opacities, sh, viewmats, Ks, rects)
         ctx.config = (width, height, sh_degree, given_cov, antialiased)
-        ctx.mark_non_differentiable(radii, rects)
-        return means2d, conics, depths, rgb, opac, radii, rects
+        ctx.mark_non_differentiable(radii, rects, pair_counts)
+        return means2d, conics, depths, rgb, opac, radii, rects, pair_counts
 
     @staticmethod
-    def backward(ctx, v_means2d, v_conics, v_depths, v_rgb, v_opac, _v_radii, _v_rects):
+    def backward(ctx, v_means2d, v_conics, v_depths, v_rgb, v_opac, _v_radii, _v_rects, _v_pair_counts):
         means, quats, scales, covars, opacities, sh, viewmats, Ks, rects = ctx.saved_tensors
         width, height, sh_degree, given_cov, antialiased = ctx.config
-        _, backward_kernel = projection_kernels(sh_degree, given_cov, antialiased)
-        grads = [torch.zeros_like(t) for t in (means, quats, scales, covars, opacities, sh)]
         C, N = rects.shape[:2]
+        # one camera: the kernel writes every gradient element (no zeroing, no atomics)
+        accumulate = C > 1
+        _, backward_kernel = projection_kernels(sh_degree, given_cov, antialiased, accumulate)
+        used = (True, not given_cov, not given_cov, given_cov, True, sh_degree >= 0)
+        grads = [torch.zeros_like(t) if accumulate and u else torch.empty_like(t)
+                 for t, u in zip((means, quats, scales, covars, opacities, sh), used)]
 
         def dense(g, *shape):  # outputs unused by the loss come back as None
             return torch.zeros(shape, device=rects.device) if g is None else g.contiguous()
@@ -65,9 +70,7 @@ class _Project(torch.autograd.Function):
         v_rgb = dense(v_rgb, C, N if sh_degree >= 0 else 1, 3)
         backward_kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects,
                         v_means2d, v_conics, v_depths, v_rgb, v_opac, *grads)
-        v_means, v_quats, v_scales, v_covars, v_opacities, v_sh = grads
-        return (v_means, v_quats if not given_cov else None, v_scales if not given_cov else None,
-                v_covars if given_cov else None, v_opacities, v_sh if sh_degree >= 0 else None,
+        return (*(g if u else None for g, u in zip(grads, used)),
                 None, None, None, None, None, None, None, None, None)
 
 
@@ -254,13 +257,13 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
     sh_deg = -1 if sh_degree is None else sh_degree
     if N == 0:
         return _render_nothing(C, width, height, channels, color_channels, backgrounds, grid, dev)
-    zeros = lambda *s: torch.zeros(s, device=dev)  # noqa: E731  (placeholders for unused kernel arguments)
+    unused = lambda *s: torch.empty(s, device=dev)  # noqa: E731  (placeholders the kernels never touch)
     given_cov = covars is not None
-    means2d, conics, depths, rgb, opac, radii, rects = _Project.apply(
-        means.contiguous(), zeros(1, 4) if given_cov else quats.contiguous(),
-        zeros(1, 3) if given_cov else scales.contiguous(),
-        covars.contiguous() if given_cov else zeros(1, 6), opacities.contiguous(),
-        colors.contiguous() if sh_degree is not None else zeros(1, 1, 3),
+    means2d, conics, depths, rgb, opac, radii, rects, pair_counts = _Project.apply(
+        means.contiguous(), unused(1, 4) if given_cov else quats.contiguous(),
+        unused(1, 3) if given_cov else scales.contiguous(),
+        covars.contiguous() if given_cov else unused(1, 6), opacities.contiguous(),
+        colors.contiguous() if sh_degree is not None else unused(1, 1, 3),
         viewmats.contiguous(), Ks.contiguous(), width, height, float(near_plane), float(far_plane), sh_deg,
         given_cov, rasterize_mode == "antialiased")
     if means2d_offset is not None:
@@ -269,8 +272,9 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
         rgb = colors.unsqueeze(0).expand(C, -1, -1) if colors.dim() == 2 else colors
     features = {"RGB": [rgb], "D": [depths[..., None]], "ED": [depths[..., None]],
                 "RGB+D": [rgb, depths[..., None]], "RGB+ED": [rgb, depths[..., None]]}[render_mode]
-    features = torch.cat(features, -1).contiguous()
-    binning = bin_rects(rects.view(-1, 4), depths.detach().reshape(-1), C, grid, max_pairs)
+    features = torch.cat(features, -1) if len(features) > 1 else features[0].contiguous()
+    binning = bin_counted_rects(rects.view(-1, 4), depths.detach().view(-1), pair_counts.view(-1), C, grid,
+                                max_pairs)
     item_ids = binning.item_ids if binning.num_pairs else torch.zeros(1, dtype=torch.int32, device=dev)
     image, alpha = _Blend.apply(means2d, conics, opac, features, item_ids, binning.tile_ranges,
                                 width, height, blend_variant)

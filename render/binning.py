@@ -4,8 +4,9 @@ Input is screen-space only: for each item (a splat seen by one image) a tile rec
 Output is the list of (tile, item) pairs sorted by tile then depth, and each tile's range in it:
 
     rects (I, 4) int32 [tx0, ty0, tx1, ty1), depths (I,) float32, image of each item
-      -> pair counts -> prefix sum -> 64-bit keys (image tile << 32 | ordered depth bits)
-      -> torch sort (CUB radix sort on CUDA) -> per-tile [start, end) ranges
+      -> stable depth order of the items -> pair counts in that order -> prefix sum
+      -> pairs emitted front to back, keyed by image tile (int16, or int32 for many tiles)
+      -> stable torch sort of the keys (CUB radix sort on CUDA) -> per-tile [start, end) ranges
 
 Items are laid out image-major: item i belongs to image i // items_per_image, so a batch of C
 cameras over N Gaussians is simply I = C * N items.
@@ -18,6 +19,8 @@ import taichi as ti
 import torch
 
 from bridge.runtime import ensure_init
+
+from .launch import TorchKernel
 
 TILE_SIZE = 16
 DEFAULT_MAX_PAIRS = 1 << 27  # binning holds ~40 bytes a pair (5 GiB here); raise it explicitly for larger scenes
@@ -62,28 +65,44 @@ class Binning:
 
 
 @functools.cache
-def _emit_keys_kernel():
+def _emit_keys_kernel(key_dtype):
     @ti.kernel
-    def emit_keys(rects: ti.types.ndarray(ti.i32, ndim=2), depths: ti.types.ndarray(ti.f32, ndim=1),
+    def emit_keys(rects: ti.types.ndarray(ti.i32, ndim=2), depth_order: ti.types.ndarray(ti.i64, ndim=1),
                   offsets: ti.types.ndarray(ti.i64, ndim=1), items_per_image: ti.i32, tiles_x: ti.i32,
-                  num_tiles: ti.i32, keys: ti.types.ndarray(ti.i64, ndim=1),
+                  num_tiles: ti.i32, keys: ti.types.ndarray(key_dtype, ndim=1),
                   values: ti.types.ndarray(ti.i32, ndim=1)):
-        for i in range(rects.shape[0]):
+        for rank in range(depth_order.shape[0]):
+            i = ti.cast(depth_order[rank], ti.i32)
             tx0, ty0, tx1, ty1 = rects[i, 0], rects[i, 1], rects[i, 2], rects[i, 3]
             if tx1 > tx0 and ty1 > ty0:
-                # IEEE float bits made monotone as unsigned integers (works for negative depths too)
-                bits = ti.bit_cast(depths[i], ti.i32)
-                ordered = ti.select(bits < 0, ~bits, bits | ti.i32(-2147483648))
-                low = ti.cast(ordered, ti.i64) & ti.i64(0xFFFFFFFF)
-                image_tile0 = ti.cast(i // items_per_image, ti.i64) * num_tiles
-                pos = offsets[i] - (tx1 - tx0) * (ty1 - ty0)
+                image_tile0 = (i // items_per_image) * num_tiles
+                pos = offsets[rank] - (tx1 - tx0) * (ty1 - ty0)
                 for ty in range(ty0, ty1):
                     for tx in range(tx0, tx1):
-                        keys[pos] = ((image_tile0 + ty * tiles_x + tx) << 32) | low
+                        keys[pos] = ti.cast(image_tile0 + ty * tiles_x + tx, key_dtype)
                         values[pos] = i
                         pos += 1
 
-    return emit_keys
+    return TorchKernel(emit_keys)
+
+
+@functools.cache
+def _tile_starts(num_image_tiles: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0, 1, ..., num_image_tiles: the keys at which each image tile's run of pairs starts."""
+    return torch.arange(num_image_tiles + 1, dtype=dtype, device=device)
+
+
+def _check_items(rects: torch.Tensor, depths: torch.Tensor, num_images: int, grid: TileGrid, max_pairs: int) -> None:
+    if rects.dim() != 2 or rects.shape[1] != 4 or rects.dtype != torch.int32:
+        raise ValueError(f"rects must be (I, 4) int32, got {tuple(rects.shape)} {rects.dtype}")
+    if depths.shape != rects.shape[:1] or depths.dtype != torch.float32:
+        raise ValueError(f"depths must be ({rects.shape[0]},) float32, got {tuple(depths.shape)} {depths.dtype}")
+    if not 0 < max_pairs < 2**31:
+        raise ValueError(f"max_pairs must be in [1, 2**31) (pair indices are int32), got {max_pairs}")
+    if num_images <= 0 or rects.shape[0] % num_images:
+        raise ValueError(f"{rects.shape[0]} items cannot be split into {num_images} images")
+    if num_images * grid.num_tiles >= 2**31:
+        raise ValueError(f"{num_images} images of {grid.num_tiles} tiles overflow the int32 tile keys")
 
 
 def bin_rects(rects: torch.Tensor, depths: torch.Tensor, num_images: int, grid: TileGrid,
@@ -93,41 +112,54 @@ def bin_rects(rects: torch.Tensor, depths: torch.Tensor, num_images: int, grid: 
     Args:
         rects: (I, 4) int32 tile rectangles [tx0, ty0, tx1, ty1), already clipped to the grid;
             empty rectangles (tx1 <= tx0 or ty1 <= ty0) make no pairs.
-        depths: (I,) float32 sort keys within a tile (front to back = ascending).
+        depths: (I,) float32 sort keys within a tile (front to back = ascending; ties keep item order).
         num_images: I must be a multiple of it; item i belongs to image i // (I / num_images).
         grid: the tile grid of every image.
         max_pairs: cap on the pair count; above it TooManyPairsError is raised before allocating.
     """
-    if rects.dim() != 2 or rects.shape[1] != 4 or rects.dtype != torch.int32:
-        raise ValueError(f"rects must be (I, 4) int32, got {tuple(rects.shape)} {rects.dtype}")
-    if depths.shape != rects.shape[:1] or depths.dtype != torch.float32:
-        raise ValueError(f"depths must be ({rects.shape[0]},) float32, got {tuple(depths.shape)} {depths.dtype}")
-    if not 0 < max_pairs < 2**31:
-        raise ValueError(f"max_pairs must be in [1, 2**31) (pair indices are int32), got {max_pairs}")
-    if num_images <= 0 or rects.shape[0] % num_images:
-        raise ValueError(f"{rects.shape[0]} items cannot be split into {num_images} images")
+    _check_items(rects, depths, num_images, grid, max_pairs)
+    counts = (rects[:, 2:] - rects[:, :2]).clamp_min(0).prod(1)
+    return bin_counted_rects(rects, depths, counts, num_images, grid, max_pairs)
+
+
+def bin_counted_rects(rects: torch.Tensor, depths: torch.Tensor, counts: torch.Tensor, num_images: int,
+                      grid: TileGrid, max_pairs: int = DEFAULT_MAX_PAIRS) -> Binning:
+    """bin_rects when the pair count of every item, (I,) integer (rectangle area, 0 if empty), is
+    already known (the projection kernel writes it), which saves the torch ops that compute it.
+
+    Two sorts give the (tile, depth, item) order: a stable sort of the I depths, then pairs emitted
+    in that depth order and stably sorted by their image-tile key alone, 16 (or 32) bits instead of
+    a 64-bit (tile, depth) key: 2 (or 4) radix passes over the pairs instead of 8.
+    """
+    _check_items(rects, depths, num_images, grid, max_pairs)
+    if counts.shape != rects.shape[:1] or counts.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"counts must be ({rects.shape[0]},) int32 or int64, got {tuple(counts.shape)} {counts.dtype}")
     device = rects.device
-    ranges = torch.zeros(num_images, grid.tiles_y, grid.tiles_x, 2, dtype=torch.int32, device=device)
-    if rects.shape[0] == 0:
+    num_image_tiles = num_images * grid.num_tiles
+
+    def no_pairs():
+        ranges = torch.zeros(num_images, grid.tiles_y, grid.tiles_x, 2, dtype=torch.int32, device=device)
         return Binning(torch.zeros(0, dtype=torch.int32, device=device), ranges, 0)
-    counts = ((rects[:, 2] - rects[:, 0]).clamp_min(0).to(torch.int64)
-              * (rects[:, 3] - rects[:, 1]).clamp_min(0))
-    offsets = torch.cumsum(counts, 0)
+
+    if rects.shape[0] == 0:
+        return no_pairs()
+    depth_order = torch.sort(depths, stable=True).indices
+    offsets = torch.cumsum(counts[depth_order], 0)
     num_pairs = int(offsets[-1])
     if num_pairs > max_pairs:
         raise TooManyPairsError(
             f"{num_pairs} tile/splat pairs exceed max_pairs={max_pairs} (the largest splat covers "
             f"{int(counts.max())} tiles); shrink or cull the huge splats, or pass a larger max_pairs")
     if num_pairs == 0:
-        return Binning(torch.zeros(0, dtype=torch.int32, device=device), ranges, 0)
+        return no_pairs()
     ensure_init()
-    keys = torch.empty(num_pairs, dtype=torch.int64, device=device)
+    key_dtype, torch_key_dtype = (ti.i16, torch.int16) if num_image_tiles < 2**15 else (ti.i32, torch.int32)
+    keys = torch.empty(num_pairs, dtype=torch_key_dtype, device=device)
     values = torch.empty(num_pairs, dtype=torch.int32, device=device)
-    _emit_keys_kernel()(rects.contiguous(), depths.contiguous(), offsets, rects.shape[0] // num_images,
-                        grid.tiles_x, grid.num_tiles, keys, values)
-    keys, order = torch.sort(keys, stable=True)  # equal depths keep item order, like the reference
-    item_ids = values[order]
-    image_tiles = keys >> 32
-    bounds = torch.searchsorted(image_tiles, torch.arange(num_images * grid.num_tiles + 1, device=device))
-    ranges = torch.stack([bounds[:-1], bounds[1:]], 1).to(torch.int32)
+    _emit_keys_kernel(key_dtype)(rects.contiguous(), depth_order, offsets, rects.shape[0] // num_images,
+                                 grid.tiles_x, grid.num_tiles, keys, values)
+    keys, pair_order = torch.sort(keys, stable=True)  # stable: pairs of a tile stay in depth order
+    item_ids = values[pair_order]
+    bounds = torch.searchsorted(keys, _tile_starts(num_image_tiles, torch_key_dtype, device), out_int32=True)
+    ranges = torch.stack((bounds[:-1], bounds[1:]), -1)
     return Binning(item_ids, ranges.view(num_images, grid.tiles_y, grid.tiles_x, 2), num_pairs)

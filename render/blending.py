@@ -17,6 +17,7 @@ import functools
 
 import taichi as ti
 
+from .launch import TorchKernel
 from .projection import ALPHA_MIN, TILE
 
 ALPHA_MAX = 0.99
@@ -147,7 +148,7 @@ def blend_kernels(variant: str, channels: int):
                             v_conics[cc, n, k] += v_conic[k]
                         v_opacities[cc, n] += v_opacity
 
-        return forward, backward
+        return TorchKernel(forward), TorchKernel(backward)
 
     @ti.func
     def warp_sum(x):
@@ -193,19 +194,20 @@ def blend_kernels(variant: str, channels: int):
                         s_feat[lane, k] = feat[k]
                 ti.simt.block.sync()
                 for s in range(ti.min(BLOCK, end - start - batch * BLOCK)):
-                    if not done:
-                        mean = ti.math.vec2(s_geom[s, 0], s_geom[s, 1])
-                        conic = ti.math.vec3(s_geom[s, 2], s_geom[s, 3], s_geom[s, 4])
-                        alpha, _, _ = _splat_alpha(mean, conic, s_geom[s, 5], pixel)
-                        if alpha >= ALPHA_MIN:
-                            next_T = T * (1.0 - alpha)
-                            if next_T < T_MIN:
-                                done = True
-                            else:
-                                for k in ti.static(range(K)):
-                                    acc[k] += alpha * T * s_feat[s, k]
-                                T = next_T
-                                n_walked = batch * BLOCK + s + 1
+                    if done:
+                        break  # a warp whose pixels are all saturated skips the rest of the batch
+                    mean = ti.math.vec2(s_geom[s, 0], s_geom[s, 1])
+                    conic = ti.math.vec3(s_geom[s, 2], s_geom[s, 3], s_geom[s, 4])
+                    alpha, _, _ = _splat_alpha(mean, conic, s_geom[s, 5], pixel)
+                    if alpha >= ALPHA_MIN:
+                        next_T = T * (1.0 - alpha)
+                        if next_T < T_MIN:
+                            done = True
+                        else:
+                            for k in ti.static(range(K)):
+                                acc[k] += alpha * T * s_feat[s, k]
+                            T = next_T
+                            n_walked = batch * BLOCK + s + 1
             if inside:
                 for k in ti.static(range(K)):
                     image[c, py, px, k] = acc[k]
@@ -303,4 +305,4 @@ def blend_kernels(variant: str, channels: int):
                             for k in ti.static(range(K)):
                                 ti.atomic_add(v_features[cc, n, k], v_feat[k])
 
-    return forward_cuda, backward_cuda
+    return TorchKernel(forward_cuda), TorchKernel(backward_cuda)

@@ -15,7 +15,8 @@ import functools
 
 import taichi as ti
 
-from .sh import sh_to_rgb, sh_to_rgb_backward
+from .launch import TorchKernel
+from .sh import num_sh_bases, sh_to_rgb, sh_to_rgb_backward
 
 DILATION = 0.3      # px^2 added to the projected covariance
 ALPHA_MIN = 1.0 / 255.0
@@ -83,20 +84,30 @@ def _frustum_limits(fx, fy, cx, cy, width, height):
             cy / fy + 0.3 * tan_y, (height - cy) / fy + 0.3 * tan_y)
 
 
+def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool, accumulate: bool = True):
+    """(forward, backward) kernels for one configuration; sh_degree < 0 means no SH (colors given).
+
+    accumulate: the backward adds into zeroed gradient arrays (atomics, needed when several cameras
+    see a Gaussian); False (one camera) makes it write every gradient element, zeros included, so
+    the arrays need no zeroing and the stores no atomics.
+    """
+    return (_forward_kernel(sh_degree, given_cov, antialiased),
+            _backward_kernel(sh_degree, given_cov, antialiased, accumulate))
+
+
+@ti.func
+def _cov3(quats: ti.template(), scales: ti.template(), covars: ti.template(), n, given_cov: ti.template()):
+    S = ti.Matrix.zero(ti.f32, 3, 3)
+    if ti.static(given_cov):
+        S = _sym3(covars, n)
+    else:
+        M, _R, _s, _q, _q_raw = _scale_rotation(quats, scales, n)
+        S = M @ M.transpose()
+    return S
+
+
 @functools.cache
-def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool):
-    """(forward, backward) kernels for one configuration; sh_degree < 0 means no SH (colors given)."""
-
-    @ti.func
-    def cov3(quats: ti.template(), scales: ti.template(), covars: ti.template(), n):
-        S = ti.Matrix.zero(ti.f32, 3, 3)
-        if ti.static(given_cov):
-            S = _sym3(covars, n)
-        else:
-            M, _R, _s, _q, _q_raw = _scale_rotation(quats, scales, n)
-            S = M @ M.transpose()
-        return S
-
+def _forward_kernel(sh_degree: int, given_cov: bool, antialiased: bool):
     @ti.kernel
     def forward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
                 covars: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1), sh: nd(ti.f32, ndim=3),
@@ -104,7 +115,7 @@ def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool):
                 near: ti.f32, far: ti.f32,
                 means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), depths: nd(ti.f32, ndim=2),
                 rgb: nd(ti.f32, ndim=3), opac_out: nd(ti.f32, ndim=2), radii: nd(ti.i32, ndim=3),
-                rects: nd(ti.i32, ndim=3)):
+                rects: nd(ti.i32, ndim=3), pair_counts: nd(ti.i32, ndim=2)):
         N = means.shape[0]
         tiles_x = (width + TILE - 1) // TILE
         tiles_y = (height + TILE - 1) // TILE
@@ -126,7 +137,7 @@ def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool):
                 v = ti.math.clamp(t.y / z, -ly0, ly1)
                 J = ti.Matrix([[fx / z, 0.0, -fx * u / z], [0.0, fy / z, -fy * v / z]])
                 A = J @ Rv
-                cov2 = A @ cov3(quats, scales, covars, n) @ A.transpose()
+                cov2 = A @ _cov3(quats, scales, covars, n, given_cov) @ A.transpose()
                 a = cov2[0, 0] + DILATION
                 b = cov2[0, 1]
                 d = cov2[1, 1] + DILATION
@@ -175,6 +186,29 @@ def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool):
                         rgb[c, n, ch] = 0.0
             for k in ti.static(range(4)):
                 rects[c, n, k] = rect[k]
+            pair_counts[c, n] = (rect[2] - rect[0]) * (rect[3] - rect[1])
+
+    return TorchKernel(forward)
+
+
+@functools.cache
+def _backward_kernel(sh_degree: int, given_cov: bool, antialiased: bool, accumulate: bool):
+    sh_rows_used = num_sh_bases(sh_degree) if sh_degree >= 0 else 0
+
+    @ti.func
+    def put(arr: ti.template(), n, value):
+        if ti.static(accumulate):
+            arr[n] += value
+        else:
+            arr[n] = value
+
+    @ti.func
+    def put_row(arr: ti.template(), n, values):
+        for k in ti.static(range(values.n)):
+            if ti.static(accumulate):
+                arr[n, k] += values[k]
+            else:
+                arr[n, k] = values[k]
 
     @ti.kernel
     def backward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
@@ -188,7 +222,13 @@ def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool):
         N = means.shape[0]
         for idx in range(viewmats.shape[0] * N):
             c, n = idx // N, idx % N
-            if rects[c, n, 2] > rects[c, n, 0] and rects[c, n, 3] > rects[c, n, 1]:
+            visible = rects[c, n, 2] > rects[c, n, 0] and rects[c, n, 3] > rects[c, n, 1]
+            v_p = ti.math.vec3(0.0)
+            v_op = 0.0
+            v_cov6 = ti.Vector.zero(ti.f32, 6)
+            v_s = ti.math.vec3(0.0)
+            v_q_raw = ti.math.vec4(0.0)
+            if visible:
                 Rv, tv, fx, fy, cx, cy = _camera(viewmats, Ks, c)
                 p = ti.math.vec3(means[n, 0], means[n, 1], means[n, 2])
                 t = Rv @ p + tv
@@ -198,7 +238,7 @@ def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool):
                 v = ti.math.clamp(t.y / z, -ly0, ly1)
                 J = ti.Matrix([[fx / z, 0.0, -fx * u / z], [0.0, fy / z, -fy * v / z]])
                 A = J @ Rv
-                S3 = cov3(quats, scales, covars, n)
+                S3 = _cov3(quats, scales, covars, n, given_cov)
                 cov2 = A @ S3 @ A.transpose()
                 a = cov2[0, 0] + DILATION
                 b = cov2[0, 1]
@@ -221,7 +261,6 @@ def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool):
                         v_comp = v_op * opacities[n]
                         v_cov2 += v_comp * 0.5 / comp * (adj_orig / det - det_orig / (det * det) * adj_dil)
                     v_op *= comp
-                v_opacities[n] += v_op
 
                 # cov2 = A S3 A^T with A = J Rv
                 v_S3 = A.transpose() @ v_cov2 @ A
@@ -244,26 +283,35 @@ def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool):
                 v_p = Rv.transpose() @ v_t
                 if ti.static(sh_degree >= 0):
                     v_color = ti.math.vec3(v_rgb[c, n, 0], v_rgb[c, n, 1], v_rgb[c, n, 2])
-                    v_p += sh_to_rgb_backward(sh, v_sh, n, p + Rv.transpose() @ tv, v_color, sh_degree)
-                for k in ti.static(range(3)):
-                    v_means[n, k] += v_p[k]
+                    v_p += sh_to_rgb_backward(sh, v_sh, n, p + Rv.transpose() @ tv, v_color, sh_degree, accumulate)
 
                 if ti.static(given_cov):
-                    v_covars[n, 0] += v_S3[0, 0]
-                    v_covars[n, 1] += v_S3[0, 1] + v_S3[1, 0]
-                    v_covars[n, 2] += v_S3[0, 2] + v_S3[2, 0]
-                    v_covars[n, 3] += v_S3[1, 1]
-                    v_covars[n, 4] += v_S3[1, 2] + v_S3[2, 1]
-                    v_covars[n, 5] += v_S3[2, 2]
+                    v_cov6 = ti.Vector([v_S3[0, 0], v_S3[0, 1] + v_S3[1, 0], v_S3[0, 2] + v_S3[2, 0],
+                                        v_S3[1, 1], v_S3[1, 2] + v_S3[2, 1], v_S3[2, 2]])
                 else:
                     M, R, s, q, q_raw = _scale_rotation(quats, scales, n)
                     v_M = (v_S3 + v_S3.transpose()) @ M
                     v_R = ti.Matrix([[v_M[i, j] * s[j] for j in ti.static(range(3))] for i in ti.static(range(3))])
                     for j in ti.static(range(3)):
-                        v_scales[n, j] += v_M[0, j] * R[0, j] + v_M[1, j] * R[1, j] + v_M[2, j] * R[2, j]
+                        v_s[j] = v_M[0, j] * R[0, j] + v_M[1, j] * R[1, j] + v_M[2, j] * R[2, j]
                     v_q = _rotation_backward(q, v_R)
                     v_q_raw = (v_q - q * q.dot(v_q)) / q_raw.norm()
-                    for k in ti.static(range(4)):
-                        v_quats[n, k] += v_q_raw[k]
 
-    return forward, backward
+            write = visible  # with accumulate, invisible splats add nothing; without, they write zeros
+            if ti.static(not accumulate):
+                write = True
+                if ti.static(sh_degree >= 0):
+                    for k in range(ti.select(visible, sh_rows_used, 0), v_sh.shape[1]):
+                        for ch in ti.static(range(3)):
+                            v_sh[n, k, ch] = 0.0
+            if write:
+                put(v_opacities, n, v_op)
+                put_row(v_means, n, v_p)
+                if ti.static(given_cov):
+                    put_row(v_covars, n, v_cov6)
+                else:
+                    put_row(v_scales, n, v_s)
+                    put_row(v_quats, n, v_q_raw)
+
+    return TorchKernel(backward)
+

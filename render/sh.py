@@ -85,8 +85,8 @@ def sh_to_rgb(coeffs: ti.template(), n, direction, degree: ti.template()):
 
 @ti.func
 def sh_to_rgb_backward(coeffs: ti.template(), v_coeffs: ti.template(), n, direction, v_rgb,
-                       degree: ti.template()):
-    """Accumulate dL/dcoeffs into v_coeffs[n] and return dL/ddirection."""
+                       degree: ti.template(), accumulate: ti.template()):
+    """Add (accumulate) or write dL/dcoeffs into the first (degree+1)^2 rows of v_coeffs[n]; return dL/ddirection."""
     length = direction.norm()
     d = direction / length
     raw = ti.math.vec3(0.5)
@@ -98,6 +98,9 @@ def sh_to_rgb_backward(coeffs: ti.template(), v_coeffs: ti.template(), n, direct
     for k in ti.static(range(num_sh_bases(degree))):
         value, grad = _basis_and_grad(d, k)
         for ch in ti.static(range(3)):
-            v_coeffs[n, k, ch] += value * v_raw[ch]
+            if ti.static(accumulate):
+                v_coeffs[n, k, ch] += value * v_raw[ch]
+            else:
+                v_coeffs[n, k, ch] = value * v_raw[ch]
         v_d += grad * (v_raw[0] * coeffs[n, k, 0] + v_raw[1] * coeffs[n, k, 1] + v_raw[2] * coeffs[n, k, 2])
     return (v_d - d * d.dot(v_d)) / length
