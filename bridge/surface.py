@@ -46,20 +46,20 @@ def particles_to_gaussians(positions: torch.Tensor, deformation: Optional[torch.
     """
     if positions.dim() != 2 or positions.shape[1] != 3:
         raise ValueError(f"positions must be (N, 3), got {tuple(positions.shape)}")
-    n, dev, dtype = positions.shape[0], positions.device, positions.dtype
+    n, dev, real = positions.shape[0], positions.device, positions.dtype
     if not radius > 0:
         raise ValueError(f"radius must be positive, got {radius}")
     if deformation is None:
-        cov = torch.eye(3, device=dev, dtype=dtype).expand(n, 3, 3) * radius ** 2
+        cov = torch.eye(3, device=dev, dtype=real).expand(n, 3, 3) * radius ** 2
     else:
         if deformation.shape != (n, 3, 3):
             raise ValueError(f"deformation must be (N, 3, 3) = ({n}, 3, 3), got {tuple(deformation.shape)}")
         cov = radius ** 2 * deformation @ deformation.transpose(1, 2)
-    colors = torch.as_tensor(colors, dtype=dtype, device=dev)
+    colors = torch.as_tensor(colors, dtype=real, device=dev)
     if colors.shape == (3,):
         colors = colors.expand(n, 3)
     elif colors.shape != (n, 3):
         raise ValueError(f"colors must be (3,) or (N, 3) = ({n}, 3), got {tuple(colors.shape)}")
-    opacities = torch.as_tensor(opacity, dtype=dtype, device=dev).expand(n)
+    opacities = torch.as_tensor(opacity, dtype=real, device=dev).expand(n)
     return Gaussians(positions.to(dtype).contiguous(), upper_triangle(cov).to(dtype).contiguous(),
                      opacities.to(dtype).contiguous(), colors.to(dtype).contiguous())

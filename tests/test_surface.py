@@ -47,6 +47,12 @@ def test_bad_input_is_a_clear_error(bad):
         particles_to_gaussians(**kwargs)
 
 
+def test_float64_particles_give_float32_gaussians():
+    x, F = random_particles(3, dtype=torch.float64)
+    g = particles_to_gaussians(x, F, radius=0.1)
+    assert all(t.dtype == torch.float32 for t in (g.means, g.covars, g.opacities, g.colors))
+
+
 def test_image_loss_reaches_positions_and_deformation(ti_arch):
     """A torch loss on a rendered image gives the finite-difference gradient on particle state."""
     camera = Camera.look_at(eye=(0.0, -1.5, 0.3), target=(0.0, 0.0, 0.0), width=40, height=30)
