@@ -1,0 +1,166 @@
+"""Forward MLS-MPM throughput: taichi_mpm.MPMSolver against the plain reference substep.
+
+A fixed-corotated elastic cube falling under gravity, 8 particles per cell, lattice order as the
+samplers produce it: 1M particles in a 128^3 grid and 8M in 256^3 (``--quick``: tiny CPU sizes).
+For each size it times, at the same fixed dt:
+  - taichi_mpm: ``MPMSolver.step`` (state checks every 8 substeps included) and a per-stage
+    profile (each stage timed alone);
+  - taichi_mpm on randomly shuffled particles, unsorted and with ``sort_every=16`` (1M only);
+  - the plain reference (bench/mpm_reference.py): Taichi fields, one kernel per stage.
+Prints a table and writes JSON with the device name and date.
+
+    python bench/mpm_forward.py [--quick] [--out bench/results/mpm_forward_<arch>.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mpm_reference import ReferenceMPM  # noqa: E402
+from bridge.runtime import ensure_init  # noqa: E402
+from taichi_mpm import Elastic, MPMSolver  # noqa: E402
+
+MATERIAL = Elastic(E=1e5, nu=0.3, density=1000.0)
+VELOCITY = (0.0, -1.0, 0.0)
+
+
+def sync():
+    import taichi as ti
+
+    ti.sync()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cube(res: int, side: int) -> tuple[np.ndarray, float]:
+    spacing = 1.0 / (2 * res)
+    start = 0.5 - side * spacing / 2
+    axis = start + spacing * (np.arange(side) + 0.5)
+    return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3), spacing
+
+
+def timed(fn, substeps: int) -> float:
+    """Seconds per substep of fn(), which runs `substeps` substeps."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - start) / substeps
+
+
+def time_solver(solver: MPMSolver, dt: float, substeps: int) -> float:
+    solver.step(dt * 8, dt=dt)  # warm-up (compiles on first use)
+    return timed(lambda: solver.step(dt * substeps, dt=dt), substeps)
+
+
+def stage_profile(solver: MPMSolver, dt: float, reps: int) -> dict:
+    """Milliseconds per call of each substep stage, timed alone (synchronised)."""
+    k, s = solver.kernels, solver.state
+    src, n = solver.src, solver.n_particles
+    origin = solver._origin_vec
+    affine = torch.zeros((n, 3, 3), dtype=solver.torch_dtype, device=solver.device)
+    # every stage writes the other slot or scratch, so repetitions see the same state
+    stages = {
+        "clear_grid": lambda: k.clear_grid(solver.grid_mv, solver.grid_m),
+        "particle_stress": lambda: k.particle_stress(
+            src, 1 - src, n, s["C"], s["F"], s["plastic"], s["material"], s["E"], s["nu"], s["density"],
+            s["volume"], s["aux"], solver._no_control, 0.0, affine, solver.inv_dx, dt),
+        "p2g": lambda: k.p2g(src, n, s["x"], s["v"], s["density"], s["volume"], affine, solver.grid_mv,
+                             solver.grid_m, origin, solver.inv_dx),
+        "grid_update": lambda: k.grid_update(solver.grid_mv, solver.grid_m, solver.grid_v, dt,
+                                             solver._gravity_vec, origin, solver.dx, solver.wall_mode,
+                                             solver.wall_friction, solver.collider_table, 0, solver.time),
+        "g2p": lambda: k.g2p(src, 1 - src, n, s["x"], s["v"], s["C"], solver.grid_v, origin,
+                             solver.inv_dx, dt),
+        "check": lambda: solver.check(),
+    }
+    profile = {}
+    for name, fn in stages.items():
+        fn()
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        profile[name] = 1e3 * (time.perf_counter() - start) / reps
+    return profile
+
+
+def bench_size(res: int, side: int, substeps: int, shuffled_too: bool) -> dict:
+    positions, spacing = cube(res, side)
+    n = len(positions)
+    rows = {}
+
+    def make(x, **kwargs):
+        solver = MPMSolver(res=res, boundary="sticky", **kwargs)
+        solver.add_particles(x, MATERIAL, velocity=VELOCITY, volume=spacing ** 3)
+        return solver
+
+    solver = make(positions)
+    dt = solver.stable_dt(2.0)
+    rows["taichi_mpm"] = time_solver(solver, dt, substeps)
+    profile = stage_profile(solver, dt, reps=max(3, substeps // 4))
+    del solver
+    if shuffled_too:
+        shuffled = positions[np.random.default_rng(0).permutation(n)]
+        rows["taichi_mpm shuffled"] = time_solver(make(shuffled), dt, substeps)
+        rows["taichi_mpm shuffled sort_every=16"] = time_solver(make(shuffled, sort_every=16), dt, substeps)
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    reference = ReferenceMPM(positions, res, MATERIAL.E, MATERIAL.nu, MATERIAL.density, spacing ** 3,
+                             velocity=VELOCITY)
+    for _ in range(8):
+        reference.substep(dt)
+
+    def run_reference():
+        for _ in range(substeps):
+            reference.substep(dt)
+
+    rows["plain reference"] = timed(run_reference, substeps)
+    reference.destroy()
+    return {"res": res, "particles": n, "dt": dt, "substeps_timed": substeps,
+            "ms_per_substep": {k: 1e3 * v for k, v in rows.items()},
+            "particle_steps_per_s": {k: n / v for k, v in rows.items()},
+            "stage_ms": profile}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    arch = ensure_init()
+    sizes = [(32, 24, 20, True)] if args.quick else [(128, 100, 100, True), (256, 200, 40, False)]
+    results = [bench_size(*size) for size in sizes]
+    device = torch.cuda.get_device_name() if arch == "cuda" else (platform.processor() or platform.machine())
+    report = {"benchmark": "mpm_forward", "device": device, "arch": arch,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "material": "fixed_corotated E=1e5 nu=0.3 rho=1000, 8 particles/cell, float32",
+              "results": results}
+    out = args.out or Path(__file__).parent / "results" / f"mpm_forward_{arch}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+
+    print(f"device: {device} ({arch}), {report['date']}")
+    print(f"{'grid':>6} {'particles':>10}  {'variant':<36} {'ms/substep':>10} {'G particle-steps/s':>19}")
+    for r in results:
+        for name, ms in r["ms_per_substep"].items():
+            print(f"{r['res']:>5}^3 {r['particles']:>10}  {name:<36} {ms:>10.3f} "
+                  f"{r['particle_steps_per_s'][name] / 1e9:>19.3f}")
+        print("       stage profile (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["stage_ms"].items()))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

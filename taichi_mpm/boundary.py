@@ -1,0 +1,186 @@
+"""Boundaries: domain walls and colliders (ground plane, sphere, box), applied on grid nodes.
+
+Each boundary acts on the grid velocity of a node inside it, relative to the boundary's own
+velocity, with one of three conditions:
+    sticky:   v = v_boundary
+    slip:     normal component removed, tangential kept (minus Coulomb friction)
+    separate: like slip, but only while the node moves into the boundary
+Coulomb friction shrinks the tangential velocity by friction * |normal velocity removed|.
+
+Colliders are packed into a small array of rows (``COLLIDER_WIDTH`` reals each) that the grid
+kernel reads, at most ``MAX_COLLIDERS`` of them (the kernel unrolls over that many, so the loop
+stays static and Taichi's autodiff stays exact).
+"""
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence, Tuple
+
+import numpy as np
+import taichi as ti
+
+STICKY, SLIP, SEPARATE = 0, 1, 2
+BOUNDARY_MODES = {"sticky": STICKY, "slip": SLIP, "separate": SEPARATE}
+PLANE, SPHERE, BOX = 0, 1, 2
+MAX_COLLIDERS = 8
+# Row layout: kind, mode, friction, origin xyz, shape abc, velocity xyz (origin moves with it).
+COLLIDER_WIDTH = 12
+# Nodes this many cells from a domain face belong to the wall.
+WALL_CELLS = 3
+
+Vec3 = Tuple[float, float, float]
+
+
+def _vec3(owner: str, name: str, value) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.shape != (3,) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{owner}.{name} must be 3 finite numbers, got {value!r}")
+    return arr
+
+
+def _mode(owner: str, mode: str) -> int:
+    if mode not in BOUNDARY_MODES:
+        raise ValueError(f"{owner}.mode must be one of {tuple(BOUNDARY_MODES)}, got {mode!r}")
+    return BOUNDARY_MODES[mode]
+
+
+def _friction(owner: str, friction: float) -> float:
+    if not (isinstance(friction, (int, float)) and math.isfinite(friction) and friction >= 0):
+        raise ValueError(f"{owner}.friction must be a finite number >= 0, got {friction!r}")
+    return float(friction)
+
+
+@dataclass(frozen=True)
+class Plane:
+    """Half-space behind a plane through ``point`` whose ``normal`` points into the free side."""
+
+    point: Vec3 = (0.0, 0.0, 0.0)
+    normal: Vec3 = (0.0, 1.0, 0.0)
+    velocity: Vec3 = (0.0, 0.0, 0.0)
+    friction: float = 0.5
+    mode: str = "separate"
+
+    def row(self) -> np.ndarray:
+        n = _vec3("Plane", "normal", self.normal)
+        length = np.linalg.norm(n)
+        if length == 0:
+            raise ValueError("Plane.normal must not be zero")
+        return _pack(PLANE, self.mode, self.friction, _vec3("Plane", "point", self.point), n / length,
+                     _vec3("Plane", "velocity", self.velocity), "Plane")
+
+
+@dataclass(frozen=True)
+class Sphere:
+    """Solid ball; with a velocity its center moves as center + velocity * time."""
+
+    center: Vec3 = (0.5, 0.5, 0.5)
+    radius: float = 0.1
+    velocity: Vec3 = (0.0, 0.0, 0.0)
+    friction: float = 0.5
+    mode: str = "separate"
+
+    def row(self) -> np.ndarray:
+        if not (isinstance(self.radius, (int, float)) and math.isfinite(self.radius) and self.radius > 0):
+            raise ValueError(f"Sphere.radius must be a finite number > 0, got {self.radius!r}")
+        return _pack(SPHERE, self.mode, self.friction, _vec3("Sphere", "center", self.center),
+                     np.array([self.radius, 0.0, 0.0]), _vec3("Sphere", "velocity", self.velocity), "Sphere")
+
+
+@dataclass(frozen=True)
+class Box:
+    """Solid axis-aligned box [lower, upper]; with a velocity it translates."""
+
+    lower: Vec3 = (0.4, 0.0, 0.4)
+    upper: Vec3 = (0.6, 0.2, 0.6)
+    velocity: Vec3 = (0.0, 0.0, 0.0)
+    friction: float = 0.5
+    mode: str = "separate"
+
+    def row(self) -> np.ndarray:
+        lo, hi = _vec3("Box", "lower", self.lower), _vec3("Box", "upper", self.upper)
+        if not np.all(hi > lo):
+            raise ValueError(f"Box.upper must exceed Box.lower on every axis, got {self.lower} {self.upper}")
+        return _pack(BOX, self.mode, self.friction, (lo + hi) / 2, (hi - lo) / 2,
+                     _vec3("Box", "velocity", self.velocity), "Box")
+
+
+Collider = Plane | Sphere | Box
+
+
+def _pack(kind, mode, friction, origin, shape, velocity, owner) -> np.ndarray:
+    return np.concatenate([[kind, _mode(owner, mode), _friction(owner, friction)], origin, shape, velocity])
+
+
+def pack_colliders(colliders: Sequence[Collider]) -> np.ndarray:
+    """[MAX_COLLIDERS, COLLIDER_WIDTH] float64 rows (unused rows are zero)."""
+    rows = np.zeros((MAX_COLLIDERS, COLLIDER_WIDTH))
+    for i, c in enumerate(colliders):
+        rows[i] = c.row()
+    return rows
+
+
+@lru_cache(maxsize=None)
+def boundary_funcs(real):
+    """ti.funcs for the grid update, specialised to the float type ``real``."""
+    vec3 = ti.types.vector(3, real)
+
+    @ti.func
+    def respond(v, normal, mode, friction):
+        """Velocity v (relative to the boundary) after contact with a boundary of outward normal."""
+        vn = v.dot(normal)
+        out = v
+        if mode == STICKY:
+            out = ti.Vector.zero(real, 3)
+        elif mode == SLIP or vn < 0:
+            tangential = v - vn * normal
+            # norm with an epsilon inside the sqrt keeps the autodiff finite at zero tangential speed
+            t_norm = tangential.norm(1e-12)
+            scale = ti.max(0.0, 1.0 - friction * ti.max(-vn, 0.0) / t_norm)
+            out = tangential * scale
+        return out
+
+    @ti.func
+    def apply_walls(v, node, shape, mode, friction):
+        for d in ti.static(range(3)):
+            normal = ti.Vector.zero(real, 3)
+            if node[d] < WALL_CELLS:
+                normal[d] = 1.0
+                v = respond(v, normal, mode, friction)
+            elif node[d] > shape[d] - 1 - WALL_CELLS:
+                normal[d] = -1.0
+                v = respond(v, normal, mode, friction)
+        return v
+
+    @ti.func
+    def apply_collider(v, pos, colliders: ti.template(), c: ti.template(), time):
+        kind = ti.cast(colliders[c, 0], ti.i32)
+        mode = ti.cast(colliders[c, 1], ti.i32)
+        friction = colliders[c, 2]
+        velocity = vec3(colliders[c, 9], colliders[c, 10], colliders[c, 11])
+        origin = vec3(colliders[c, 3], colliders[c, 4], colliders[c, 5]) + velocity * time
+        shape = vec3(colliders[c, 6], colliders[c, 7], colliders[c, 8])
+        distance = ti.cast(1.0, real)
+        normal = vec3(0.0, 1.0, 0.0)
+        if kind == PLANE:
+            normal = shape
+            distance = (pos - origin).dot(normal)
+        elif kind == SPHERE:
+            offset = pos - origin
+            length = offset.norm(1e-12)
+            normal = offset / length
+            distance = length - shape[0]
+        else:
+            q = ti.abs(pos - origin) - shape
+            distance = ti.max(q[0], q[1], q[2])
+            # outward normal of the face nearest to the node
+            on_x = q[0] >= q[1] and q[0] >= q[2]
+            on_y = (not on_x) and q[1] >= q[2]
+            face = vec3(ti.cast(on_x, real), ti.cast(on_y, real), ti.cast(not (on_x or on_y), real))
+            side = ti.select(pos >= origin, 1.0, -1.0)
+            normal = face * side
+        if distance < 0:
+            v = respond(v - velocity, normal, mode, friction) + velocity
+        return v
+
+    return apply_walls, apply_collider
