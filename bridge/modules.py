@@ -1,0 +1,105 @@
+"""nn.Module holding the learnable physical parameters of a differentiable MPM rollout.
+
+    params = PhysicalParameters(scene, E=2e4, nu=0.3, velocity=(0, 0, 0))
+    opt = torch.optim.Adam(params.parameters(), lr=0.05)
+    traj = params(x0, n_substeps=200, frames=[50, 100, 200])   # bridge.simulate underneath
+
+E is stored as log E (positive, scale-free steps), nu as a logit mapped into (0, NU_MAX), so any
+optimizer step gives valid materials. Each quantity is per body (``scene.body``) or per particle.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .rollout import RolloutScene, Trajectory, simulate
+
+NU_MAX = 0.49
+Value = Union[float, Sequence[float], torch.Tensor]
+
+
+def _init(scene: RolloutScene, name: str, value: Value, per_particle: bool, tail=()) -> torch.Tensor:
+    count = scene.n_particles if per_particle else scene.n_bodies
+    t = torch.as_tensor(value, dtype=scene.dtype).to(scene.density.device)
+    try:
+        t = t.expand((count,) + tuple(tail)).clone()
+    except RuntimeError:
+        raise ValueError(f"{name} must broadcast to [{count}{''.join(', ' + str(d) for d in tail)}] "
+                         f"({'per particle' if per_particle else 'per body'}), got shape {tuple(t.shape)}") from None
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite")
+    return t
+
+
+class PhysicalParameters(nn.Module):
+    """Learnable E, nu, initial velocity and (optionally) F controls of a scene.
+
+    Args:
+        scene: the :class:`RolloutScene` the parameters belong to.
+        E: Young's modulus > 0 (scalar, per body or per particle).
+        nu: Poisson's ratio in (0, NU_MAX).
+        velocity: initial velocity, (3,) / [n_bodies, 3] / [N, 3]; None: not learnable, zero.
+        per_particle: one value per particle instead of per body.
+        n_controls: number of learnable F controls [n_controls, N, 3, 3] (zero-initialised), 0: none.
+        learn: which of "E", "nu", "velocity", "controls" are nn.Parameters (others are buffers).
+    """
+
+    def __init__(self, scene: RolloutScene, E: Value, nu: Value, velocity: Optional[Value] = None,
+                 per_particle: bool = False, n_controls: int = 0,
+                 learn: Sequence[str] = ("E", "nu", "velocity", "controls")):
+        super().__init__()
+        unknown = set(learn) - {"E", "nu", "velocity", "controls"}
+        if unknown:
+            raise ValueError(f"learn may name 'E', 'nu', 'velocity', 'controls'; got {sorted(unknown)}")
+        self.scene = scene
+        E_t, nu_t = _init(scene, "E", E, per_particle), _init(scene, "nu", nu, per_particle)
+        if (E_t <= 0).any():
+            raise ValueError("E must be > 0")
+        if ((nu_t <= 0) | (nu_t >= NU_MAX)).any():
+            raise ValueError(f"nu must lie in (0, {NU_MAX})")
+        self._register("log_E", E_t.log(), "E" in learn)
+        self._register("nu_logit", torch.logit(nu_t / NU_MAX), "nu" in learn)
+        velocity = (0.0, 0.0, 0.0) if velocity is None else velocity
+        self._register("velocity", _init(scene, "velocity", velocity, per_particle, (3,)), "velocity" in learn)
+        self.per_particle = per_particle
+        if n_controls:
+            zeros = torch.zeros((n_controls, scene.n_particles, 3, 3), dtype=scene.dtype,
+                                device=scene.density.device)
+            self._register("controls", zeros, "controls" in learn)
+        else:
+            self.controls = None
+
+    def _register(self, name: str, value: torch.Tensor, learnable: bool) -> None:
+        if learnable:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    @property
+    def E(self) -> torch.Tensor:
+        """Young's modulus, per body [n_bodies] or per particle [N]."""
+        return self.log_E.exp()
+
+    @property
+    def nu(self) -> torch.Tensor:
+        """Poisson's ratio in (0, NU_MAX), per body or per particle."""
+        return NU_MAX * torch.sigmoid(self.nu_logit)
+
+    def material(self) -> dict:
+        """{"E", "nu"} as :func:`bridge.simulate` takes them."""
+        return {"E": self.E, "nu": self.nu}
+
+    def initial_velocity(self) -> torch.Tensor:
+        """[N, 3] per-particle initial velocity."""
+        return self.velocity if self.per_particle else self.velocity[self.scene.body]
+
+    def forward(self, x0: torch.Tensor, n_substeps: int, frames: Sequence[int], **options) -> Trajectory:
+        """bridge.simulate(scene, x0, initial_velocity(), material(), n_substeps, frames, controls)."""
+        return simulate(self.scene, x0, self.initial_velocity(), self.material(), n_substeps, frames,
+                        controls=self.controls, **options)
+
+    def extra_repr(self) -> str:
+        return (f"n_bodies={self.scene.n_bodies}, n_particles={self.scene.n_particles}, "
+                f"per_particle={self.per_particle}, controls={None if self.controls is None else tuple(self.controls.shape)}")

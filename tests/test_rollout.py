@@ -1,0 +1,293 @@
+"""bridge.rollout: checkpointed differentiable MPM rollout (CPU, float64, small scene).
+
+Every gradient is checked against central finite differences of the same float64 rollout along a
+random direction: |<grad, d> - (L(p + h d) - L(p - h d)) / 2h| <= RTOL * |FD| + ATOL.
+"""
+import numpy as np
+import pytest
+import torch
+
+RTOL, ATOL = 1e-5, 1e-9
+T = 20               # substeps
+FRAMES = (0, 7, 13, 20)
+K = 6                # checkpoint every 6 substeps: segments 0-6, 6-12, 12-18, 18-20 (uneven tail)
+STRIDE = 5           # F controls on substeps 0, 5, 10, 15
+f64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def setup(ti_arch):
+    from taichi_mpm import Elastic, MPMSolver
+    from bridge.rollout import RolloutScene
+
+    solver = MPMSolver(res=16, dtype="float64", gravity=(0.0, -9.8, 0.0))
+    solver.add_cube((0.30, 0.40, 0.40), (0.1875, 0.1875, 0.1875), Elastic(E=1e4, nu=0.3), particles_per_cell=4)
+    solver.add_cube((0.52, 0.40, 0.40), (0.1875, 0.1875, 0.1875),
+                    Elastic(E=2e4, nu=0.25, model="neo_hookean"), particles_per_cell=4, seed=1)
+    scene = RolloutScene.from_solver(solver, dt=2e-3, control_stride=STRIDE)
+    n = scene.n_particles
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=f64)  # noqa: E731
+    data = dict(
+        scene=scene,
+        x0=solver.positions(as_torch=True).clone(),
+        v0=0.5 * rnd(n, 3),
+        C0=0.5 * rnd(n, 3, 3),
+        F0=torch.eye(3, dtype=f64) + 0.02 * rnd(n, 3, 3),
+        E_body=torch.tensor([1e4, 2e4], dtype=f64),
+        nu_body=torch.tensor([0.3, 0.25], dtype=f64),
+        controls=0.02 * rnd(scene.n_controls(T), n, 3, 3),
+        w_x=rnd(len(FRAMES), n, 3), w_v=rnd(len(FRAMES), n, 3), w_F=rnd(len(FRAMES), n, 3, 3),
+        w_m=rnd(*scene.grid_shape),
+        dirs=dict(x0=rnd(n, 3), v0=rnd(n, 3), C0=rnd(n, 3, 3), F0=rnd(n, 3, 3), E_body=rnd(2), nu_body=rnd(2), E=rnd(n), nu=rnd(n),
+                  controls=rnd(scene.n_controls(T), n, 3, 3), lam=rnd(2), mu=rnd(2)),
+    )
+    assert scene.n_bodies == 2 and 150 < n < 400
+    return data
+
+
+def loss_of(setup, traj):
+    """Positions, velocities and F at every frame, and the grid mass of frames 7 and 20."""
+    from bridge.rollout import grid_mass
+
+    d = setup
+    loss = (traj.x * d["w_x"]).sum() + (traj.v * d["w_v"]).sum() + (traj.F * d["w_F"]).sum()
+    for i in (1, 3):
+        loss = loss + 1e3 * (grid_mass(traj.x[i], d["scene"]) * d["w_m"]).sum()
+    return loss
+
+
+def run(setup, x0, v0, params, controls=None, C0=None, F0=None, **options):
+    from bridge.rollout import simulate
+
+    return simulate(setup["scene"], x0, v0, params, T, FRAMES, controls=controls, C0=C0, F0=F0, **options)
+
+
+def per_particle(setup, body_values):
+    return body_values[setup["scene"].body]
+
+
+def analytic(setup, per_particle_params: bool, checkpoint_every=K, **options):
+    """Loss gradients w.r.t. x0, v0, material params and controls in one backward pass."""
+    d = setup
+    x0, v0 = d["x0"].clone().requires_grad_(), d["v0"].clone().requires_grad_()
+    controls = d["controls"].clone().requires_grad_()
+    C0, F0 = d["C0"].clone().requires_grad_(), d["F0"].clone().requires_grad_()
+    if per_particle_params:
+        E = per_particle(d, d["E_body"]).clone().requires_grad_()
+        nu = per_particle(d, d["nu_body"]).clone().requires_grad_()
+    else:
+        E, nu = d["E_body"].clone().requires_grad_(), d["nu_body"].clone().requires_grad_()
+    loss = loss_of(d, run(d, x0, v0, {"E": E, "nu": nu}, controls, C0, F0, checkpoint_every=checkpoint_every,
+                          **options))
+    loss.backward()
+    return dict(x0=x0.grad, v0=v0.grad, C0=C0.grad, F0=F0.grad, E=E.grad, nu=nu.grad, controls=controls.grad,
+                loss=loss.item())
+
+
+@pytest.fixture(scope="module")
+def grads_body(setup):
+    return analytic(setup, per_particle_params=False)
+
+
+@pytest.fixture(scope="module")
+def grads_particle(setup):
+    return analytic(setup, per_particle_params=True)
+
+
+def fd(setup, name, direction, h, per_particle_params=False):
+    """Central difference of the loss along direction for input name (no autograd)."""
+    d = setup
+    with torch.no_grad():
+        def loss_at(sign):
+            inputs = dict(x0=d["x0"], v0=d["v0"], C0=d["C0"], F0=d["F0"], controls=d["controls"])
+            if per_particle_params:
+                inputs["E"], inputs["nu"] = per_particle(d, d["E_body"]), per_particle(d, d["nu_body"])
+            else:
+                inputs["E"], inputs["nu"] = d["E_body"], d["nu_body"]
+            inputs[name] = inputs[name] + sign * h * direction
+            return loss_of(d, run(d, inputs["x0"], inputs["v0"], {"E": inputs["E"], "nu": inputs["nu"]},
+                                  inputs["controls"], inputs["C0"], inputs["F0"], checkpoint_every=K)).item()
+        return (loss_at(1) - loss_at(-1)) / (2 * h)
+
+
+def assert_fd(analytic_dir, fd_dir):
+    assert np.isfinite(analytic_dir)
+    assert abs(analytic_dir - fd_dir) <= RTOL * abs(fd_dir) + ATOL, (analytic_dir, fd_dir)
+
+
+@pytest.mark.parametrize("name,h", [("x0", 1e-6), ("v0", 1e-6), ("C0", 1e-6), ("F0", 1e-6), ("controls", 1e-6)])
+def test_state_and_control_gradients_match_fd(setup, grads_body, name, h):
+    direction = setup["dirs"][name]
+    assert_fd((grads_body[name] * direction).sum().item(), fd(setup, name, direction, h))
+
+
+@pytest.mark.parametrize("name,key,h", [("E", "E_body", 1e-2), ("nu", "nu_body", 1e-6)])
+def test_per_body_material_gradients_match_fd(setup, grads_body, name, key, h):
+    direction = setup["dirs"][key]
+    assert_fd((grads_body[name] * direction).sum().item(), fd(setup, name, direction, h))
+
+
+@pytest.mark.parametrize("name,h", [("E", 1e-2), ("nu", 1e-6)])
+def test_per_particle_material_gradients_match_fd(setup, grads_particle, name, h):
+    direction = setup["dirs"][name]
+    assert_fd((grads_particle[name] * direction).sum().item(), fd(setup, name, direction, h, True))
+
+
+def test_per_body_gradient_is_sum_of_per_particle(setup, grads_body, grads_particle):
+    body = setup["scene"].body
+    for name in ("E", "nu"):
+        summed = torch.zeros(2, dtype=f64).index_add_(0, body, grads_particle[name])
+        torch.testing.assert_close(grads_body[name], summed, rtol=1e-10, atol=0)
+
+
+def test_lame_parameters_match_fd(setup):
+    """{"lam", "mu"} per body: gradient through the conversion to (E, nu), against FD."""
+    from taichi_mpm.materials import lame_parameters
+
+    d = setup
+    mu0, lam0 = (torch.tensor(v, dtype=f64) for v in lame_parameters(d["E_body"].numpy(), d["nu_body"].numpy()))
+    lam, mu = lam0.clone().requires_grad_(), mu0.clone().requires_grad_()
+    loss = loss_of(d, run(d, d["x0"], d["v0"], {"lam": lam, "mu": mu}, checkpoint_every=K))
+    loss.backward()
+    with torch.no_grad():
+        for name, grad in (("lam", lam.grad), ("mu", mu.grad)):
+            direction, h = d["dirs"][name], 1e-2
+            values = {"lam": lam0, "mu": mu0}
+            plus = dict(values, **{name: values[name] + h * direction})
+            minus = dict(values, **{name: values[name] - h * direction})
+            fd_dir = (loss_of(d, run(d, d["x0"], d["v0"], plus, checkpoint_every=K))
+                      - loss_of(d, run(d, d["x0"], d["v0"], minus, checkpoint_every=K))).item() / (2 * h)
+            assert_fd((grad * direction).sum().item(), fd_dir)
+
+
+def test_checkpointed_equals_store_everything(setup, grads_body):
+    """K = T keeps every substep of the rollout in one segment (store everything)."""
+    stored = analytic(setup, per_particle_params=False, checkpoint_every=T)
+    assert stored["loss"] == pytest.approx(grads_body["loss"], rel=1e-13)
+    for name in ("x0", "v0", "C0", "F0", "E", "nu", "controls"):
+        torch.testing.assert_close(grads_body[name], stored[name], rtol=1e-11, atol=1e-13)
+
+
+def test_host_checkpoints_give_same_gradients(setup, grads_body):
+    host = analytic(setup, per_particle_params=False, checkpoint_storage="host")
+    for name in ("x0", "v0", "C0", "F0", "E", "nu", "controls"):
+        torch.testing.assert_close(grads_body[name], host[name], rtol=1e-11, atol=1e-13)
+
+
+def test_two_calls_in_one_graph_count_each_gradient_once(setup):
+    """Two rollouts of the same leaves in one graph: gradient = sum of the two separate ones."""
+    d = setup
+
+    def grads(use_first: bool, use_second: bool):
+        x0, E = d["x0"].clone().requires_grad_(), d["E_body"].clone().requires_grad_()
+        loss = 0.0
+        if use_first:
+            loss = loss + loss_of(d, run(d, x0, d["v0"], {"E": E, "nu": d["nu_body"]}))
+        if use_second:
+            traj = run(d, x0, 0.5 * d["v0"], {"E": 2 * E, "nu": d["nu_body"]})
+            loss = loss + (traj.x[-1] ** 2).sum()
+        loss.backward()
+        return x0.grad, E.grad
+
+    both, first, second = grads(True, True), grads(True, False), grads(False, True)
+    for g_both, g_1, g_2 in zip(both, first, second):
+        torch.testing.assert_close(g_both, g_1 + g_2, rtol=1e-12, atol=1e-12)
+
+
+def test_grid_mass_matches_p2g_kernel(setup):
+    """The torch grid_mass used by losses equals the mass the substep's p2g scatters."""
+    from bridge.rollout import _Kernels, _alloc_state, grid_mass
+
+    d, scene = setup, setup["scene"]
+    kern = _Kernels(scene)
+    S = _alloc_state(2, scene.n_particles, f64, d["x0"].device)
+    S["x"][0] = d["x0"] + 0.01 * d["v0"]
+    S["F"][0] = torch.eye(3, dtype=f64)
+    n = scene.n_particles
+    kern.grid(S, 0, torch.full((n,), 1e4, dtype=f64), torch.full((n,), 0.3, dtype=f64), kern.no_control, 0.0)
+    torch.testing.assert_close(grid_mass(S["x"][0], scene), kern.grid_m, rtol=1e-12, atol=1e-15)
+    assert kern.grid_m.sum().item() == pytest.approx(scene.mass.sum().item(), rel=1e-12)
+
+
+def test_frames_hold_the_forward_states(setup):
+    """Frame 0 is the input; the last frame equals a rollout asked for that frame only."""
+    from bridge.rollout import simulate
+
+    d = setup
+    with torch.no_grad():
+        traj = run(d, d["x0"], d["v0"], {"E": d["E_body"], "nu": d["nu_body"]})
+        last = simulate(d["scene"], d["x0"], d["v0"], {"E": d["E_body"], "nu": d["nu_body"]}, T, [T])
+    torch.testing.assert_close(traj.x[0], d["x0"], rtol=0, atol=0)
+    torch.testing.assert_close(traj.F[0], torch.eye(3, dtype=f64).expand_as(traj.F[0]), rtol=0, atol=0)
+    torch.testing.assert_close(traj.x[-1], last.x[0], rtol=0, atol=0)
+    assert (traj.x[-1] - traj.x[0]).abs().max() > 1e-3  # it moved
+
+
+def test_recomputed_grids_give_same_gradients(setup, grads_body):
+    """store_grids=False recomputes every substep's grid in the backward (DiffTaichi's rule)."""
+    recomputed = analytic(setup, per_particle_params=False, store_grids=False)
+    for name in ("x0", "v0", "C0", "F0", "E", "nu", "controls"):
+        torch.testing.assert_close(grads_body[name], recomputed[name], rtol=1e-11, atol=1e-13)
+
+
+def test_checkpoint_plan():
+    from bridge.rollout import CheckpointPlan
+
+    GiB = 1 << 30
+    assert CheckpointPlan.choose(1000, 100, 10, on_cuda=True) == CheckpointPlan(32, "device", True)
+    # 1M particles in float32 on a 129^3 grid: host checkpoints, grids kept, segment within 1 GiB
+    state, grid = 10 ** 6 * 25 * 4, 129 ** 3 * 7 * 4
+    big = CheckpointPlan.choose(1000, state, grid, on_cuda=True)
+    assert big.storage == "host" and big.store_grids and (big.every + 1) * state + big.every * grid <= GiB
+    assert big.every >= 32 // 8
+    # off CUDA there is no host/device split: device checkpoints, grids only if they fit
+    cpu = CheckpointPlan.choose(1000, state, grid, on_cuda=False)
+    assert cpu.storage == "device" and not cpu.store_grids and cpu.every == 32
+    assert CheckpointPlan.choose(10, 100, 10, on_cuda=False, every=3) == CheckpointPlan(3, "device", True)
+    assert not CheckpointPlan.choose(10, 100, 10, on_cuda=False, store_grids=False).store_grids
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        CheckpointPlan.choose(10, 100, 10, on_cuda=False, every=0)
+
+
+def test_bad_input_raises_before_any_kernel(setup):
+    from taichi_mpm import MPMSolver, VonMises
+    from bridge.rollout import RolloutScene, simulate
+
+    d, scene = setup, setup["scene"]
+    params = {"E": d["E_body"], "nu": d["nu_body"]}
+    with pytest.raises(ValueError, match="outside the valid domain"):
+        simulate(scene, d["x0"] + 0.5, d["v0"], params, T, [T])
+    with pytest.raises(TypeError, match="float64"):
+        simulate(scene, d["x0"].float(), d["v0"], params, T, [T])
+    with pytest.raises(ValueError, match="frames"):
+        simulate(scene, d["x0"], d["v0"], params, T, [5, 5])
+    with pytest.raises(ValueError, match="nu must lie"):
+        simulate(scene, d["x0"], d["v0"], {"E": d["E_body"], "nu": torch.tensor([0.3, 0.5], dtype=f64)}, T, [T])
+    with pytest.raises(ValueError, match="per body"):
+        simulate(scene, d["x0"], d["v0"], {"E": torch.ones(3, dtype=f64), "nu": d["nu_body"]}, T, [T])
+    with pytest.raises(ValueError, match="controls"):
+        simulate(scene, d["x0"], d["v0"], params, T, [T], controls=torch.zeros(1, scene.n_particles, 3, 3, dtype=f64))
+    plastic = MPMSolver(res=16, dtype="float64")
+    plastic.add_cube((0.4, 0.4, 0.4), (0.1, 0.1, 0.1), VonMises(), particles_per_cell=1)
+    plastic_scene = RolloutScene.from_solver(plastic, dt=1e-4)
+    with pytest.raises(NotImplementedError, match="plastic"):
+        simulate(plastic_scene, plastic.positions(as_torch=True), torch.zeros_like(plastic.positions(as_torch=True)),
+                 {"E": 1e4, "nu": 0.3}, T, [T])
+
+
+def test_physical_parameters_module(setup):
+    """The nn.Module's forward is simulate() with its parameters; log E gets E * dL/dE."""
+    from bridge.modules import PhysicalParameters
+
+    d = setup
+    module = PhysicalParameters(d["scene"], E=d["E_body"], nu=d["nu_body"], velocity=(0.1, 0.0, 0.0))
+    torch.testing.assert_close(module.E, d["E_body"])
+    torch.testing.assert_close(module.nu, d["nu_body"])
+    traj = module(d["x0"], T, [T], checkpoint_every=K)
+    (traj.x[-1] ** 2).sum().backward()
+    E = d["E_body"].clone().requires_grad_()
+    v0 = torch.tensor([0.1, 0.0, 0.0], dtype=f64).expand(d["scene"].n_particles, 3)
+    (run(d, d["x0"], v0, {"E": E, "nu": d["nu_body"]}, checkpoint_every=K).x[-1] ** 2).sum().backward()
+    torch.testing.assert_close(module.log_E.grad, E.grad * d["E_body"], rtol=1e-10, atol=0)
+    assert module.velocity.grad.shape == (2, 3) and torch.isfinite(module.velocity.grad).all()
