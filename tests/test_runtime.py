@@ -20,7 +20,8 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     script = ROOT / "tests" / f"_runtime_probe_{os.getpid()}.py"
     script.write_text(textwrap.dedent(code))
     try:
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        full_env = {**os.environ, "PYTHONPATH": path, **env}
         return subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                               env=full_env, timeout=120)
     finally:
