@@ -26,6 +26,7 @@ from bridge.rollout import RolloutScene
 from bridge.surface import particles_to_gaussians
 from render.camera import Camera, stack_cameras
 from scenes import ASSETS
+from scenes.plots import plot_loss
 from taichi_mpm import Elastic, MPMSolver
 
 COLOR = (0.9, 0.35, 0.3)
@@ -106,8 +107,8 @@ def main(argv=None) -> None:
     rows = [torch.cat(list(imgs[:, 0]), dim=1) for imgs in (target, fitted)]  # camera 0, frames side by side
     picture = (torch.cat(rows, dim=0).clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
     imageio.imwrite(args.out / "fit.png", picture)
-    np.savetxt(args.out / "loss.txt", losses)
-    print(f"wrote {args.out}/fit.png (top: target frames, bottom: fitted) and {args.out}/loss.txt")
+    plot_loss(losses, args.out / "loss.png", "image MSE")
+    print(f"wrote {args.out}/fit.png (top: target frames, bottom: fitted) and {args.out}/loss.png")
 
 
 if __name__ == "__main__":

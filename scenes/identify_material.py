@@ -21,7 +21,8 @@ import scipy.optimize
 import torch
 from tqdm import tqdm
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from scenes import ASSETS
+from scenes.plots import plot_loss
 
 
 def build_scene(res: int, dt: float, mesh: Path, ppc: float):
@@ -115,32 +116,13 @@ def main(argv=None) -> dict:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
-    plot_loss(losses, args.out / "loss.png", "trajectory MSE [cells^2]")
+    plot_loss(losses, args.out / "loss.png", "trajectory MSE [cells^2]", "loss evaluations")
     err = result["relative_error"]
     print(f"recovered E  = {E:.6g} (true {args.true_E:g}, error {100 * err['E']:.3f}%)")
     print(f"recovered nu = {nu:.6g} (true {args.true_nu:g}, error {100 * err['nu']:.3f}%)")
     print(f"recovered v0 = {np.round(v, 5).tolist()} (true {list(args.true_v)}, error {100 * err['v0']:.3f}%)")
     print(f"{len(losses)} loss evaluations in {elapsed:.1f} s; wrote {args.out}/result.json, loss.png")
     return result
-
-
-def plot_loss(losses, path: Path, label: str) -> None:
-    """Log-scale loss curve as a PNG (PIL only)."""
-    from PIL import Image, ImageDraw
-
-    w, h, pad = 640, 400, 50
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    y = np.log10(np.maximum(np.asarray(losses, dtype=float), 1e-300))
-    lo, hi = float(y.min()), float(y.max())
-    hi = hi if hi > lo else lo + 1
-    xs = pad + (w - 2 * pad) * np.arange(len(y)) / max(len(y) - 1, 1)
-    ys = h - pad - (h - 2 * pad) * (y - lo) / (hi - lo)
-    draw.rectangle([pad, pad, w - pad, h - pad], outline="black")
-    draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(200, 40, 40), width=2)
-    draw.text((pad, 10), f"{label} (log10 from {lo:.2f} to {hi:.2f})", fill="black")
-    draw.text((pad, h - pad + 10), f"loss evaluations 0 .. {len(y) - 1}", fill="black")
-    img.save(path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from scenes import ASSETS
+from scenes.plots import plot_loss
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -72,26 +73,6 @@ def render(points: np.ndarray, target: np.ndarray, size: int = 320) -> np.ndarra
                     panel[py[order] + dy, px[order] + dx] = color[order]
         panel[:, -1] = 0
     return image
-
-
-def plot_loss(losses, episode_ends, path: Path) -> None:
-    from PIL import Image, ImageDraw
-
-    w, h, pad = 720, 400, 50
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    y = np.log10(np.maximum(np.asarray(losses, dtype=float), 1e-300))
-    lo, hi = float(y.min()), float(y.max())
-    hi = hi if hi > lo else lo + 1
-    to_x = lambda i: pad + (w - 2 * pad) * i / max(len(y) - 1, 1)  # noqa: E731
-    ys = h - pad - (h - 2 * pad) * (y - lo) / (hi - lo)
-    draw.rectangle([pad, pad, w - pad, h - pad], outline="black")
-    for e in episode_ends:
-        draw.line([(to_x(e), pad), (to_x(e), h - pad)], fill=(200, 200, 200))
-    draw.line([(to_x(i), float(v)) for i, v in enumerate(ys)], fill=(200, 40, 40), width=2)
-    draw.text((pad, 10), f"relative grid-mass loss, log10 {lo:.2f} .. {hi:.2f}; grey: episode ends", fill="black")
-    draw.text((pad, h - pad + 10), f"optimisation iterations 0 .. {len(y) - 1}", fill="black")
-    img.save(path)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -236,7 +217,8 @@ def main(argv=None) -> dict:
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(args.out / f"episode_{i:02d}.png")
     imageio.mimsave(args.out / "morph.gif", frames, duration=0.5)
-    plot_loss(losses, episode_ends, args.out / "loss.png")
+    plot_loss(losses, args.out / "loss.png", "relative grid-mass loss; grey: episode ends",
+              "optimisation iterations", markers=episode_ends)
     final_x = state[0].cpu().numpy()
     write_particles_ply(args.out / "final_particles.ply", final_x, {"velocity": state[1].cpu().numpy()})
     np.save(args.out / "final_particles.npy", final_x)
