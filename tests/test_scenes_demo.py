@@ -33,3 +33,14 @@ def test_orbit_camera_drag_and_zoom_stay_in_range():
     cam = orbit.camera(64, 48)
     eye = cam.camera_center
     assert np.isfinite(eye.numpy()).all()
+
+
+def test_fit_from_images_lowers_the_image_loss(tmp_path, ti_arch, capsys):
+    from scenes import fit_from_images
+
+    fit_from_images.main(["--iters", "4", "--res", "16", "--duration", "0.1", "--size", "48", "36",
+                          "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    first, last = (float(v) for v in out.split("image loss ")[1].split()[0:3:2])
+    assert last < first
+    assert (tmp_path / "fit.png").exists() and (tmp_path / "loss.png").exists()
