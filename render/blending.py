@@ -17,7 +17,8 @@ import functools
 
 import taichi as ti
 
-from .launch import TorchKernel
+from bridge.launch import TorchKernel
+
 from .projection import ALPHA_MIN, TILE
 
 ALPHA_MAX = 0.99

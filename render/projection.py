@@ -15,7 +15,8 @@ import functools
 
 import taichi as ti
 
-from .launch import TorchKernel
+from bridge.launch import TorchKernel
+
 from .sh import num_sh_bases, sh_to_rgb, sh_to_rgb_backward
 
 DILATION = 0.3      # px^2 added to the projected covariance

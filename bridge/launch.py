@@ -1,0 +1,131 @@
+"""Calling Taichi kernels on torch tensors without ti.kernel's per-call argument inspection.
+
+A plain ti.kernel call spends about 20 us of Python on every torch-tensor argument (the template
+key, device and gradient checks, environment look-ups) before the launch itself: the rasterizer
+passes ~65 tensors over the five launches of a forward+backward, an MPM substep ~40 over five, so
+host time rivals the work at small and medium sizes. A TorchKernel makes its first call through
+Taichi (compilation and every check), keeps the compiled instance, and afterwards fills the launch
+context directly (~2 us an argument), checking what that instance was specialised on: each tensor's
+dtype, full shape rank (element dims included) and element shape, contiguity and device.
+
+Supported parameters: ``ti.types.ndarray`` with a dtype (scalar, vector or matrix) and ndim; int and
+float scalars; vector/matrix scalars (``ti.types.vector/matrix``; pass a ti.Vector/ti.Matrix or a
+nested sequence); ``ti.template()`` values, which Taichi compiles into the instance, so instances
+are kept per tuple of template values. Only forward kernels: no gradient pointers are passed, so do
+not wrap ``kernel.grad``. It relies on Taichi 1.7's launch internals (Kernel.compiled_kernels,
+launch contexts; the argument layout of Kernel.launch_kernel: template parameters take no slot,
+an ndarray of vector/matrix elements gets its shape without the element dims, a vector/matrix
+scalar is set element by element at index (slot, row * m + col)).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import taichi as ti
+import torch
+from taichi._lib import core as _ti_core
+from taichi.lang import impl
+from taichi.types.annotations import template
+from taichi.lang.matrix import Matrix, MatrixType
+from taichi.types import ndarray_type, primitive_types
+
+_TORCH_DTYPES = {id(ti.f32): torch.float32, id(ti.f64): torch.float64, id(ti.i16): torch.int16,
+                 id(ti.i32): torch.int32, id(ti.i64): torch.int64, id(ti.u8): torch.uint8}
+_UNSIGNED_IDS = {id(ti.u8), id(ti.u16), id(ti.u32), id(ti.u64)}
+
+
+class TorchKernel:
+    """Wraps a forward ti.kernel; call it with the kernel's own arguments (torch tensors for ndarrays)."""
+
+    def __init__(self, kernel) -> None:
+        self._kernel = kernel
+        self._primal = kernel._primal
+        self._name = self._primal.func.__name__
+        self._template_positions: List[int] = []
+        self._setters: List[Tuple[int, Callable]] = []  # (argument position, setter(ctx, slot, value))
+        for position, arg in enumerate(self._primal.arguments):
+            anno = arg.annotation
+            if isinstance(anno, template):
+                self._template_positions.append(position)
+            else:
+                self._setters.append((position, self._setter(arg.name, anno)))
+        self._compiled: Dict[tuple, object] = {}  # template values -> compiled kernel instance
+        self._device_type = None  # torch device type matching the Taichi arch, read on first call
+
+    def _setter(self, name: str, anno) -> Callable:
+        if isinstance(anno, ndarray_type.NdarrayType):
+            element = anno.dtype
+            scalar = element.dtype if isinstance(element, MatrixType) else element
+            if id(scalar) not in _TORCH_DTYPES or not anno.ndim:
+                raise TypeError(f"{self._name}: parameter {name} ({anno}) needs a dtype and an ndim")
+            element_shape = tuple(element.get_shape()) if isinstance(element, MatrixType) else ()
+            return self._array_setter(name, _TORCH_DTYPES[id(scalar)], anno.ndim, element_shape)
+        if isinstance(anno, MatrixType):
+            if id(anno.dtype) not in primitive_types.real_type_ids:
+                raise TypeError(f"{self._name}: parameter {name} ({anno}) must have a float dtype")
+            return self._matrix_setter(name, tuple(anno.get_shape()))
+        if id(anno) in primitive_types.real_type_ids:
+            return self._scalar_setter(name, (float, int, np.floating, np.integer), float, "set_arg_float")
+        if id(anno) in primitive_types.integer_type_ids:
+            method = "set_arg_uint" if id(anno) in _UNSIGNED_IDS else "set_arg_int"
+            return self._scalar_setter(name, (int, np.integer), int, method)
+        raise TypeError(f"{self._name}: parameter {name} ({anno}) is not an ndarray with dtype and ndim, "
+                        f"a scalar, a float vector/matrix or a ti.template()")
+
+    def _scalar_setter(self, name: str, accepted: tuple, convert: type, method: str) -> Callable:
+        def set_scalar(ctx, slot, value):
+            if not isinstance(value, accepted):
+                raise TypeError(f"{self._name}: {name} must be {convert.__name__}, got {type(value).__name__}")
+            if ctx is not None:
+                getattr(ctx, method)((slot,), convert(value))
+        return set_scalar
+
+    def _array_setter(self, name: str, dtype: torch.dtype, ndim: int, element_shape: tuple) -> Callable:
+        rank = ndim + len(element_shape)
+        expected = f"a contiguous {dtype} tensor of {ndim} array dims" + (
+            f" followed by element dims {element_shape}" if element_shape else "")
+
+        def set_array(ctx, slot, value):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{self._name}: {name} must be {expected}, got {type(value).__name__}")
+            if (value.dtype != dtype or value.dim() != rank or tuple(value.shape[ndim:]) != element_shape
+                    or not value.is_contiguous()):
+                raise ValueError(f"{self._name}: {name} must be {expected}, got shape {tuple(value.shape)} "
+                                 f"{value.dtype}{'' if value.is_contiguous() else ' (not contiguous)'}")
+            if value.device.type != self._device_type:
+                raise ValueError(f"{self._name}: {name} is on {value.device}, the Taichi runtime runs on "
+                                 f"{self._device_type}")
+            if ctx is not None:  # Kernel.launch_kernel strips the element dims from the shape
+                ctx.set_arg_external_array_with_shape((slot,), value.data_ptr(), value.nbytes,
+                                                      value.shape[:ndim], 0)
+        return set_array
+
+    def _matrix_setter(self, name: str, shape: tuple) -> Callable:
+        size = int(np.prod(shape))
+
+        def set_matrix(ctx, slot, value):
+            flat = np.asarray(value.to_list() if isinstance(value, Matrix) else value, dtype=np.float64)
+            if flat.shape != shape:
+                raise ValueError(f"{self._name}: {name} must have shape {shape}, got {flat.shape}")
+            if ctx is not None:
+                for i, element in enumerate(flat.reshape(size).tolist()):
+                    ctx.set_struct_arg_float((slot, i), element)
+        return set_matrix
+
+    def __call__(self, *args) -> None:
+        if len(args) != len(self._primal.arguments):
+            raise TypeError(f"{self._name} takes {len(self._primal.arguments)} arguments, got {len(args)}")
+        if self._device_type is None:
+            self._device_type = "cuda" if impl.current_cfg().arch == _ti_core.Arch.cuda else "cpu"
+        key = tuple(args[p] for p in self._template_positions)
+        compiled = self._compiled.get(key)
+        ctx = None if compiled is None else compiled.make_launch_context()
+        for slot, (position, setter) in enumerate(self._setters):  # template parameters take no slot
+            setter(ctx, slot, args[position])  # validates; fills the context when there is one
+        if compiled is None:
+            self._kernel(*args)  # compiles, launches
+            self._compiled[key] = self._primal.compiled_kernels[self._primal.ensure_compiled(*args)]
+            return
+        prog = impl.get_runtime().prog
+        prog.launch_kernel(prog.compile_kernel(prog.config(), prog.get_device_caps(), compiled), ctx)
