@@ -35,15 +35,8 @@ import torch
 
 from bridge.runtime import device as runtime_device, ensure_init
 from taichi_mpm.materials import FIXED_COROTATED_ID, FLUID_ID, NEO_HOOKEAN_ID
-from taichi_mpm.solver import SimulationError  # noqa: F401  (raised by the rollout too)
+from taichi_mpm.solver import STATE_KEYS, SimulationError, check_particles  # noqa: F401  (SimulationError: raised here too)
 
-STATE_KEYS = ("x", "v", "C", "F", "plastic")
-STATE_SHAPES = {"x": (3,), "v": (3,), "C": (3, 3), "F": (3, 3), "plastic": ()}
-REALS_PER_PARTICLE = 25  # x 3 + v 3 + C 9 + F 9 + plastic 1
-NU_LIMITS = (-1.0, 0.5)
-
-
-STATE_KEYS = ("x", "v", "C", "F", "plastic")
 STATE_SHAPES = {"x": (3,), "v": (3,), "C": (3, 3), "F": (3, 3), "plastic": ()}
 REALS_PER_PARTICLE = 25  # x 3 + v 3 + C 9 + F 9 + plastic 1
 NU_LIMITS = (-1.0, 0.5)
@@ -273,16 +266,9 @@ class _Kernels:
 
     def check(self, S: dict, j: int, substep: int):
         """Raise SimulationError if slot j holds NaN/Inf or particles outside the valid domain."""
-        sc, x, v = self.scene, S["x"][j], S["v"][j]
-        lower = torch.tensor(sc.valid_lower, dtype=x.dtype, device=x.device)
-        upper = torch.tensor(sc.valid_upper, dtype=x.dtype, device=x.device)
-        bad = ~(torch.isfinite(v).all(1) & (x >= lower).all(1) & (x <= upper).all(1))
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise SimulationError(
-                f"substep {substep}: {int(bad.sum())} particles have NaN/Inf state or left the valid domain "
-                f"[{sc.valid_lower}, {sc.valid_upper}]; first is particle {i} at x={x[i].tolist()}, "
-                f"v={v[i].tolist()}. Lower dt or keep the bodies away from the walls.")
+        sc = self.scene
+        check_particles(S["x"][j], S["v"][j], np.asarray(sc.valid_lower), np.asarray(sc.valid_upper),
+                        f"substep {substep}", "Lower dt or keep the bodies away from the walls.")
 
 
 def _control_for(scene: RolloutScene, controls: Optional[torch.Tensor], s: int):
