@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bridge.rollout import REALS_PER_PARTICLE, RolloutScene, plan_for, simulate  # noqa: E402
-from bridge.runtime import ensure_init  # noqa: E402
+from taichi_mpm.runtime import ensure_init  # noqa: E402
 from taichi_mpm import Elastic, MPMSolver  # noqa: E402
 
 MATERIAL = Elastic(E=1e5, nu=0.3, density=1000.0)

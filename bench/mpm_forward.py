@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mpm_reference import ReferenceMPM  # noqa: E402
-from bridge.runtime import ensure_init  # noqa: E402
+from taichi_mpm.runtime import ensure_init  # noqa: E402
 from taichi_mpm import Elastic, MPMSolver  # noqa: E402
 
 MATERIAL = Elastic(E=1e5, nu=0.3, density=1000.0)

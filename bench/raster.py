@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bridge.rasterization import rasterize  # noqa: E402
-from bridge.runtime import ensure_init  # noqa: E402
+from taichi_mpm.runtime import ensure_init  # noqa: E402
 from render.camera import Camera, stack_cameras  # noqa: E402
 from render.ply import GaussianPly, read_ply, write_ply  # noqa: E402
 from render.reference import reference_rasterize  # noqa: E402

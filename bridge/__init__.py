@@ -1,36 +1,18 @@
-"""Torch face of the package: Taichi runtime, autograd Functions, modules, differentiable rollout.
+"""Torch face of the package: autograd Functions, nn.Modules and the differentiable rollout.
 
-Submodules load on first use, so ``taichi_mpm`` and ``render`` can import ``bridge.runtime``
-without pulling in the torch layer that itself imports them.
+Layering (bottom up, nothing imports upward): ``taichi_mpm.runtime`` / ``taichi_mpm.launch`` (the
+Taichi start-up and the launcher) -> kernels (``taichi_mpm``, ``render``) -> ``bridge`` -> ``scenes``.
+The runtime controls are re-exported here because users call ``bridge.init`` first.
 """
-from __future__ import annotations
+from taichi_mpm.runtime import ENV_VAR, RuntimeConflictError, arch, device, ensure_init, init
 
-import importlib
+from .inria import GaussianRasterizationSettings, GaussianRasterizer
+from .modules import PhysicalParameters
+from .rasterization import rasterize
+from .rollout import CheckpointPlan, RolloutScene, Trajectory, grid_mass, material_per_particle, plan_for, simulate
+from .surface import Gaussians, particles_to_gaussians
 
-from .runtime import ENV_VAR, RuntimeConflictError, arch, device, ensure_init, init
-
-# public name -> submodule that defines it; filled in as the torch layer grows
-_LAZY: dict[str, str] = {
-    "rasterize": "rasterization",
-    "GaussianRasterizationSettings": "inria",
-    "GaussianRasterizer": "inria",
-    "RolloutScene": "rollout",
-    "Trajectory": "rollout",
-    "simulate": "rollout",
-    "grid_mass": "rollout",
-    "CheckpointPlan": "rollout",
-    "plan_for": "rollout",
-    "material_per_particle": "rollout",
-    "PhysicalParameters": "modules",
-    "Gaussians": "surface",
-    "particles_to_gaussians": "surface",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'bridge' has no attribute {name!r}")
-
-
-__all__ = ["ENV_VAR", "RuntimeConflictError", "arch", "device", "ensure_init", "init", *_LAZY]
+__all__ = ["ENV_VAR", "RuntimeConflictError", "arch", "device", "ensure_init", "init",
+           "GaussianRasterizationSettings", "GaussianRasterizer", "PhysicalParameters", "rasterize",
+           "CheckpointPlan", "RolloutScene", "Trajectory", "grid_mass", "material_per_particle", "plan_for",
+           "simulate", "Gaussians", "particles_to_gaussians"]

@@ -17,8 +17,8 @@ from render.binning import DEFAULT_MAX_PAIRS, TileGrid, bin_counted_rects
 from render.blending import blend_kernels
 from render.projection import projection_kernels
 
-from .runtime import device as taichi_device
-from .runtime import ensure_init
+from taichi_mpm.runtime import device as taichi_device
+from taichi_mpm.runtime import ensure_init
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 RASTERIZE_MODES = ("classic", "antialiased")

@@ -33,7 +33,7 @@ import numpy as np
 import taichi as ti
 import torch
 
-from bridge.runtime import device as runtime_device, ensure_init
+from taichi_mpm.runtime import device as runtime_device, ensure_init
 from taichi_mpm.materials import FIXED_COROTATED_ID, FLUID_ID, NEO_HOOKEAN_ID
 from taichi_mpm.solver import STATE_KEYS, SimulationError, check_particles  # noqa: F401  (SimulationError: raised here too)
 

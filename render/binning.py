@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import taichi as ti
 import torch
 
-from bridge.launch import TorchKernel
-from bridge.runtime import ensure_init
+from taichi_mpm.launch import TorchKernel
+from taichi_mpm.runtime import ensure_init
 
 TILE_SIZE = 16
 DEFAULT_MAX_PAIRS = 1 << 27  # binning holds ~40 bytes a pair (5 GiB here); raise it explicitly for larger scenes

@@ -17,7 +17,7 @@ import functools
 
 import taichi as ti
 
-from bridge.launch import TorchKernel
+from taichi_mpm.launch import TorchKernel
 
 from .projection import ALPHA_MIN, TILE
 

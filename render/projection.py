@@ -15,7 +15,7 @@ import functools
 
 import taichi as ti
 
-from bridge.launch import TorchKernel
+from taichi_mpm.launch import TorchKernel
 
 from .sh import num_sh_bases, sh_to_rgb, sh_to_rgb_backward
 

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from bridge.rasterization import rasterize
-from bridge.runtime import device as taichi_device
+from taichi_mpm.runtime import device as taichi_device
 from render.camera import Camera, stack_cameras
 from render.ply import GaussianPly, read_ply, write_ply
 from render.sh import C0

@@ -7,7 +7,7 @@
         solver.step(1 / 60)
         solver.export_ply(f"out/{frame:04d}.ply")
 
-Particle state lives in torch tensors on the Taichi device (``bridge.runtime.device()``), two
+Particle state lives in torch tensors on the Taichi device (``taichi_mpm.runtime.device()``), two
 ping-pong slots of the substep convention in ``substep.py``; getters return numpy copies or
 zero-copy torch views.
 """
@@ -23,8 +23,8 @@ import numpy as np
 import taichi as ti
 import torch
 
-from bridge.launch import TorchKernel
-from bridge.runtime import device, ensure_init
+from .launch import TorchKernel
+from .runtime import device, ensure_init
 
 from . import materials as mat
 from .boundary import (BOUNDARY_MODES, COLLIDER_WIDTH, MAX_COLLIDERS, WALL_CELLS, Box, Plane,

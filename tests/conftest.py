@@ -8,6 +8,6 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ti_arch() -> str:
-    from bridge.runtime import ensure_init
+    from taichi_mpm.runtime import ensure_init
 
     return ensure_init()

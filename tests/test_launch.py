@@ -1,10 +1,10 @@
-"""bridge.launch.TorchKernel: same results as a plain Taichi call, clear errors before any launch."""
+"""taichi_mpm.launch.TorchKernel: same results as a plain Taichi call, clear errors before any launch."""
 import pytest
 import taichi as ti
 import torch
 
-from bridge.launch import TorchKernel
-from bridge.runtime import device
+from taichi_mpm.launch import TorchKernel
+from taichi_mpm.runtime import device
 
 vec3 = ti.types.vector(3, ti.f32)
 mat3 = ti.types.matrix(3, 3, ti.f32)

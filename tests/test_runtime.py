@@ -1,4 +1,4 @@
-"""bridge.runtime: one ti.init per process, matched to torch, overridable by environment."""
+"""taichi_mpm.runtime: one ti.init per process, matched to torch, overridable by environment."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import taichi as ti
 import torch
 
 import bridge
-from bridge import runtime
+from taichi_mpm import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
