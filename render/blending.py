@@ -11,15 +11,22 @@ Two kernels per direction: on CUDA one 256-thread block per tile loads batches o
 memory and the backward reduces each warp's gradients with shuffles before one global atomic; on CPU
 (where Taichi has no shared memory or warps) each pixel walks its tile's range on its own. Both call
 the same per-splat functions below.
+
+Two blend modes (BlendConfig.mode), compiled in statically so neither pays for the other:
+"alpha" is the front-to-back compositing above; "sum" is GaussianImage's order-free accumulated sum
+colour = sum_i alpha_i c_i (no transmittance, no early stop; the same alpha rule and 1/255 cut),
+whose second output is 1 - sum_i alpha_i so that the returned "alpha" is the summed weight.
 """
 
 import functools
+from dataclasses import dataclass
 
 import taichi as ti
 
 from taichi_mpm.launch import TorchKernel
 
-from .projection import ALPHA_MIN, TILE
+from .binning import TILE_SIZE as TILE
+from .projection import ALPHA_MIN
 
 ALPHA_MAX = 0.99
 T_MIN = 1e-4
@@ -63,15 +70,61 @@ def _pixel_of(tile_index, lane, tiles_x, num_tiles):
     return image, px, py
 
 
-@functools.cache
-def blend_kernels(variant: str, channels: int):
-    """(forward, backward) kernels blending `channels` features per splat.
+BLEND_MODES = ("alpha", "sum")
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """What a pair of blend kernels is compiled for.
 
     variant: "block" (CUDA only: shared memory, warp reductions) or "pixel" (any arch).
+    channels: features per splat. mode: "alpha" (front-to-back compositing) or "sum" (order-free).
     """
-    if variant not in ("block", "pixel"):
-        raise ValueError(f"variant must be 'block' or 'pixel', got {variant!r}")
-    K = channels
+
+    variant: str
+    channels: int
+    mode: str = "alpha"
+
+    def __post_init__(self):
+        if self.variant not in ("block", "pixel"):
+            raise ValueError(f"variant must be 'block' or 'pixel', got {self.variant!r}")
+        if self.mode not in BLEND_MODES:
+            raise ValueError(f"blend mode must be one of {BLEND_MODES}, got {self.mode!r}")
+        if not (isinstance(self.channels, int) and self.channels >= 1):
+            raise ValueError(f"channels must be a positive int, got {self.channels!r}")
+
+
+def blend_kernels(variant: str, channels: int, mode: str = "alpha"):
+    """(forward, backward) kernels blending `channels` features per splat; see BlendConfig."""
+    return _blend_kernels(BlendConfig(variant, channels, mode))
+
+
+@functools.cache
+def _blend_kernels(config: BlendConfig):
+    variant, K, alpha_mode = config.variant, config.channels, config.mode == "alpha"
+
+    @ti.func
+    def composite(alpha, T):
+        """(weight of a splat, the transmittance after it, whether blending stops before it).
+        In sum mode T tracks 1 - (sum of weights) and nothing stops the walk."""
+        weight, next_T, stop = alpha, T - alpha, False
+        if ti.static(alpha_mode):
+            weight, next_T = alpha * T, T * (1.0 - alpha)
+            stop = next_T < T_MIN
+        return weight, next_T, stop
+
+    @ti.func
+    def uncomposite(alpha, T, T_final, feat, behind, v_pix, v_out_alpha):
+        """Backward of one blended splat, walking back to front: (T in front of it, dL/dalpha,
+        dL/dfeature, blended features behind the splat in front of it)."""
+        v_alpha = feat.dot(v_pix) + v_out_alpha
+        v_feat = alpha * v_pix
+        if ti.static(alpha_mode):
+            T = T / (1.0 - alpha)
+            v_alpha = T * (feat - behind).dot(v_pix) + v_out_alpha * T_final / (1.0 - alpha)
+            behind = alpha * feat + (1.0 - alpha) * behind
+            v_feat = v_feat * T
+        return T, v_alpha, v_feat, behind
 
     @ti.func
     def load(means2d: ti.template(), conics: ti.template(), opacities: ti.template(), features: ti.template(),
@@ -101,10 +154,10 @@ def blend_kernels(variant: str, channels: int):
                     mean, conic, opacity, feat = load(means2d, conics, opacities, features, item_ids[j], N)
                     alpha, _, _ = _splat_alpha(mean, conic, opacity, pixel)
                     if alpha >= ALPHA_MIN:
-                        next_T = T * (1.0 - alpha)
-                        if next_T < T_MIN:
+                        weight, next_T, stop = composite(alpha, T)
+                        if stop:
                             break
-                        acc += alpha * T * feat
+                        acc += weight * feat
                         T = next_T
                         n_walked = j - start + 1
                 for k in ti.static(range(K)):
@@ -136,13 +189,12 @@ def blend_kernels(variant: str, channels: int):
                     mean, conic, opacity, feat = load(means2d, conics, opacities, features, item, N)
                     alpha, raw, d = _splat_alpha(mean, conic, opacity, pixel)
                     if alpha >= ALPHA_MIN:
-                        T = T / (1.0 - alpha)
-                        v_alpha = T * (feat - behind).dot(v_pix) + v_out_alpha * T_final / (1.0 - alpha)
-                        behind = alpha * feat + (1.0 - alpha) * behind
+                        T, v_alpha, v_feat, behind = uncomposite(alpha, T, T_final, feat, behind, v_pix,
+                                                                 v_out_alpha)
                         v_mean, v_conic, v_opacity = _splat_grads(alpha, raw, d, conic, opacity, v_alpha)
                         cc, n = item // N, item % N
                         for k in ti.static(range(K)):
-                            v_features[cc, n, k] += alpha * T * v_pix[k]
+                            v_features[cc, n, k] += v_feat[k]
                         v_means2d[cc, n, 0] += v_mean.x
                         v_means2d[cc, n, 1] += v_mean.y
                         for k in ti.static(range(3)):
@@ -201,12 +253,12 @@ def blend_kernels(variant: str, channels: int):
                     conic = ti.math.vec3(s_geom[s, 2], s_geom[s, 3], s_geom[s, 4])
                     alpha, _, _ = _splat_alpha(mean, conic, s_geom[s, 5], pixel)
                     if alpha >= ALPHA_MIN:
-                        next_T = T * (1.0 - alpha)
-                        if next_T < T_MIN:
+                        weight, next_T, stop = composite(alpha, T)
+                        if stop:
                             done = True
                         else:
                             for k in ti.static(range(K)):
-                                acc[k] += alpha * T * s_feat[s, k]
+                                acc[k] += weight * s_feat[s, k]
                             T = next_T
                             n_walked = batch * BLOCK + s + 1
             if inside:
@@ -282,11 +334,9 @@ def blend_kernels(variant: str, channels: int):
                         if alpha >= ALPHA_MIN:
                             contributes = 1
                             feat = ti.Vector([s_feat[s, k] for k in ti.static(range(K))], ti.f32)
-                            T = T / (1.0 - alpha)
-                            v_alpha = T * (feat - behind).dot(v_pix) + v_out_alpha * T_final / (1.0 - alpha)
-                            behind = alpha * feat + (1.0 - alpha) * behind
+                            T, v_alpha, v_feat, behind = uncomposite(alpha, T, T_final, feat, behind, v_pix,
+                                                                     v_out_alpha)
                             v_mean, v_conic, v_opacity = _splat_grads(alpha, raw, d, conic, opacity, v_alpha)
-                            v_feat = alpha * T * v_pix
                     if ti.simt.warp.any_nonzero(ti.u32(FULL_MASK), contributes):
                         v_mean.x = warp_sum(v_mean.x)
                         v_mean.y = warp_sum(v_mean.y)

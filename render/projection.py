@@ -21,7 +21,7 @@ from .sh import num_sh_bases, sh_to_rgb, sh_to_rgb_backward
 
 DILATION = 0.3      # px^2 added to the projected covariance
 ALPHA_MIN = 1.0 / 255.0
-TILE = 16
+from .binning import TILE_SIZE as TILE  # noqa: E402  (one tile size for every renderer)
 
 nd = ti.types.ndarray
 

@@ -1,0 +1,230 @@
+"""2D Gaussian splatting for image fitting (GaussianImage), differentiable through Taichi kernels.
+
+One autograd Function runs the three stages the 3D rasterizer shares with it:
+    preprocess (render/splat2d.py)        Cholesky factors -> conics, tile rectangles
+    bin_counted_rects (render/binning.py) tile/Gaussian pairs in index order, no gradient
+    blend (render/blending.py)            "sum" (order-free) or "alpha" (front to back) blending
+and its backward runs the hand-written blend and preprocess backward kernels. With
+use_manual_backward=False the same image comes from render/reference2d.py (dense pure torch,
+autograd), the reference the tests compare the kernels against.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from render.binning import DEFAULT_MAX_PAIRS, TileGrid, bin_counted_rects
+from render.blending import BLEND_MODES, blend_kernels
+from render.reference2d import reference_splat2d
+from render.splat2d import preprocess_kernels
+from taichi_mpm.runtime import device as taichi_device
+from taichi_mpm.runtime import ensure_init
+from taichi_mpm.validation import check_finite, check_int, check_tensor
+
+from .rasterization import MAX_CHANNELS
+
+
+class _Splat2D(torch.autograd.Function):
+    """(means (N, 2), chol (N, 3), opacities (N,), colors (N, K)) -> (colour (H, W, K), alpha (H, W))."""
+
+    @staticmethod
+    def forward(ctx, means, chol, opacities, colors, width, height, mode, variant, max_pairs):
+        means, chol, opacities, colors = (t.detach().contiguous() for t in (means, chol, opacities, colors))
+        N, K, dev = means.shape[0], colors.shape[1], means.device
+        prep_forward, _ = preprocess_kernels()
+        blend_forward, _ = blend_kernels(variant, K, mode)
+        conics = torch.empty(N, 3, device=dev)
+        rects = torch.empty(N, 4, dtype=torch.int32, device=dev)
+        counts = torch.empty(N, dtype=torch.int32, device=dev)
+        prep_forward(means, chol, opacities, width, height, conics, rects, counts)
+        # equal depths: the stable sorts keep index order, Gaussian 0 in front
+        binning = bin_counted_rects(rects, torch.zeros(N, device=dev), counts, 1, TileGrid(width, height), max_pairs)
+        item_ids = binning.item_ids if binning.num_pairs else torch.zeros(1, dtype=torch.int32, device=dev)
+        image = torch.empty(1, height, width, K, device=dev)
+        final_T = torch.empty(1, height, width, device=dev)
+        last = torch.empty(1, height, width, dtype=torch.int32, device=dev)
+        tile_walked = torch.zeros(binning.tile_ranges.shape[:3], dtype=torch.int32, device=dev)
+        blend_forward(means[None], conics[None], opacities[None], colors[None], item_ids, binning.tile_ranges,
+                      width, height, image, final_T, last, tile_walked)
+        ctx.save_for_backward(means, chol, opacities, colors, conics, rects, item_ids, binning.tile_ranges,
+                              final_T, last, tile_walked)
+        ctx.config = (width, height, mode, variant)
+        return image[0], 1.0 - final_T[0]
+
+    @staticmethod
+    def backward(ctx, v_image, v_alpha):
+        means, chol, opacities, colors, conics, rects, item_ids, tile_ranges, final_T, last, tile_walked = \
+            ctx.saved_tensors
+        width, height, mode, variant = ctx.config
+        N, K = colors.shape
+        _, prep_backward = preprocess_kernels()
+        _, blend_backward = blend_kernels(variant, K, mode)
+        v_image = torch.zeros(height, width, K, device=means.device) if v_image is None else v_image.contiguous()
+        v_alpha = torch.zeros(height, width, device=means.device) if v_alpha is None else v_alpha.contiguous()
+        v_means, v_conics, v_opac, v_colors = (torch.zeros_like(t)[None] for t in (means, conics, opacities, colors))
+        blend_backward(means[None], conics[None], opacities[None], colors[None], item_ids, tile_ranges, width,
+                       height, final_T, last, tile_walked, v_image[None], v_alpha[None],
+                       v_means, v_conics, v_opac, v_colors)
+        v_chol = torch.empty_like(chol)
+        prep_backward(chol, rects, v_conics[0], v_chol)
+        return v_means[0], v_chol, v_opac[0], v_colors[0], None, None, None, None, None
+
+
+def _validate(means, chol, colors, opacities, background, width, height, mode, validate, dev, manual):
+    width, height = check_int("width", width, 1), check_int("height", height, 1)
+    if mode not in BLEND_MODES:
+        raise ValueError(f"mode must be one of {BLEND_MODES}, got {mode!r}")
+    dtypes = torch.float32 if manual else (torch.float32, torch.float64)
+    check_tensor("means", means, (None, 2), dtypes, dev if manual else None)
+    N = means.shape[0]
+    for name, t, shape in (("chol", chol, (N, 3)), ("colors", colors, (N, None)), ("opacities", opacities, (N,))):
+        if t is not None:
+            check_tensor(name, t, shape, means.dtype, means.device)
+    K = colors.shape[1]
+    if not 1 <= K <= MAX_CHANNELS:
+        raise ValueError(f"colors has {K} channels; between 1 and {MAX_CHANNELS} are supported")
+    if background is not None:
+        check_tensor("background", background, (K,), means.dtype, means.device)
+    if validate:  # one device sync
+        check_finite(means=means, chol=chol, colors=colors, opacities=opacities, background=background)
+        if N and bool((chol[:, 0] * chol[:, 2] == 0).any()):
+            raise ValueError("chol has a zero diagonal entry (l0 * l2 == 0): a degenerate covariance")
+    return width, height, N, K
+
+
+def splat2d(means: torch.Tensor, chol: torch.Tensor, colors: torch.Tensor, width: int, height: int,
+            opacities: Optional[torch.Tensor] = None, background: Optional[torch.Tensor] = None,
+            mode: str = "sum", use_manual_backward: bool = True, validate: bool = True,
+            max_pairs: int = DEFAULT_MAX_PAIRS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Render N 2D Gaussians into a width x height image.
+
+    Args:
+        means: (N, 2) centres in pixels (pixel (px, py) covers [px, px+1) x [py, py+1)).
+        chol: (N, 3) Cholesky factor (l0, l1, l2) of each covariance, cov = [[l0, 0], [l1, l2]] @ its
+            transpose; l0 and l2 must be non-zero.
+        colors: (N, K) features, 1 <= K <= 32.
+        opacities: (N,) or None (GaussianImage: all 1).
+        background: (K,) colour; "alpha" mode adds (1 - alpha) * background, "sum" mode adds it as is.
+        mode: "sum" (order-free accumulated sum, GaussianImage) or "alpha" (front-to-back compositing
+            in index order, Gaussian 0 in front).
+        use_manual_backward: True runs the Taichi kernels with their hand-written backward (float32);
+            False the dense pure-torch renderer with autograd (any float dtype, small images only).
+        validate: check finiteness and non-degenerate factors (one device sync).
+        max_pairs: cap on tile/Gaussian pairs (render.binning.TooManyPairsError above it).
+
+    Returns:
+        colour (H, W, K) and alpha (H, W) (1 - transmittance in "alpha" mode, the sum of the Gaussians'
+        weights in "sum" mode). Gradients reach means, chol, colors, opacities and background.
+    """
+    dev = taichi_device() if use_manual_backward else None
+    width, height, N, K = _validate(means, chol, colors, opacities, background, width, height, mode, validate,
+                                    dev, use_manual_backward)
+    if N == 0:  # nothing to blend: the background (or zeros) everywhere
+        zeros = means.new_zeros(height, width, K)
+        image = zeros if background is None else zeros + background
+        return image, means.new_zeros(height, width)
+    if opacities is None:
+        opacities = torch.ones(N, dtype=means.dtype, device=means.device)
+    if use_manual_backward:
+        arch = ensure_init()
+        variant = "pixel" if arch == "cpu" or os.environ.get("SPLAT_BLEND") == "pixel" else "block"
+        image, alpha = _Splat2D.apply(means, chol, opacities, colors, width, height, mode, variant, max_pairs)
+    else:
+        image, alpha = reference_splat2d(means, chol, colors, opacities, width, height, mode)
+    if background is not None:
+        image = image + (background if mode == "sum" else (1.0 - alpha)[..., None] * background)
+    return image, alpha
+
+
+CHOL_MIN = 0.3  # px: the smallest |l0|, |l2| a fitted Gaussian keeps (no degenerate covariances)
+
+
+class GaussianImage(torch.nn.Module):
+    """An image as N 2D Gaussians: means (N, 2) px, chol (N, 3), colors (N, K), optional opacity logits.
+
+    forward(use_manual_backward=True, scale=1.0) -> (H*scale, W*scale, K) image; scale renders the
+    same Gaussians at another resolution. save/load write a compact .npz: means as 16-bit fixed point
+    over the image, the rest float16 (16 bytes a Gaussian with 3 colours, 18 with opacity).
+    """
+
+    def __init__(self, means: torch.Tensor, chol: torch.Tensor, colors: torch.Tensor, width: int, height: int,
+                 opacity_logits: Optional[torch.Tensor] = None, mode: str = "sum",
+                 background: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        if mode not in BLEND_MODES:
+            raise ValueError(f"mode must be one of {BLEND_MODES}, got {mode!r}")
+        self.width, self.height, self.mode = check_int("width", width, 1), check_int("height", height, 1), mode
+        self.means = torch.nn.Parameter(means.detach().clone())
+        self.chol = torch.nn.Parameter(chol.detach().clone())
+        self.colors = torch.nn.Parameter(colors.detach().clone())
+        self.opacity_logits = None if opacity_logits is None else torch.nn.Parameter(opacity_logits.detach().clone())
+        self.register_buffer("background", background if background is not None else
+                             torch.zeros(colors.shape[1], dtype=colors.dtype, device=colors.device))
+
+    @classmethod
+    def from_image(cls, image: torch.Tensor, num: int, mode: str = "sum", opacity: bool = False,
+                   generator: Optional[torch.Generator] = None) -> "GaussianImage":
+        """num Gaussians at random places of image (H, W, K), coloured from it, sized to tile it."""
+        check_tensor("image", image, (None, None, None), torch.float32)
+        H, W, K = image.shape
+        num = check_int("num", num, 0)
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        means = torch.rand(num, 2, generator=g) * torch.tensor([W, H], dtype=torch.float32)
+        sigma = max((W * H / max(num, 1)) ** 0.5 * 0.6, 1.0)
+        chol = torch.tensor([sigma, 0.0, sigma]).repeat(num, 1) * (1 + 0.1 * torch.rand(num, 3, generator=g))
+        chol[:, 1] = 0.0
+        px = means.long().clamp_min(0)
+        colors = image.cpu()[px[:, 1].clamp_max(H - 1), px[:, 0].clamp_max(W - 1)]
+        if mode == "sum":  # overlapping Gaussians add up: start each near its share of the pixel
+            colors = colors / (2 * torch.pi * sigma * sigma * num / (W * H))
+        logits = torch.full((num,), 2.0) if opacity else None
+        dev = image.device
+        return cls(means.to(dev), chol.to(dev), colors.to(dev), W, H,
+                   None if logits is None else logits.to(dev), mode)
+
+    def opacities(self) -> Optional[torch.Tensor]:
+        return None if self.opacity_logits is None else torch.sigmoid(self.opacity_logits)
+
+    def forward(self, use_manual_backward: bool = True, scale: float = 1.0, validate: bool = False) -> torch.Tensor:
+        width, height = max(1, round(self.width * scale)), max(1, round(self.height * scale))
+        sx, sy = width / self.width, height / self.height
+        s = torch.tensor([sx, sy], dtype=self.means.dtype, device=self.means.device)
+        chol = self.chol * torch.tensor([sx, sy, sy], dtype=self.chol.dtype, device=self.chol.device)
+        image, _ = splat2d(self.means * s, chol, self.colors, width, height, self.opacities(), self.background,
+                           self.mode, use_manual_backward, validate)
+        return image
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep the factors away from degenerate (call after each optimiser step)."""
+        for k in (0, 2):
+            col = self.chol[:, k]
+            col.copy_(torch.where(col.abs() < CHOL_MIN, torch.where(col < 0, -CHOL_MIN, CHOL_MIN), col))
+
+    def save(self, path: Path) -> None:
+        size = torch.tensor([self.width, self.height], dtype=torch.float32, device=self.means.device)
+        fixed = (self.means.detach() / size).clamp(0, 1) * 65535
+        arrays = dict(size=np.array([self.width, self.height], np.int32), mode=np.array(self.mode),
+                      means=fixed.round().cpu().numpy().astype(np.uint16),
+                      chol=self.chol.detach().cpu().numpy().astype(np.float16),
+                      colors=self.colors.detach().cpu().numpy().astype(np.float16),
+                      background=self.background.cpu().numpy().astype(np.float16))
+        if self.opacity_logits is not None:
+            arrays["opacity_logits"] = self.opacity_logits.detach().cpu().numpy().astype(np.float16)
+        np.savez_compressed(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path, device: Optional[torch.device] = None) -> "GaussianImage":
+        with np.load(path) as z:
+            missing = {"size", "mode", "means", "chol", "colors", "background"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path} is not a GaussianImage file (missing {sorted(missing)})")
+            W, H = (int(v) for v in z["size"])
+            f32 = lambda a: torch.from_numpy(a.astype(np.float32)).to(device)  # noqa: E731
+            means = f32(z["means"]) / 65535 * torch.tensor([W, H], dtype=torch.float32, device=device)
+            logits = f32(z["opacity_logits"]) if "opacity_logits" in z.files else None
+            return cls(means, f32(z["chol"]), f32(z["colors"]), W, H, logits, str(z["mode"]), f32(z["background"]))

@@ -1,0 +1,85 @@
+"""Preprocess stage of 2D Gaussian splatting (image fitting): Cholesky factors -> conics and tiles.
+
+A 2D Gaussian has a mean (x, y) in pixels (pixel (px, py) has its centre at (px + 0.5, py + 0.5)), a
+lower-triangular Cholesky factor L = [[l0, 0], [l1, l2]] of its covariance cov = L L^T, colours and an
+opacity. One kernel computes, for every Gaussian, conic = cov^-1 (stored xx, xy, yy as the 3D
+projection does) and the tile rectangle where alpha can reach 1/255 (|d|_conic <= sqrt(2 ln(255 op)),
+whose bounding box has half-widths r*sqrt(cov_xx), r*sqrt(cov_yy)), so that the shared binning
+(render/binning.py) and blending (render/blending.py) kernels of the 3D rasterizer do the rest.
+Its backward turns dL/dconic into dL/dL: conic = cov^-1 gives dL/dcov = -conic G conic (G the
+symmetric dL/dconic), and cov = L L^T gives dL/dL = 2 (dL/dcov) L, lower triangle.
+"""
+
+import functools
+
+import taichi as ti
+
+from taichi_mpm.launch import TorchKernel
+
+from .binning import TILE_SIZE as TILE
+from .projection import ALPHA_MIN
+
+nd = ti.types.ndarray
+
+
+@ti.func
+def _cov_conic(chol: ti.template(), n):
+    """(L, conic matrix, det cov) of Gaussian n."""
+    L = ti.Matrix([[chol[n, 0], 0.0], [chol[n, 1], chol[n, 2]]])
+    cov = L @ L.transpose()
+    det = cov[0, 0] * cov[1, 1] - cov[0, 1] * cov[0, 1]
+    conic = ti.Matrix([[cov[1, 1], -cov[0, 1]], [-cov[0, 1], cov[0, 0]]]) / det
+    return L, cov, conic, det
+
+
+@functools.cache
+def preprocess_kernels():
+    """(forward, backward) TorchKernels of the 2D preprocess stage.
+
+    forward(means (N, 2), chol (N, 3), opacities (N,), width, height,
+            conics (N, 3) out, rects (N, 4) int32 out, pair_counts (N,) int32 out)
+    backward(chol (N, 3), rects (N, 4) int32, v_conics (N, 3), v_chol (N, 3) out)
+    """
+
+    @ti.kernel
+    def forward(means: nd(ti.f32, ndim=2), chol: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
+                width: ti.i32, height: ti.i32,
+                conics: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
+        tiles_x = (width + TILE - 1) // TILE
+        tiles_y = (height + TILE - 1) // TILE
+        for n in range(means.shape[0]):
+            _, cov, conic, det = _cov_conic(chol, n)
+            op = opacities[n]
+            rect = ti.math.ivec4(0)
+            if det > 0.0 and op >= ALPHA_MIN:
+                mx, my = means[n, 0], means[n, 1]
+                extent = ti.sqrt(2.0 * ti.log(255.0 * op))
+                rx = extent * ti.sqrt(cov[0, 0])
+                ry = extent * ti.sqrt(cov[1, 1])
+                # pixels whose centre lies within [mean - r, mean + r], clipped before the integer
+                # conversion so that huge or far-away Gaussians cannot overflow it
+                px0 = ti.cast(ti.ceil(ti.min(ti.max(mx - rx - 0.5, 0.0), width * 1.0)), ti.i32)
+                px1 = ti.cast(ti.floor(ti.max(ti.min(mx + rx - 0.5, width - 1.0), -1.0)), ti.i32)
+                py0 = ti.cast(ti.ceil(ti.min(ti.max(my - ry - 0.5, 0.0), height * 1.0)), ti.i32)
+                py1 = ti.cast(ti.floor(ti.max(ti.min(my + ry - 0.5, height - 1.0), -1.0)), ti.i32)
+                if px0 <= px1 and py0 <= py1:
+                    rect = ti.math.ivec4(px0 // TILE, py0 // TILE,
+                                         ti.min(px1 // TILE + 1, tiles_x), ti.min(py1 // TILE + 1, tiles_y))
+            conics[n, 0], conics[n, 1], conics[n, 2] = conic[0, 0], conic[0, 1], conic[1, 1]
+            for k in ti.static(range(4)):
+                rects[n, k] = rect[k]
+            pair_counts[n] = (rect[2] - rect[0]) * (rect[3] - rect[1])
+
+    @ti.kernel
+    def backward(chol: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), v_conics: nd(ti.f32, ndim=2),
+                 v_chol: nd(ti.f32, ndim=2)):
+        for n in range(chol.shape[0]):
+            v_L = ti.Matrix.zero(ti.f32, 2, 2)
+            if rects[n, 2] > rects[n, 0] and rects[n, 3] > rects[n, 1]:  # blended somewhere
+                L, _, conic, _ = _cov_conic(chol, n)
+                G = ti.Matrix([[v_conics[n, 0], 0.5 * v_conics[n, 1]], [0.5 * v_conics[n, 1], v_conics[n, 2]]])
+                v_cov = -(conic @ G @ conic)
+                v_L = 2.0 * v_cov @ L
+            v_chol[n, 0], v_chol[n, 1], v_chol[n, 2] = v_L[0, 0], v_L[1, 0], v_L[1, 1]
+
+    return TorchKernel(forward), TorchKernel(backward)
