@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import trimesh
 
 __all__ = [
     "EmptyVolumeError",
+    "MeshFit",
+    "fit_transform",
     "load_mesh",
     "sample_mesh",
     "sample_box",
@@ -157,6 +160,62 @@ def _single_mesh(loaded, name: str) -> trimesh.Trimesh:
             raise ValueError(f"{name} holds no triangle mesh (scene with no faces)")
         return meshes[0] if len(meshes) == 1 else trimesh.util.concatenate(meshes)
     raise ValueError(f"{name} holds no triangle mesh (trimesh read a {type(loaded).__name__})")
+
+
+# --------------------------------------------------------------------------- fitting into a domain
+
+
+@dataclass(frozen=True)
+class MeshFit:
+    """Where a mesh goes whatever its units and origin: its bounding box is centred on ``center``
+    and, when ``size`` is given, scaled so that its largest side is ``size`` (world units).
+
+    With ``size=None`` the caller's ``scale`` is kept (the mesh's own units times ``scale``) and
+    only the centre moves. Downloaded meshes come in metres (Stanford bunny, 0.15 across),
+    centimetres or arbitrary units, with the origin anywhere; fitting makes them all land.
+    """
+
+    center: tuple
+    size: Optional[float] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "center", tuple(_check_vector("fit center", self.center).tolist()))
+        if self.size is not None:
+            if isinstance(self.size, bool) or not isinstance(self.size, Real) or not np.isfinite(self.size) \
+                    or self.size <= 0:
+                raise ValueError(f"fit size must be a positive finite number, got {self.size!r}")
+            object.__setattr__(self, "size", float(self.size))
+
+    @classmethod
+    def coerce(cls, fit) -> "MeshFit":
+        """A MeshFit, or a ``(center, size)`` pair."""
+        if isinstance(fit, MeshFit):
+            return fit
+        try:
+            center, size = fit
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"fit must be a MeshFit or a (center, size) pair, got {fit!r}") from error
+        return cls(center, size)
+
+
+def fit_transform(vertices: np.ndarray, fit: MeshFit, scale: Union[float, Vector3] = 1.0,
+                  rotation=None) -> tuple[np.ndarray, np.ndarray]:
+    """(scale [3], translation [3]) that place ``vertices`` [V, 3] as ``fit`` asks.
+
+    The placement is ``x -> rotation @ (scale * x) + translation`` (as in :func:`sample_mesh`); the
+    bounding box is taken after scaling and rotating, so a rotated mesh is centred as it will lie.
+    """
+    scale = _check_scale(scale)
+    rotation = _check_rotation(rotation)
+    placed = (np.asarray(vertices, dtype=np.float64) * scale) @ rotation.T
+    lower, upper = placed.min(axis=0), placed.max(axis=0)
+    if fit.size is not None:
+        extent = float(np.max(upper - lower))
+        if extent <= 0.0:
+            raise EmptyVolumeError("the mesh has zero extent: it cannot be scaled to a size")
+        factor = fit.size / extent
+        scale, lower, upper = scale * factor, lower * factor, upper * factor
+    return scale, np.asarray(fit.center) - 0.5 * (lower + upper)
 
 
 # --------------------------------------------------------------------------- winding number
@@ -408,16 +467,19 @@ def sample_mesh(
     *,
     scale: Union[float, Vector3] = 1.0,
     rotation=None,
-    translation: Vector3 = (0.0, 0.0, 0.0),
+    translation: Optional[Vector3] = None,
     seed: int = 0,
     jitter: bool = True,
+    fit: Union[MeshFit, tuple, None] = None,
 ) -> np.ndarray:
     """Lattice points inside a mesh placed in the world by ``x -> rotation @ (scale * x) + translation``.
 
     source: a path trimesh can read, or a ``trimesh.Trimesh``; need not be watertight.
     spacing: lattice cell size in world units (after the transform).
     scale: positive float or 3-vector, applied in the mesh frame; rotation: 3x3 proper rotation
-    matrix (default identity); translation: 3-vector. seed, jitter: see the module docstring.
+    matrix (default identity); translation: 3-vector (default 0). seed, jitter: see the module docstring.
+    fit: a :class:`MeshFit` or ``(center, size)``: centre the mesh's bounding box there and scale its
+    largest side to ``size`` (``size=None`` keeps ``scale``); replaces ``translation``.
 
     Returns [N, 3] float64 world positions; ``N * spacing**3`` approximates the enclosed volume.
 
@@ -430,9 +492,14 @@ def sample_mesh(
     spacing = _check_spacing(spacing)
     scale = _check_scale(scale)
     rotation = _check_rotation(rotation)
-    translation = _check_vector("translation", translation)
+    if fit is not None and translation is not None:
+        raise ValueError("give either translation or fit, not both (fit chooses the translation)")
+    translation = _check_vector("translation", (0.0, 0.0, 0.0) if translation is None else translation)
+    fit = None if fit is None else MeshFit.coerce(fit)
     seed = _check_seed(seed)
     mesh = load_mesh(source)
+    if fit is not None:
+        scale, translation = fit_transform(mesh.vertices, fit, scale, rotation)
 
     vertices = (np.asarray(mesh.vertices, dtype=np.float64) * scale) @ rotation.T + translation
     triangles = vertices[np.asarray(mesh.faces)]

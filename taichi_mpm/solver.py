@@ -333,19 +333,54 @@ class MPMSolver:
         points = sample_sphere(center, radius, spacing, seed=seed)
         return self.add_particles(points, material, velocity, volume=spacing ** 3)
 
-    def add_mesh(self, mesh, material: mat.Material, particles_per_cell: float = 8, scale=1.0,
-                 rotation: Optional[ArrayLike] = None, translation: Sequence[float] = (0.0, 0.0, 0.0),
-                 velocity: ArrayLike = (0.0, 0.0, 0.0), seed: int = 0) -> int:
+    # a mesh body with fewer particles than this is almost surely a units mistake (add_mesh raises)
+    MIN_MESH_PARTICLES = 256
+    # add_mesh's default fit: the largest side of the mesh, as a fraction of the valid domain's smallest side
+    DEFAULT_FIT_FRACTION = 0.5
+
+    def add_mesh(self, mesh, material: mat.Material, particles_per_cell: float = 8, scale=None,
+                 rotation: Optional[ArrayLike] = None, translation: Optional[Sequence[float]] = None,
+                 velocity: ArrayLike = (0.0, 0.0, 0.0), seed: int = 0, fit="auto",
+                 min_particles: int = MIN_MESH_PARTICLES) -> int:
         """Fill a mesh (path in any format trimesh reads, or a trimesh.Trimesh) with particles.
 
-        The mesh is scaled, rotated (3x3), then translated into the domain. Non-watertight meshes
-        are filled by generalized winding number. Returns how many particles were placed; a mesh
-        that encloses no lattice point raises ``sampling.EmptyVolumeError`` (a ValueError).
+        The mesh is scaled, rotated (3x3), then placed in the domain. Non-watertight meshes are
+        filled by generalized winding number. Placement, by ``fit``:
+
+        * ``"auto"`` (default): with neither ``scale`` nor ``translation`` given, the mesh's bounding
+          box is centred in the domain and scaled so its largest side is ``DEFAULT_FIT_FRACTION`` of
+          the domain's smallest side, whatever its units and origin; with only ``scale``, it is
+          centred at that scale; with ``translation``, it is placed as given (``scale`` default 1).
+        * ``(center, size)`` or a ``sampling.MeshFit``: centre the bounding box at ``center`` with
+          largest side ``size`` (``size=None`` keeps ``scale``); ``translation`` must be None.
+        * ``None``: no fitting; ``x -> rotation @ (scale * x) + translation`` in the mesh's units.
+
+        Returns how many particles were placed. A mesh that encloses no lattice point raises
+        ``sampling.EmptyVolumeError`` (a ValueError); one that gives fewer than ``min_particles``
+        raises ValueError with the fix (a larger fit size / scale, or more particles per cell).
         """
-        from .sampling import sample_mesh
+        from .sampling import MeshFit, sample_mesh
 
         spacing = self._spacing(particles_per_cell)
-        points = sample_mesh(mesh, spacing, scale=scale, rotation=rotation, translation=translation, seed=seed)
+        if isinstance(fit, str):
+            if fit != "auto":
+                raise ValueError(f"fit must be 'auto', None, (center, size) or a MeshFit, got {fit!r}")
+            fit = None
+            if translation is None:
+                center = 0.5 * (self.valid_lower + self.valid_upper)
+                size = None if scale is not None else \
+                    self.DEFAULT_FIT_FRACTION * float(np.min(self.valid_upper - self.valid_lower))
+                fit = MeshFit(tuple(center), size)
+        scale = 1.0 if scale is None else scale
+        points = sample_mesh(mesh, spacing, scale=scale, rotation=rotation, translation=translation, seed=seed,
+                             fit=fit)
+        if len(points) < min_particles:
+            extent = points.max(axis=0) - points.min(axis=0)
+            raise ValueError(
+                f"the mesh gives only {len(points)} particles (fewer than min_particles={min_particles}; "
+                f"{np.round(extent, 4).tolist()} m across at particle spacing {spacing:.3g} m): it is too small "
+                f"for this grid, probably in other units. Let add_mesh fit it (fit='auto' with no scale or "
+                f"translation, or fit=(center, size)), or raise scale or particles_per_cell")
         return self.add_particles(points, material, velocity, volume=spacing ** 3)
 
     def add_collider(self, collider: Union[Plane, Sphere, Box]) -> int:
@@ -417,7 +452,7 @@ class MPMSolver:
                 if max_speed * h > self.dx:
                     raise SimulationError(
                         f"substep {self.substep_count} (t={self.time:.6g} s): particles move "
-                        f"{max_speed * h / self.dx:.3g} cells per substep at the forced dt={dt:.3g} s "
+                        f"{max_speed * dt / self.dx:.3g} cells per substep at the forced dt={dt:.3g} s "
                         f"(max speed {max_speed:.3g} m/s); the simulation is unstable, use dt <= "
                         f"{self.stable_dt():.3g} s or let step() choose it")
             else:

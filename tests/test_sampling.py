@@ -11,6 +11,8 @@ import trimesh
 from taichi_mpm.sampling import (
     MAX_POINTS,
     EmptyVolumeError,
+    MeshFit,
+    fit_transform,
     load_mesh,
     sample_box,
     sample_mesh,
@@ -298,3 +300,90 @@ def test_assets_are_reproducible(tmp_path):
     module.main(tmp_path)
     for path in sorted(tmp_path.iterdir()):
         assert path.read_bytes() == (ASSETS / path.name).read_bytes(), path.name
+
+
+# --------------------------------------------------------------------------- bring your own mesh: fitting
+
+
+DOWNLOADED_LIKE = ["bunny_like", "teapot_raw"]  # odd units, origin elsewhere, not watertight
+
+
+def test_fit_transform_centres_and_sizes_the_bounding_box(box):
+    """Shown to catch: centring on the lower corner instead of the box middle; dividing by the smallest side."""
+    rotation = rotation_about([0.0, 0.0, 1.0], 0.3)
+    vertices = box.vertices * 7.0 + (3.0, -2.0, 11.0)
+    fit = MeshFit((0.4, 0.5, 0.6), 0.3)
+    scale, translation = fit_transform(vertices, fit, rotation=rotation)
+    placed = (vertices * scale) @ rotation.T + translation
+    lower, upper = placed.min(axis=0), placed.max(axis=0)
+    np.testing.assert_allclose((lower + upper) / 2, fit.center, atol=1e-12)
+    assert np.max(upper - lower) == pytest.approx(0.3, rel=1e-12)
+    # size None keeps the given scale and only moves the centre
+    scale, translation = fit_transform(vertices, MeshFit((0.0, 0.0, 0.0)), scale=2.0)
+    np.testing.assert_allclose(scale, 2.0)
+    placed = vertices * 2.0 + translation
+    np.testing.assert_allclose((placed.min(axis=0) + placed.max(axis=0)) / 2, 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", DOWNLOADED_LIKE)
+def test_downloaded_like_assets_are_off_centre_odd_units_and_open(name):
+    path = ASSETS / f"{name}.obj"
+    assert path.stat().st_size < 60_000
+    mesh = load_mesh(path)
+    assert not mesh.is_watertight
+    extent = np.max(mesh.bounds[1] - mesh.bounds[0])
+    middle = mesh.bounds.mean(axis=0)
+    assert not 0.5 < extent < 2.0  # not unit-sized
+    assert np.linalg.norm(middle) > 0.05 * extent  # origin away from the middle
+
+
+@pytest.mark.parametrize("name", DOWNLOADED_LIKE)
+def test_sample_mesh_with_fit_lands_where_asked(name):
+    """Shown to catch: fit ignored (points stay in the mesh's own units and origin)."""
+    points = sample_mesh(ASSETS / f"{name}.obj", 0.02, fit=((0.5, 0.5, 0.5), 0.5))
+    lower, upper = points.min(axis=0), points.max(axis=0)
+    assert np.all(lower >= 0.25 - 1e-9) and np.all(upper <= 0.75 + 1e-9)
+    assert np.max(upper - lower) > 0.8 * 0.5  # thin tips (the spout) hold no lattice point
+    assert len(points) > 1000
+
+
+@pytest.mark.parametrize("name", DOWNLOADED_LIKE)
+def test_add_mesh_default_fit_puts_downloaded_meshes_in_the_domain(name, ti_arch):
+    from taichi_mpm import Elastic, MPMSolver
+
+    solver = MPMSolver(res=24)
+    n = solver.add_mesh(ASSETS / f"{name}.obj", Elastic())
+    assert n >= MPMSolver.MIN_MESH_PARTICLES
+    x = solver.positions()
+    assert np.all(x >= solver.valid_lower) and np.all(x <= solver.valid_upper)
+    middle = (x.min(axis=0) + x.max(axis=0)) / 2
+    np.testing.assert_allclose(middle, (solver.valid_lower + solver.valid_upper) / 2, atol=2 * solver.dx)
+
+
+def test_add_mesh_in_raw_units_gives_a_clear_error_with_the_fix(ti_arch):
+    """The Stanford-bunny bug: metres placed with scale 1 give a handful of particles."""
+    from taichi_mpm import Elastic, MPMSolver
+
+    solver = MPMSolver(res=24)
+    with pytest.raises(ValueError, match=r"only \d+ particles.*fit"):
+        solver.add_mesh(ASSETS / "bunny_like.obj", Elastic(), translation=(0.5, 0.4, 0.5))
+    with pytest.raises(ValueError, match="translation or fit"):
+        solver.add_mesh(ASSETS / "bunny_like.obj", Elastic(), translation=(0.5, 0.4, 0.5), fit=((0.5,) * 3, 0.3))
+    assert solver.n_particles == 0
+    # an explicit fit and the units-only placement both work
+    assert solver.add_mesh(ASSETS / "bunny_like.obj", Elastic(), fit=((0.5, 0.4, 0.5), 0.4)) > 256
+    assert solver.add_mesh(ASSETS / "teapot_raw.obj", Elastic(), scale=0.1) > 256
+
+
+def test_forced_dt_error_reports_cells_per_substep_at_that_dt(ti_arch):
+    """Shown to catch: the cells computed from the (shortened) substep h instead of the forced dt."""
+    from taichi_mpm import Elastic, MPMSolver
+    from taichi_mpm.solver import SimulationError
+
+    solver = MPMSolver(res=16)
+    solver.add_cube((0.4, 0.4, 0.4), (0.2, 0.2, 0.2), Elastic(E=1e3), velocity=(0.0, -8.0, 0.0))
+    dt = 0.1  # larger than the frame: the only substep is shortened to the frame length 1/60
+    with pytest.raises(SimulationError) as info:
+        solver.step(1 / 60, dt=dt)
+    cells = float(info.value.args[0].split(" cells per substep")[0].split()[-1])
+    assert cells == pytest.approx(solver.last_max_speed * dt / solver.dx, rel=1e-2)

@@ -1,7 +1,9 @@
 """Regenerate the small mesh assets in this folder: ``python scenes/assets/make_assets.py``.
 
-Every shape is built procedurally with a fixed seed, so the files are reproducible. All shapes are
-centred at the origin and about one unit across; place them with ``sample_mesh``'s transform.
+Every shape is built procedurally with a fixed seed, so the files are reproducible. The shapes
+below are centred at the origin and about one unit across, except the two "as downloaded" stand-ins
+at the end, which come in odd units with the origin elsewhere (what ``MPMSolver.add_mesh``'s default
+fit must cope with).
 
     jelly.obj          noise-displaced sphere, watertight
     torus.obj          torus (R 0.3, r 0.12), watertight
@@ -14,6 +16,11 @@ centred at the origin and about one unit across; place them with ``sample_mesh``
     morph_sphere.obj   morphing source: sphere of radius 0.3
     morph_peanut.obj   morphing target: a peanut of revolution along z with the sphere's volume
                        (same topology, reachable by a continuous deformation)
+    bunny_like.obj     stand-in for the Stanford bunny as downloaded: metres (0.18 m across),
+                       origin below and beside it (bounds about x -0.10..0.08, y 0.04..0.21), y up,
+                       overlapping parts, holes in the base (not watertight)
+    teapot_raw.obj     stand-in for the Utah teapot as downloaded: about 4.3 units across, z up,
+                       origin at the base, off-centre, the lid left open (not watertight)
 """
 from __future__ import annotations
 
@@ -76,18 +83,53 @@ def open_sphere() -> trimesh.Trimesh:
     return sphere
 
 
-def teapot_like() -> trimesh.Trimesh:
-    t = np.linspace(0.0, np.pi, 40)
-    body = revolve(np.r_[0.0, 0.42 * np.sin(t[1:-1]) ** 0.8, 0.0], -0.3 * np.cos(t) * 0.9, segments=64)
+def teapot_like(segments: int = 64) -> trimesh.Trimesh:
+    """``segments`` around the body (the sections of spout and handle follow it)."""
+    t = np.linspace(0.0, np.pi, 40 * segments // 64)
+    body = revolve(np.r_[0.0, 0.42 * np.sin(t[1:-1]) ** 0.8, 0.0], -0.3 * np.cos(t) * 0.9, segments=segments)
     knob = trimesh.creation.icosphere(subdivisions=2, radius=0.07)
     knob.apply_translation([0.0, 0.0, 0.3])
-    spout = trimesh.creation.cone(radius=0.09, height=0.45, sections=32)
+    spout = trimesh.creation.cone(radius=0.09, height=0.45, sections=segments // 2)
     spout.apply_transform(trimesh.transformations.rotation_matrix(np.radians(55.0), [0.0, 1.0, 0.0]))
     spout.apply_translation([0.25, 0.0, -0.12])
-    handle = trimesh.creation.torus(major_radius=0.16, minor_radius=0.035, major_sections=48, minor_sections=16)
+    handle = trimesh.creation.torus(major_radius=0.16, minor_radius=0.035, major_sections=3 * segments // 4,
+                                     minor_sections=segments // 4)
     handle.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, [1.0, 0.0, 0.0]))
     handle.apply_translation([-0.4, 0.0, 0.0])
     return trimesh.util.concatenate([body, knob, spout, handle])
+
+
+def ellipsoid(radii, center, subdivisions: int = 2) -> trimesh.Trimesh:
+    mesh = trimesh.creation.icosphere(subdivisions=subdivisions, radius=1.0)
+    mesh.apply_scale(radii)
+    mesh.apply_translation(center)
+    return mesh
+
+
+def bunny_like() -> trimesh.Trimesh:
+    """Body, head, two ears and a tail as overlapping ellipsoids; the base cut open."""
+    parts = [
+        ellipsoid((0.070, 0.055, 0.055), (-0.010, 0.085, 0.0)),
+        ellipsoid((0.035, 0.032, 0.030), (0.045, 0.130, 0.0)),
+        ellipsoid((0.010, 0.035, 0.007), (0.035, 0.170, 0.014)),
+        ellipsoid((0.010, 0.035, 0.007), (0.040, 0.170, -0.014)),
+        ellipsoid((0.015, 0.015, 0.015), (-0.080, 0.090, 0.0), subdivisions=1),
+    ]
+    body = parts[0]
+    keep = body.triangles_center[:, 1] > 0.045  # scanner holes: the base of the body is missing
+    body.update_faces(keep)
+    body.remove_unreferenced_vertices()
+    return trimesh.util.concatenate(parts)
+
+
+def teapot_raw() -> trimesh.Trimesh:
+    """The teapot-like union, coarser, in "Utah" units: z up, base at z = 0, shifted in x; lid open."""
+    mesh = teapot_like(segments=24)
+    mesh.update_faces(mesh.triangles_center[:, 2] < 0.26)  # cut the top off: an open lid
+    mesh.remove_unreferenced_vertices()
+    mesh.apply_scale(3.2 / 0.9)
+    mesh.apply_translation([1.0, 0.5, -mesh.bounds[0][2]])
+    return mesh
 
 
 def peanut(volume: float) -> trimesh.Trimesh:
@@ -144,6 +186,8 @@ def main(folder: Path = HERE) -> None:
         "teapot_like": teapot_like(),
         "morph_sphere": sphere,
         "morph_peanut": peanut(sphere.volume),
+        "bunny_like": bunny_like(),
+        "teapot_raw": teapot_raw(),
     }
     for name, mesh in meshes.items():
         export(mesh, folder / f"{name}.obj")
