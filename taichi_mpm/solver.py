@@ -379,8 +379,8 @@ class MPMSolver:
             raise ValueError(
                 f"the mesh gives only {len(points)} particles (fewer than min_particles={min_particles}; "
                 f"{np.round(extent, 4).tolist()} m across at particle spacing {spacing:.3g} m): it is too small "
-                f"for this grid, probably in other units. Let add_mesh fit it (fit='auto' with no scale or "
-                f"translation, or fit=(center, size)), or raise scale or particles_per_cell")
+                f"for this grid, probably in other units. Fit it to a size (add_mesh with no scale or translation, "
+                f"or fit=(center, size); --size in the scenes), or raise scale or particles_per_cell")
         return self.add_particles(points, material, velocity, volume=spacing ** 3)
 
     def add_collider(self, collider: Union[Plane, Sphere, Box]) -> int:
