@@ -1,23 +1,44 @@
 #!/usr/bin/env bash
 # One call on the GPU machine that checks the CUDA path and re-times the benchmarks, each step
 # under its own timeout (see shared/device/README.md for the carried wheels in .whl/):
-#     . .whl/env.sh && bash bench/gpu_session.sh [mpm_forward] [mpm_backward] [raster] [tests] [demo]
-# With no arguments it runs mpm_forward, tests and demo. JSON goes to $OUT (or bench/results).
+#     . .whl/env.sh && bash bench/gpu_session.sh [mpm_forward] [mpm_backward] [raster] [tests] [demo] [-- PYTEST_ARGS...]
+# With no step it runs mpm_forward, tests and demo. JSON goes to $OUT (or bench/results).
+#
+# tests: the WHOLE pytest suite (tests/) with TAICHI_MPM_ARCH=cuda, so every test builds its tensors
+#   on the GPU and the CUDA-only kernels (the tile-per-block blending) run; arguments after "--"
+#   replace "tests/" (e.g. `bash bench/gpu_session.sh tests -- tests/test_render_pipeline.py`).
+#   Run it whenever a kernel changes.
+# Exit status: 0 only when every step exited 0; a failed test, a timeout (124) or an unknown step
+# makes the script exit 1 after running the remaining steps, with a summary of the failed steps.
 set -uo pipefail
 out=${OUT:-bench/results}
-steps=${*:-mpm_forward tests demo}
+steps=()
+pytest_args=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--" ]; then shift; pytest_args=("$@"); break; fi
+  steps+=("$1"); shift
+done
+[ ${#steps[@]} -eq 0 ] && steps=(mpm_forward tests demo)
+[ ${#pytest_args[@]} -eq 0 ] && pytest_args=(tests/)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-for step in $steps; do
+failed=()
+for step in "${steps[@]}"; do
   echo "=== $step"
   start=$(date +%s)
   case $step in
-    tests)        TAICHI_MPM_ARCH=cuda timeout 180 python3 -m pytest -q -x -p no:cacheprovider \
-                    tests/test_runtime.py tests/test_mpm_api.py tests/test_mpm_physics.py ;;
+    tests)        TAICHI_MPM_ARCH=cuda timeout 540 python3 -m pytest -q -ra -p no:cacheprovider "${pytest_args[@]}" ;;
     mpm_forward)  timeout 240 python3 bench/mpm_forward.py --out "$out/mpm_forward_cuda.json" ;;
     mpm_backward) timeout 400 python3 bench/mpm_backward.py --out "$out/mpm_backward_cuda.json" ;;
     raster)       MAX_JOBS=16 timeout 400 python3 bench/raster.py --out "$out/raster.json" ;;
     demo)         timeout 150 python3 -m scenes.demo --frames 48 --out /tmp/demo ;;
-    *)            echo "unknown step $step" >&2 ;;
+    *)            echo "unknown step $step" >&2; false ;;
   esac
-  echo "=== $step: exit $? in $(( $(date +%s) - start )) s"
+  status=$?
+  echo "=== $step: exit $status in $(( $(date +%s) - start )) s"
+  [ $status -ne 0 ] && failed+=("$step (exit $status)")
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED steps: ${failed[*]}" >&2
+  exit 1
+fi
+echo "all steps passed"

@@ -8,17 +8,19 @@ Backgrounds, render modes and expected depth are plain torch on top, so autograd
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any, Optional
 
 import torch
 
-from render.binning import DEFAULT_MAX_PAIRS, TileGrid, bin_counted_rects
+from render.binning import DEFAULT_MAX_PAIRS, TILE_SIZE, TileGrid, bin_counted_rects
 from render.blending import blend_kernels
-from render.projection import projection_kernels
+from render.projection import ProjectionConfig, projection_kernels
 
 from taichi_mpm.runtime import device as taichi_device
 from taichi_mpm.runtime import ensure_init
+from taichi_mpm.validation import check_finite, check_int, check_number, check_tensor
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 RASTERIZE_MODES = ("classic", "antialiased")
@@ -26,40 +28,50 @@ TILE_THREADS = 256  # one CUDA thread per pixel of a 16x16 tile
 MAX_CHANNELS = 32  # features per splat held in shared memory by the CUDA blending kernels
 
 
+@dataclass(frozen=True)
+class ImagePlane:
+    """Run-time projection settings shared by every camera of one call (kernel arguments, not keys)."""
+    width: int
+    height: int
+    near: float = 0.01
+    far: float = 1e10
+
+
 class _Project(torch.autograd.Function):
     """Gaussians -> (means2d, conics, depths, rgb, opacities, radii, rects, pair counts), each (C, N, ...)."""
 
     @staticmethod
-    def forward(ctx, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
-                sh_degree, given_cov, antialiased):
+    def forward(ctx, means, quats, scales, covars, opacities, sh, viewmats, Ks, plane: ImagePlane,
+                config: ProjectionConfig):
         # detached: Taichi would otherwise allocate .grad on every input that requires grad
         means, quats, scales, covars, opacities, sh, viewmats, Ks = (
             t.detach() for t in (means, quats, scales, covars, opacities, sh, viewmats, Ks))
         C, N, dev = viewmats.shape[0], means.shape[0], means.device
-        forward_kernel, _ = projection_kernels(sh_degree, given_cov, antialiased)
+        forward_kernel, _ = projection_kernels(config)
         means2d, conics = torch.empty(C, N, 2, device=dev), torch.empty(C, N, 3, device=dev)
         depths, opac = torch.empty(C, N, device=dev), torch.empty(C, N, device=dev)
-        rgb = torch.empty(C, N if sh_degree >= 0 else 1, 3, device=dev)
+        rgb = torch.empty(C, N if config.sh_degree >= 0 else 1, 3, device=dev)
         radii = torch.empty(C, N, 2, dtype=torch.int32, device=dev)
         rects = torch.empty(C, N, 4, dtype=torch.int32, device=dev)
         pair_counts = torch.empty(C, N, dtype=torch.int32, device=dev)
-        forward_kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
-                       means2d, conics, depths, rgb, opac, radii, rects, pair_counts)
+        forward_kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, plane.width, plane.height,
+                       plane.near, plane.far, means2d, conics, depths, rgb, opac, radii, rects, pair_counts)
         ctx.save_for_backward(means, quats, scales, covars, opacities, sh, viewmats, Ks, rects)
-        ctx.config = (width, height, sh_degree, given_cov, antialiased)
+        ctx.plane, ctx.config = plane, config
         ctx.mark_non_differentiable(radii, rects, pair_counts)
         return means2d, conics, depths, rgb, opac, radii, rects, pair_counts
 
     @staticmethod
     def backward(ctx, v_means2d, v_conics, v_depths, v_rgb, v_opac, _v_radii, _v_rects, _v_pair_counts):
         means, quats, scales, covars, opacities, sh, viewmats, Ks, rects = ctx.saved_tensors
-        width, height, sh_degree, given_cov, antialiased = ctx.config
+        plane, config = ctx.plane, ctx.config
         C, N = rects.shape[:2]
         # one camera: the kernel writes every gradient element (no zeroing, no atomics)
-        accumulate = C > 1
-        _, backward_kernel = projection_kernels(sh_degree, given_cov, antialiased, accumulate)
-        used = (True, not given_cov, not given_cov, given_cov, True, sh_degree >= 0)
-        grads = [torch.zeros_like(t) if accumulate and u else torch.empty_like(t)
+        config = replace(config, accumulate=C > 1)
+        _, backward_kernel = projection_kernels(config)
+        given_cov = config.given_cov
+        used = (True, not given_cov, not given_cov, given_cov, True, config.sh_degree >= 0)
+        grads = [torch.zeros_like(t) if config.accumulate and u else torch.empty_like(t)
                  for t, u in zip((means, quats, scales, covars, opacities, sh), used)]
 
         def dense(g, *shape):  # outputs unused by the loss come back as None
@@ -67,11 +79,10 @@ class _Project(torch.autograd.Function):
 
         v_means2d, v_conics = dense(v_means2d, C, N, 2), dense(v_conics, C, N, 3)
         v_depths, v_opac = dense(v_depths, C, N), dense(v_opac, C, N)
-        v_rgb = dense(v_rgb, C, N if sh_degree >= 0 else 1, 3)
-        backward_kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects,
-                        v_means2d, v_conics, v_depths, v_rgb, v_opac, *grads)
-        return (*(g if u else None for g, u in zip(grads, used)),
-                None, None, None, None, None, None, None, None, None)
+        v_rgb = dense(v_rgb, C, N if config.sh_degree >= 0 else 1, 3)
+        backward_kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, plane.width, plane.height,
+                        rects, v_means2d, v_conics, v_depths, v_rgb, v_opac, *grads)
+        return (*(g if u else None for g, u in zip(grads, used)), None, None, None, None)
 
 
 class _Blend(torch.autograd.Function):
@@ -123,73 +134,102 @@ def _render_nothing(C, width, height, channels, color_channels, backgrounds, gri
     return image, torch.zeros(C, height, width, 1, device=dev), meta
 
 
-def _check(name: str, t: torch.Tensor, shapes: tuple, dev: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}")
-    if t.device.type != dev.type or (dev.type == "cuda" and t.device.index not in (None, torch.cuda.current_device())):
-        raise ValueError(f"{name} is on {t.device} but the Taichi kernels run on {dev}; move it there")
-    if t.dim() != len(shapes) or any(s is not None and s != d for s, d in zip(shapes, t.shape)):
-        want = "(" + ", ".join("*" if s is None else str(s) for s in shapes) + ")"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+# gsplat 1.5.3 rasterization() keywords this rasterizer supports only at one value (or a few):
+# keyword -> (accepted values, what they are). Anything else is a ValueError naming the keyword.
+_GSPLAT_FIXED = {
+    "radius_clip": ((0.0,), "Gaussians are never culled by screen radius"),
+    "eps2d": ((0.3,), "the 0.3 px^2 dilation is compiled into the projection kernels"),
+    "packed": ((False,), "outputs and meta are dense (C, N, ...)"),
+    "tile_size": ((TILE_SIZE,), "square tiles of render.binning.TILE_SIZE pixels"),
+    "sparse_grad": ((False,), "gradients are dense"),
+    "absgrad": ((False,), "no absolute screen-space gradient"),
+    "distributed": ((False,), "one process renders all cameras"),
+    "camera_model": (("pinhole",), "pinhole intrinsics Ks only"),
+    "with_ut": ((False,), "EWA projection, no unscented transform"),
+    "with_eval3d": ((False,), "2D splat evaluation only"),
+    "radial_coeffs": ((None,), "no lens distortion"),
+    "tangential_coeffs": ((None,), "no lens distortion"),
+    "thin_prism_coeffs": ((None,), "no lens distortion"),
+    "ftheta_coeffs": ((None,), "no f-theta camera"),
+    "rolling_shutter": (("GLOBAL",), "global shutter (gsplat's RollingShutterType.GLOBAL or the string)"),
+    "viewmats_rs": ((None,), "global shutter: no second pose per camera"),
+}
 
 
-def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
-              sh_degree, backgrounds, render_mode, rasterize_mode, means2d_offset, validate, dev):
+def _is_value(value, accepted) -> bool:
+    if accepted is None or isinstance(accepted, bool):
+        return value is accepted
+    if isinstance(value, (bool, torch.Tensor)) or value is None:
+        return False
+    return value == accepted  # 0 and 0.0 alike; strings exactly
+
+
+def _check_gsplat_options(options: dict) -> None:
+    """ValueError naming the first gsplat keyword whose value this rasterizer does not support."""
+    for name, value in options.items():
+        accepted, meaning = _GSPLAT_FIXED[name]
+        if isinstance(value, Enum):
+            value = value.name  # gsplat's RollingShutterType, without importing gsplat
+        if not any(_is_value(value, a) for a in accepted):
+            shown = value if isinstance(value, (bool, int, float, str)) else type(value).__name__
+            raise ValueError(f"{name}={shown!r} is not supported by bridge.rasterize; supported: "
+                             f"{' or '.join(repr(a) for a in accepted)} ({meaning})")
+
+
+def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, *, width, height, near_plane,
+              far_plane, sh_degree, backgrounds, render_mode, rasterize_mode, means2d_offset, channel_chunk,
+              validate, dev):
     """Clear Python errors for bad arguments; returns (N, C, color channels, blended channels)."""
     if render_mode not in RENDER_MODES:
         raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
     if rasterize_mode not in RASTERIZE_MODES:
         raise ValueError(f"rasterize_mode must be one of {RASTERIZE_MODES}, got {rasterize_mode!r}")
-    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
-        raise ValueError(f"width and height must be positive ints, got {width!r}, {height!r}")
-    if not 0.0 < near_plane < far_plane:
-        raise ValueError(f"need 0 < near_plane < far_plane, got {near_plane}, {far_plane}")
-    _check("means", means, (None, 3), dev)
-    N = means.shape[0]
-    _check("viewmats", viewmats, (None, 4, 4), dev)
-    C = viewmats.shape[0]
+    check_int("width", width, low=1)
+    check_int("height", height, low=1)
+    check_int("channel_chunk", channel_chunk, low=1)
+    near_plane = check_number("near_plane", near_plane, low=0.0, low_open=True)
+    check_number("far_plane", far_plane, low=near_plane, low_open=True)
+
+    def tensor(name, t, shape):
+        return check_tensor(name, t, shape, dtype=torch.float32, device=dev)
+
+    N = tensor("means", means, (None, 3)).shape[0]
+    C = tensor("viewmats", viewmats, (None, 4, 4)).shape[0]
     if C == 0:
         raise ValueError("viewmats holds no camera")
-    _check("Ks", Ks, (C, 3, 3), dev)
-    _check("opacities", opacities, (N,), dev)
+    tensor("Ks", Ks, (C, 3, 3))
+    tensor("opacities", opacities, (N,))
     if covars is not None:
-        _check("covars", covars, (N, 6), dev)
+        tensor("covars", covars, (N, 6))
     else:
         if quats is None or scales is None:
             raise ValueError("give quats and scales, or covars")
-        _check("quats", quats, (N, 4), dev)
-        _check("scales", scales, (N, 3), dev)
+        tensor("quats", quats, (N, 4))
+        tensor("scales", scales, (N, 3))
     if sh_degree is not None:
-        if not (isinstance(sh_degree, int) and 0 <= sh_degree <= 3):
-            raise ValueError(f"sh_degree must be an int in 0..3 or None, got {sh_degree!r}")
-        _check("colors", colors, (N, None, 3), dev)
+        check_int("sh_degree", sh_degree, low=0, high=3)
+        tensor("colors", colors, (N, None, 3))
         if colors.shape[1] < (sh_degree + 1) ** 2:
             raise ValueError(f"sh_degree={sh_degree} needs {(sh_degree + 1) ** 2} SH coefficients per "
                              f"Gaussian, colors has {colors.shape[1]}")
-    elif colors.dim() == 2:
-        _check("colors", colors, (N, None), dev)
+    elif isinstance(colors, torch.Tensor) and colors.dim() == 2:
+        tensor("colors", colors, (N, None))
     else:
-        _check("colors", colors, (C, N, None), dev)
+        tensor("colors", colors, (C, N, None))
     color_channels = 3 if sh_degree is not None else colors.shape[-1]
     channels = {"RGB": color_channels, "D": 1, "ED": 1}.get(render_mode, color_channels + 1)
     if not 1 <= channels <= MAX_CHANNELS:
         raise ValueError(f"{channels} channels to blend; between 1 and {MAX_CHANNELS} are supported "
                          f"(render wider features in chunks)")
     if means2d_offset is not None:
-        _check("means2d_offset", means2d_offset, (C, N, 2), dev)
+        tensor("means2d_offset", means2d_offset, (C, N, 2))
     if backgrounds is not None:
         if render_mode in ("D", "ED"):
             raise ValueError(f"backgrounds apply to colour channels; render_mode={render_mode!r} has none")
-        _check("backgrounds", backgrounds, (C, color_channels), dev)
+        tensor("backgrounds", backgrounds, (C, color_channels))
     if validate and N > 0:  # value checks cost one device sync
-        named = {name: t for name, t in (("means", means), ("quats", quats), ("scales", scales), ("covars", covars),
-                                         ("opacities", opacities), ("colors", colors), ("viewmats", viewmats),
-                                         ("Ks", Ks), ("backgrounds", backgrounds)) if t is not None}
-        bad = torch.stack([~torch.isfinite(t).all() for t in named.values()]).tolist()
-        if any(bad):
-            raise ValueError("non-finite values (nan/inf) in " + ", ".join(n for n, b in zip(named, bad) if b))
+        check_finite(means=means, quats=quats, scales=scales, covars=covars, opacities=opacities, colors=colors,
+                     viewmats=viewmats, Ks=Ks, backgrounds=backgrounds)
         if covars is None and bool((quats.detach().norm(dim=-1) == 0).any()):
             raise ValueError("quats contains a zero quaternion")
         if bool(((Ks[:, 0, 0] <= 0) | (Ks[:, 1, 1] <= 0)).any()):
@@ -200,34 +240,47 @@ def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, wid
 
 def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Optional[torch.Tensor],
               opacities: torch.Tensor, colors: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor,
-              width: int, height: int, near_plane: float = 0.01, far_plane: float = 1e10,
-              sh_degree: Optional[int] = None, backgrounds: Optional[torch.Tensor] = None,
-              render_mode: str = "RGB", rasterize_mode: str = "classic", covars: Optional[torch.Tensor] = None,
+              width: int, height: int, *, near_plane: float = 0.01, far_plane: float = 1e10,
+              radius_clip: float = 0.0, eps2d: float = 0.3, sh_degree: Optional[int] = None, packed: bool = False,
+              tile_size: int = 16, backgrounds: Optional[torch.Tensor] = None, render_mode: str = "RGB",
+              sparse_grad: bool = False, absgrad: bool = False, rasterize_mode: str = "classic",
+              channel_chunk: int = 32, distributed: bool = False, camera_model: str = "pinhole",
+              segmented: bool = False, covars: Optional[torch.Tensor] = None, with_ut: bool = False,
+              with_eval3d: bool = False, radial_coeffs: Optional[torch.Tensor] = None,
+              tangential_coeffs: Optional[torch.Tensor] = None, thin_prism_coeffs: Optional[torch.Tensor] = None,
+              ftheta_coeffs: Any = None, rolling_shutter: Any = "GLOBAL", viewmats_rs: Optional[torch.Tensor] = None,
               max_pairs: int = DEFAULT_MAX_PAIRS, validate: bool = True,
-              means2d_offset: Optional[torch.Tensor] = None, *, packed: bool = False, tile_size: int = 16,
-              eps2d: float = 0.3, radius_clip: float = 0.0, camera_model: str = "pinhole",
-              sparse_grad: bool = False, absgrad: bool = False, distributed: bool = False):
-    """Render N Gaussians from C cameras (gsplat.rasterization's contract, pinhole, dense).
+              means2d_offset: Optional[torch.Tensor] = None):
+    """Render N Gaussians from C cameras: gsplat 1.5.3's ``rasterization`` signature, pinhole, dense.
+
+    Every keyword of gsplat 1.5.3's ``rasterization`` is accepted, in its order and everything after
+    ``height`` keyword-only. Those this rasterizer implements only at one value (radius_clip, eps2d,
+    packed, tile_size, sparse_grad, absgrad, distributed, camera_model, with_ut, with_eval3d, the
+    distortion coefficients, rolling_shutter, viewmats_rs) raise ValueError naming the keyword and
+    the supported value for anything else. Note packed=False here where gsplat defaults to True:
+    outputs are always dense. Batch dimensions before N / C are not supported.
 
     Args:
         means: (N, 3) centres. quats: (N, 4) wxyz rotations (normalized inside). scales: (N, 3).
-        covars: (N, 6) upper-triangular cov3D (xx, xy, xz, yy, yz, zz) used instead of quats/scales.
         opacities: (N,) in [0, 1].
         colors: (N, B, 3) SH coefficients with B >= (sh_degree+1)^2 when sh_degree is given, else
             (N, D) or (C, N, D) features.
         viewmats: (C, 4, 4) world-to-camera (OpenCV axes: x right, y down, z forward).
         Ks: (C, 3, 3) intrinsics (pixel centres at +0.5, as gsplat).
+        width, height: image size in pixels.
         near_plane, far_plane: camera-space depth range kept.
+        sh_degree: 0..3 (colors are SH coefficients) or None (colors are features).
         backgrounds: (C, D) added to the colour channels with weight 1 - alpha.
         render_mode: "RGB", "D" (accumulated depth), "ED" (depth / alpha), "RGB+D" or "RGB+ED".
         rasterize_mode: "classic" or "antialiased" (Mip-Splatting opacity compensation).
+        channel_chunk: accepted for gsplat's callers; up to 32 channels blend in one pass here.
+        segmented: accepted for gsplat's callers (a sort strategy); it changes nothing here.
+        covars: (N, 6) upper-triangular cov3D (xx, xy, xz, yy, yz, zz) used instead of quats/scales.
+    Beyond gsplat:
         max_pairs: cap on tile/Gaussian pairs; more raises render.binning.TooManyPairsError.
         validate: check finiteness of inputs (one device sync).
         means2d_offset: optional (C, N, 2) pixels added to the projected means before blending; its
             gradient is the screen-space gradient (the Inria face passes a zero-valued one).
-        packed, tile_size, eps2d, radius_clip, camera_model, sparse_grad, absgrad, distributed:
-            gsplat's options, accepted so that gsplat calls run unchanged; the layout is always dense
-            (packed is ignored) and only gsplat's defaults are supported for the others.
 
     Returns:
         render_colors (C, H, W, D'), render_alphas (C, H, W, 1) and meta, a dict with means2d
@@ -236,20 +289,22 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
         Gradients reach means, quats, scales (or covars), opacities, colors and backgrounds;
         viewmats and Ks get none.
     """
-    unsupported = {name: value for name, value, default in (
-        ("tile_size", tile_size, 16), ("eps2d", eps2d, 0.3), ("radius_clip", radius_clip, 0.0),
-        ("camera_model", camera_model, "pinhole"), ("sparse_grad", sparse_grad, False),
-        ("absgrad", absgrad, False), ("distributed", distributed, False)) if value != default}
-    if unsupported:
-        raise NotImplementedError(f"gsplat options not supported here: {unsupported}")
-    del packed  # always dense (C, N, ...) outputs
+    _check_gsplat_options(dict(
+        radius_clip=radius_clip, eps2d=eps2d, packed=packed, tile_size=tile_size, sparse_grad=sparse_grad,
+        absgrad=absgrad, distributed=distributed, camera_model=camera_model, with_ut=with_ut,
+        with_eval3d=with_eval3d, radial_coeffs=radial_coeffs, tangential_coeffs=tangential_coeffs,
+        thin_prism_coeffs=thin_prism_coeffs, ftheta_coeffs=ftheta_coeffs, rolling_shutter=rolling_shutter,
+        viewmats_rs=viewmats_rs))
+    del segmented  # a gsplat sort option with no effect on the result
     arch = ensure_init()
     dev = taichi_device()
-    # the per-pixel kernels are plain Taichi and also run on CUDA: a fallback and a cross-check
-    blend_variant = "pixel" if arch == "cpu" or os.environ.get("SPLAT_BLEND") == "pixel" else "block"
-    N, C, color_channels, channels = _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, width,
-                                               height, near_plane, far_plane, sh_degree, backgrounds, render_mode,
-                                               rasterize_mode, means2d_offset, validate, dev)
+    # CUDA blends a tile per thread block through shared memory; the per-pixel kernels serve the CPU
+    blend_variant = "pixel" if arch == "cpu" else "block"
+    N, C, color_channels, channels = _validate(
+        means, quats, scales, covars, opacities, colors, viewmats, Ks, width=width, height=height,
+        near_plane=near_plane, far_plane=far_plane, sh_degree=sh_degree, backgrounds=backgrounds,
+        render_mode=render_mode, rasterize_mode=rasterize_mode, means2d_offset=means2d_offset,
+        channel_chunk=channel_chunk, validate=validate, dev=dev)
     grid = TileGrid(width, height)
     if C * N >= 2**31 or C * grid.num_tiles * TILE_THREADS >= 2**31:
         raise ValueError(f"{C} cameras x {N} Gaussians at {width}x{height} overflow the kernels' int32 "
@@ -264,8 +319,8 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
         unused(1, 3) if given_cov else scales.contiguous(),
         covars.contiguous() if given_cov else unused(1, 6), opacities.contiguous(),
         colors.contiguous() if sh_degree is not None else unused(1, 1, 3),
-        viewmats.contiguous(), Ks.contiguous(), width, height, float(near_plane), float(far_plane), sh_deg,
-        given_cov, rasterize_mode == "antialiased")
+        viewmats.contiguous(), Ks.contiguous(), ImagePlane(width, height, float(near_plane), float(far_plane)),
+        ProjectionConfig(sh_degree=sh_deg, given_cov=given_cov, antialiased=rasterize_mode == "antialiased"))
     if means2d_offset is not None:
         means2d = means2d + means2d_offset
     if sh_degree is None:

@@ -12,6 +12,7 @@ chains the screen-space gradients back to means, quaternions, scales or cov3D, o
 """
 
 import functools
+from dataclasses import dataclass, replace
 
 import taichi as ti
 
@@ -85,15 +86,26 @@ def _frustum_limits(fx, fy, cx, cy, width, height):
             cy / fy + 0.3 * tan_y, (height - cy) / fy + 0.3 * tan_y)
 
 
-def projection_kernels(sh_degree: int, given_cov: bool, antialiased: bool, accumulate: bool = True):
-    """(forward, backward) kernels for one configuration; sh_degree < 0 means no SH (colors given).
+@dataclass(frozen=True)
+class ProjectionConfig:
+    """What the projection kernels are compiled for; one cached (forward, backward) pair per value.
 
+    sh_degree: 0..3 evaluates SH colours in the kernel; -1 means colours are given (no SH).
+    given_cov: read (N, 6) cov3D instead of quaternions and scales.
+    antialiased: Mip-Splatting opacity compensation (gsplat's rasterize_mode="antialiased").
     accumulate: the backward adds into zeroed gradient arrays (atomics, needed when several cameras
-    see a Gaussian); False (one camera) makes it write every gradient element, zeros included, so
-    the arrays need no zeroing and the stores no atomics.
+        see a Gaussian); False (one camera) makes it write every gradient element, zeros included,
+        so the arrays need no zeroing and the stores no atomics. The forward ignores it.
     """
-    return (_forward_kernel(sh_degree, given_cov, antialiased),
-            _backward_kernel(sh_degree, given_cov, antialiased, accumulate))
+    sh_degree: int = -1
+    given_cov: bool = False
+    antialiased: bool = False
+    accumulate: bool = True
+
+
+def projection_kernels(config: ProjectionConfig):
+    """(forward, backward) TorchKernels for one configuration (both cached)."""
+    return (_forward_kernel(replace(config, accumulate=True)), _backward_kernel(config))
 
 
 @ti.func
@@ -108,7 +120,9 @@ def _cov3(quats: ti.template(), scales: ti.template(), covars: ti.template(), n,
 
 
 @functools.cache
-def _forward_kernel(sh_degree: int, given_cov: bool, antialiased: bool):
+def _forward_kernel(config: ProjectionConfig):
+    sh_degree, given_cov, antialiased = config.sh_degree, config.given_cov, config.antialiased
+
     @ti.kernel
     def forward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
                 covars: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1), sh: nd(ti.f32, ndim=3),
@@ -193,7 +207,9 @@ def _forward_kernel(sh_degree: int, given_cov: bool, antialiased: bool):
 
 
 @functools.cache
-def _backward_kernel(sh_degree: int, given_cov: bool, antialiased: bool, accumulate: bool):
+def _backward_kernel(config: ProjectionConfig):
+    sh_degree, given_cov, antialiased, accumulate = (config.sh_degree, config.given_cov, config.antialiased,
+                                                      config.accumulate)
     sh_rows_used = num_sh_bases(sh_degree) if sh_degree >= 0 else 0
 
     @ti.func

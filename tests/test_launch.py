@@ -1,10 +1,10 @@
-"""taichi_mpm.launch.TorchKernel: same results as a plain Taichi call, clear errors before any launch."""
+"""taichi_mpm.launch.TorchKernel: same results as a plain Taichi call (bit for bit: the same compiled
+kernel runs), clear errors before any launch; on the device the runtime picked."""
 import pytest
 import taichi as ti
 import torch
 
 from taichi_mpm.launch import TorchKernel
-from taichi_mpm.runtime import device
 
 vec3 = ti.types.vector(3, ti.f32)
 mat3 = ti.types.matrix(3, 3, ti.f32)
@@ -23,14 +23,13 @@ def mix(x: ti.types.ndarray(dtype=vec3, ndim=2), A: ti.types.ndarray(dtype=mat3,
         out[p] = acc
 
 
-def random_args(seed: int, repeats: int):
+def random_args(seed: int, repeats: int, dev: torch.device):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((2, N, 3), generator=g)
     A = torch.randn((N, 3, 3), generator=g)
     w = torch.rand(N, generator=g)
     offset = ti.Vector(torch.randn(3, generator=g).tolist(), ti.f32)
     M = ti.Matrix(torch.randn((3, 3), generator=g).tolist(), ti.f32)
-    dev = device()
     return [x.to(dev), A.to(dev), w.to(dev), offset, M, 0.7, seed % 2, repeats, torch.zeros((N, 3), device=dev)]
 
 
@@ -40,9 +39,9 @@ def wrapped(ti_arch):
 
 
 @pytest.mark.parametrize("repeats", [1, 2])
-def test_matches_plain_taichi_call(wrapped, repeats):
+def test_matches_plain_taichi_call(wrapped, device, repeats):
     for seed in range(3):  # the first call compiles through Taichi, the later ones fill the context
-        args = random_args(seed, repeats)
+        args = random_args(seed, repeats, device)
         expected = args[-1].clone()
         mix(*args[:-1], expected)
         wrapped(*args)
@@ -50,8 +49,8 @@ def test_matches_plain_taichi_call(wrapped, repeats):
         assert args[-1].abs().sum() > 0
 
 
-def bad_inputs():
-    args = random_args(5, 1)
+def bad_inputs(dev):
+    args = random_args(5, 1, dev)
     x = args[0]
     return {
         "dtype": (0, x.double(), "float32"),
@@ -68,18 +67,18 @@ def bad_inputs():
 @pytest.mark.parametrize("compiled", [False, True], ids=["first call", "compiled"])
 @pytest.mark.parametrize("case", ["dtype", "rank", "element shape", "not contiguous", "device", "not a tensor",
                                   "vector length", "scalar type"])
-def test_bad_input_raises_before_launch(wrapped, ti_arch, case, compiled):
+def test_bad_input_raises_before_launch(wrapped, device, case, compiled):
     kernel = wrapped if compiled else TorchKernel(mix)  # a fresh wrapper checks before Taichi compiles
     if compiled:
-        wrapped(*random_args(0, 1))
-    position, value, message = bad_inputs()[case]
-    args = random_args(5, 1)
+        wrapped(*random_args(0, 1, device))
+    position, value, message = bad_inputs(device)[case]
+    args = random_args(5, 1, device)
     args[position] = value
     with pytest.raises((ValueError, TypeError), match=message):
         kernel(*args)
     assert args[-1].abs().sum() == 0  # nothing ran
 
 
-def test_wrong_argument_count(wrapped):
+def test_wrong_argument_count(wrapped, device):
     with pytest.raises(TypeError, match="takes 9 arguments"):
-        wrapped(*random_args(0, 1)[:-1])
+        wrapped(*random_args(0, 1, device)[:-1])

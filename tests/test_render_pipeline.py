@@ -1,49 +1,52 @@
 """bridge.rasterize (Taichi kernels, float32) against the dense float64 pure-torch reference
-(render/reference.py): images to 1e-5, every gradient to 1e-4 relative, via torch autograd of the
-reference. Random scenes, SH degrees 0-3, all render modes, batches of cameras, CPU."""
+(render/reference.py) on the test device: images to IMAGE_ATOL, each input's gradient on its own to
+GRAD_RTOL of that gradient's scale (tests/render_scenes.py argues both numbers), via torch autograd
+of the reference. Random scenes, SH degrees 0-3, all render modes, batches of cameras."""
 import pytest
 import torch
 
 from bridge.rasterization import rasterize
-from render.reference import reference_rasterize
-from render_scenes import HEIGHT, WIDTH, assert_grad_close, camera_tensors, loss_weights, random_scene
+from conftest import assert_grads_close
+from render.reference import covariance, project, reference_rasterize
+from render_scenes import GRAD_RTOL, HEIGHT, IMAGE_ATOL, WIDTH, camera_tensors, loss_weights, random_scene
 
 
-def render_both(inputs: dict, n_cameras: int = 1, **kwargs):
+def render_both(inputs: dict, device, n_cameras: int = 1, **kwargs):
     """Render with both rasterizers; return [(image, alpha, grads)] for ours then the reference."""
     out = []
     for dtype, fn in ((torch.float32, rasterize), (torch.float64, reference_rasterize)):
         leaves = {k: None if v is None else v.to(dtype).clone().requires_grad_(True) for k, v in inputs.items()}
-        viewmats, Ks = camera_tensors(n_cameras, dtype)
-        extra = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        image, alpha = fn(**leaves, viewmats=viewmats, Ks=Ks, width=WIDTH, height=HEIGHT, **extra)[:2]
-        loss = (image * loss_weights(image.shape).to(dtype)).sum() + (alpha * loss_weights(alpha.shape, 8).to(dtype)).sum()
+        viewmats, Ks = camera_tensors(n_cameras, dtype, device)
+        extra = {k: (v.to(device, dtype).clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in kwargs.items()}
+        if "backgrounds" in extra:
+            leaves["backgrounds"] = extra["backgrounds"]
+        image, alpha = fn(**{k: v for k, v in leaves.items() if k != "backgrounds"}, viewmats=viewmats, Ks=Ks,
+                          width=WIDTH, height=HEIGHT, **extra)[:2]
+        loss = ((image * loss_weights(image.shape, device=device, dtype=dtype)).sum()
+                + (alpha * loss_weights(alpha.shape, 8, device=device, dtype=dtype)).sum())
         loss.backward()
         out.append((image.detach().double(), alpha.detach().double(),
                     {k: v.grad for k, v in leaves.items() if v is not None}))
     return out
 
 
-def check(inputs, n_cameras=1, **kwargs):
-    (image, alpha, grads), (ref_image, ref_alpha, ref_grads) = render_both(inputs, n_cameras, **kwargs)
+def check(inputs, device, n_cameras=1, **kwargs):
+    (image, alpha, grads), (ref_image, ref_alpha, ref_grads) = render_both(inputs, device, n_cameras, **kwargs)
     assert image.shape == ref_image.shape and alpha.shape == ref_alpha.shape
     assert ref_alpha.max() > 0.5, "the scene should cover part of the image"
     depth_channels = 1 if kwargs.get("render_mode", "RGB") != "RGB" else 0
     n_color = image.shape[-1] - depth_channels
-    torch.testing.assert_close(image[..., :n_color], ref_image[..., :n_color], rtol=0, atol=1e-5)
-    # depths are ~3 (and ED divides by alpha): 1e-5 relative, float32's reach at that magnitude
-    torch.testing.assert_close(image[..., n_color:], ref_image[..., n_color:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(alpha, ref_alpha, rtol=0, atol=1e-5)
-    for name in ref_grads:
-        if ref_grads[name] is None:  # an input the render mode does not use (colors in "D" mode)
-            assert grads[name] is None or not grads[name].any(), name
-        else:
-            assert_grad_close(grads[name], ref_grads[name], name)
+    torch.testing.assert_close(image[..., :n_color], ref_image[..., :n_color], rtol=0, atol=IMAGE_ATOL)
+    # depths are ~3 (and ED divides by alpha): relative IMAGE_ATOL, float32's reach at that magnitude
+    torch.testing.assert_close(image[..., n_color:], ref_image[..., n_color:], rtol=IMAGE_ATOL, atol=IMAGE_ATOL)
+    torch.testing.assert_close(alpha, ref_alpha, rtol=0, atol=IMAGE_ATOL)
+    assert_grads_close(grads, ref_grads, GRAD_RTOL)
 
 
 @pytest.fixture(scope="module")
-def scene():
-    return random_scene()
+def scene(device):
+    return random_scene(device=device)
 
 
 def sh_inputs(scene, degree):
@@ -52,53 +55,67 @@ def sh_inputs(scene, degree):
 
 
 @pytest.mark.parametrize("degree", [0, 1, 2, 3])
-def test_sh_degrees_match_reference(scene, degree):
-    check(sh_inputs(scene, degree), sh_degree=degree, backgrounds=torch.tensor([[0.2, 0.5, 0.9]]))
+def test_sh_degrees_match_reference(scene, device, degree):
+    """Caught (mutation-tested): SH backward of degree 1-3 halved (colors); position gradient through
+    the view direction dropped (means); quaternion gradient halved (quats); scale gradient halved
+    (scales); opacity gradient of blending halved (opacities); conic gradient of blending zeroed
+    (means, quats, scales); background gradient left alone by construction (torch)."""
+    check(sh_inputs(scene, degree), device, sh_degree=degree, backgrounds=torch.tensor([[0.2, 0.5, 0.9]]))
 
 
-def test_extra_sh_coefficients_are_ignored(scene):
-    # the 3DGS schedule keeps 16 coefficients while the active degree grows
-    check(sh_inputs(scene, 3), sh_degree=1)
+def test_extra_sh_coefficients_are_ignored(scene, device):
+    """The 3DGS schedule keeps 16 coefficients while the active degree grows: coefficients above the
+    active degree must get exactly zero gradient. Caught (mutation-tested): the one-camera backward
+    leaving the unused rows unwritten (garbage from torch.empty)."""
+    check(sh_inputs(scene, 3), device, sh_degree=1)
 
 
 @pytest.mark.parametrize("mode", ["D", "ED", "RGB+D", "RGB+ED"])
-def test_depth_render_modes_match_reference(scene, mode):
-    check(sh_inputs(scene, 3), sh_degree=3, render_mode=mode)
+def test_depth_render_modes_match_reference(scene, device, mode):
+    """Caught (mutation-tested): the depth gradient of the projection dropped (means)."""
+    check(sh_inputs(scene, 3), device, sh_degree=3, render_mode=mode)
 
 
-def test_antialiased_mode_matches_reference(scene):
-    check(sh_inputs(scene, 3), sh_degree=3, rasterize_mode="antialiased")
+def test_antialiased_mode_matches_reference(scene, device):
+    """Caught (mutation-tested): the compensation term of the antialiased covariance gradient halved
+    (scales, quats, means)."""
+    check(sh_inputs(scene, 3), device, sh_degree=3, rasterize_mode="antialiased")
 
 
-def test_batch_of_cameras_matches_reference(scene):
-    check(sh_inputs(scene, 3), n_cameras=2, sh_degree=3, backgrounds=torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, 0.5]]))
+def test_batch_of_cameras_matches_reference(scene, device):
+    """Several cameras see each Gaussian: the accumulating (atomic) backward. Caught (mutation-tested):
+    the accumulating backward storing instead of adding (every input)."""
+    check(sh_inputs(scene, 3), device, n_cameras=2, sh_degree=3,
+          backgrounds=torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, 0.5]]))
 
 
-def test_precomputed_colors_and_covariances_match_reference(scene):
-    from render.reference import covariance
+def test_precomputed_colors_and_covariances_match_reference(scene, device):
+    """Caught (mutation-tested): the off-diagonal cov3D gradient not symmetrised (covars)."""
     cov = covariance(scene["quats"].double(), scene["scales"].double(), None)
     cov6 = torch.stack([cov[:, 0, 0], cov[:, 0, 1], cov[:, 0, 2], cov[:, 1, 1], cov[:, 1, 2], cov[:, 2, 2]], 1)
     check(dict(means=scene["means"], quats=None, scales=None, covars=cov6.float(), opacities=scene["opacities"],
-               colors=torch.sigmoid(scene["sh"][:, 0])), render_mode="RGB+D")
+               colors=torch.sigmoid(scene["sh"][:, 0])), device, render_mode="RGB+D")
 
 
-def test_screen_space_gradient_matches_reference(scene):
-    """meta['means2d'].grad (gsplat's densification signal) equals the reference's d loss / d mean2D."""
+def test_screen_space_gradient_matches_reference(scene, device):
+    """meta['means2d'].grad (gsplat's densification signal) equals the reference's d loss / d mean2D.
+    Caught (mutation-tested): the mean2D gradient of blending halved."""
     inputs = sh_inputs(scene, 3)
-    viewmats, Ks = camera_tensors(1)
-    image, _, meta = rasterize(**{**inputs, "means": inputs["means"].clone().requires_grad_(True)}, viewmats=viewmats, Ks=Ks, width=WIDTH, height=HEIGHT, sh_degree=3)
+    viewmats, Ks = camera_tensors(1, device=device)
+    image, _, meta = rasterize(**{**inputs, "means": inputs["means"].clone().requires_grad_(True)},
+                               viewmats=viewmats, Ks=Ks, width=WIDTH, height=HEIGHT, sh_degree=3)
     meta["means2d"].retain_grad()
-    (image * loss_weights(image.shape).float()).sum().backward()
+    (image * loss_weights(image.shape, device=device, dtype=image.dtype)).sum().backward()
 
-    offset = torch.zeros(1, scene["means"].shape[0], 2, dtype=torch.float64, requires_grad=True)
+    offset = torch.zeros(1, scene["means"].shape[0], 2, dtype=torch.float64, device=device, requires_grad=True)
     ref, _ = reference_rasterize(**{k: v.double() for k, v in inputs.items()}, viewmats=viewmats.double(),
                                  Ks=Ks.double(), width=WIDTH, height=HEIGHT, sh_degree=3, means2d_offset=offset)
-    (ref * loss_weights(ref.shape)).sum().backward()
-    assert_grad_close(meta["means2d"].grad, offset.grad, "means2d")
+    (ref * loss_weights(ref.shape, device=device)).sum().backward()
+    assert_grads_close({"means2d": meta["means2d"].grad}, {"means2d": offset.grad}, GRAD_RTOL)
 
 
-def test_meta_radii_mark_visible_gaussians(scene):
-    viewmats, Ks = camera_tensors(1)
+def test_meta_radii_mark_visible_gaussians(scene, device):
+    viewmats, Ks = camera_tensors(1, device=device)
     _, _, meta = rasterize(**sh_inputs(scene, 3), viewmats=viewmats, Ks=Ks, width=WIDTH, height=HEIGHT, sh_degree=3)
     radii = meta["radii"][0]
     assert radii.shape == (scene["means"].shape[0], 2) and radii.dtype == torch.int32
@@ -107,10 +124,11 @@ def test_meta_radii_mark_visible_gaussians(scene):
 
 
 @pytest.mark.parametrize("rasterize_mode", ["classic", "antialiased"])
-def test_projection_stage_matches_reference(scene, rasterize_mode):
-    """The preprocess outputs in meta against render.reference.project, stage by stage."""
-    from render.reference import covariance, project
-    viewmats, Ks = camera_tensors(2)
+def test_projection_stage_matches_reference(scene, device, rasterize_mode):
+    """The preprocess outputs in meta against render.reference.project, stage by stage; float32
+    rounding of pixel coordinates ~50 (1e-5 relative) and of conics (1e-4: an inverse of a 2x2
+    matrix whose determinant cancels)."""
+    viewmats, Ks = camera_tensors(2, device=device)
     _, _, meta = rasterize(**sh_inputs(scene, 3), viewmats=viewmats, Ks=Ks, width=WIDTH, height=HEIGHT, sh_degree=3,
                            rasterize_mode=rasterize_mode)
     cov3 = covariance(scene["quats"].double(), scene["scales"].double(), None)
