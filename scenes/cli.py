@@ -2,13 +2,15 @@
 
 Each scene module builds its parser with :func:`scene_parser` (the shared options: ``--arch``,
 ``--out`` defaulting to ``out/<scene>``, ``--seed``, ``--debug``; ``--frames`` / ``--obj`` where the
-scene has them) and runs its body through :func:`run`, which turns a user error into one line on
-stderr and exit status 2 (a traceback only with ``--debug``).
+scene has them, and ``--size`` / ``--scale`` placing the mesh when ``fit_size`` is given) and runs
+its body through :func:`run`, which turns a user error into one line on stderr and exit status 2 (a
+traceback only with ``--debug``). :func:`progress` is the progress bar every scene uses: it ends at
+100% or says why it stopped. A module with a ``main`` and a docstring is listed by ``python -m scenes``.
 
     def main(argv=None):
-        parser = scene_parser("demo", __doc__, frames=48, obj=ASSETS / "jelly.obj")
+        parser = scene_parser("demo", __doc__, frames=48, obj=ASSETS / "jelly.obj", fit_size=0.24)
         parser.add_argument(...)
-        return run(parser, argv, body)      # body(args) does the work
+        return run(parser, argv, body)      # body(args) does the work; mesh_fit(args, center) places --obj
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import argparse
 import os
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 # Exceptions that mean "the user asked for something that cannot be done": one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, KeyError)
@@ -32,8 +35,13 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def scene_parser(name: str, doc: Optional[str], *, frames: Optional[int] = None,
-                 obj: Optional[Path] = None) -> argparse.ArgumentParser:
-    """The parser every scene starts from; ``--help`` shows defaults."""
+                 obj: Optional[Path] = None, fit_size: Optional[float] = None) -> argparse.ArgumentParser:
+    """The parser every scene starts from; ``--help`` shows defaults.
+
+    frames / obj: add ``--frames`` / ``--obj`` with these defaults. fit_size: add ``--size`` (the
+    mesh's largest side in the scene, default ``fit_size``) and ``--scale`` (use the mesh's own
+    units times this instead); read them back with :func:`mesh_fit`.
+    """
     parser = argparse.ArgumentParser(prog=f"python -m scenes.{name}", description=doc, formatter_class=_Formatter)
     common = parser.add_argument_group("common options")
     common.add_argument("--arch", choices=("auto", "cpu", "cuda"), default=None,
@@ -45,7 +53,62 @@ def scene_parser(name: str, doc: Optional[str], *, frames: Optional[int] = None,
         common.add_argument("--frames", type=int, default=frames, help="frames to simulate / render")
     if obj is not None:
         common.add_argument("--obj", type=Path, default=obj, help="mesh file (OBJ, PLY, STL, ... anything trimesh reads)")
+    if fit_size is not None:
+        place = common.add_mutually_exclusive_group()
+        place.add_argument("--size", type=float, default=fit_size,
+                           help="largest side of the mesh in the scene [m], whatever its units and origin")
+        place.add_argument("--scale", type=float, default=None,
+                           help="instead of --size: keep the mesh's own units times this factor (still centred)")
     return parser
+
+
+def mesh_fit(args: argparse.Namespace, center: Sequence[float]) -> dict:
+    """Keyword arguments for ``MPMSolver.add_mesh`` / ``sample_mesh`` placing ``--obj`` at ``center``
+    as ``--size`` / ``--scale`` ask."""
+    from taichi_mpm.sampling import MeshFit
+
+    scale = getattr(args, "scale", None)
+    if scale is not None:
+        if not scale > 0:
+            raise ValueError(f"--scale must be > 0, got {scale}")
+        return {"scale": scale, "fit": MeshFit(tuple(center), None)}
+    if not args.size > 0:
+        raise ValueError(f"--size must be > 0, got {args.size}")
+    return {"fit": MeshFit(tuple(center), args.size)}
+
+
+@contextmanager
+def progress(total: int, desc: str, unit: str = "it", **kwargs) -> Iterator[Any]:
+    """A tqdm bar that ends at 100% or says why it stopped.
+
+    Call ``bar.stop(reason)`` when the work ends early on purpose (converged, ...): the bar is
+    closed at 100% with ``done: <reason>``. An exception or Ctrl-C marks it ``stopped: <why>``.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, **kwargs)
+    state = {"reason": None}
+
+    def stop(reason: str) -> None:
+        state["reason"] = reason
+        bar.set_postfix_str(f"done: {reason}", refresh=False)
+        bar.total = bar.n
+        bar.refresh()
+
+    bar.stop = stop
+    try:
+        yield bar
+    except KeyboardInterrupt:
+        bar.set_postfix_str("stopped: interrupted (Ctrl-C)")
+        raise
+    except BaseException as error:
+        bar.set_postfix_str(f"stopped: {type(error).__name__}")
+        raise
+    else:
+        if state["reason"] is None and bar.n < total:
+            bar.set_postfix_str(f"stopped after {bar.n} of {total}")
+    finally:
+        bar.close()
 
 
 def check_readable_file(path: Path, what: str = "file") -> Path:
@@ -88,8 +151,9 @@ def run(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], body: Ca
         args.out.mkdir(parents=True, exist_ok=True)
         return body(args)
     except (UserError, *USER_ERRORS) as error:
-        if args.debug:
-            raise
+        if args.debug or type(error).__module__.startswith("taichi"):
+            raise  # Taichi's TypeErrors are compile errors in our kernels: bugs, shown in full
         message = str(error) if not isinstance(error, KeyError) else f"missing {error}"
-        print(f"{parser.prog}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
+        lines = [line for line in message.splitlines() if line.strip()]
+        print(f"{parser.prog}: error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
         raise SystemExit(2) from None
