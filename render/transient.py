@@ -139,8 +139,8 @@ def direction_rects(means: torch.Tensor, radii: torch.Tensor, scan_points: torch
     The ball of radius ``radii`` (N,) around each mean is seen from scan point s within the cone of
     half-angle beta = asin(R / D) around its direction (theta_c, phi_c): theta within beta, and
     phi within asin(sin beta / sin theta_c) unless the cone holds a pole or wraps around the phi
-    range, where every phi is kept. Balls wholly outside [r_min, r_max] or behind... none: the
-    radial test drops balls that no sample reaches. Returns rects (P*N, 4) int32 and distances
+    range, where every phi is kept; a ball that no sample radius in [r_min, r_max] reaches gets an
+    empty rectangle. Returns rects (P*N, 4) int32 and distances
     (P*N,) float32 (the sort key).
     """
     d = (means[None, :, :] - scan_points[:, None, :]).float()  # (P, N, 3)
