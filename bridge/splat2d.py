@@ -140,6 +140,7 @@ def splat2d(means: torch.Tensor, chol: torch.Tensor, colors: torch.Tensor, width
     return image, alpha
 
 
+MEANS_MARGIN = 0.5  # saved positions may lie this far (in image sizes) outside the image
 CHOL_MIN = 0.3  # px: the smallest |l0|, |l2| a fitted Gaussian keeps (no degenerate covariances)
 
 
@@ -148,7 +149,7 @@ class GaussianImage(torch.nn.Module):
 
     forward(use_manual_backward=True, scale=1.0) -> (H*scale, W*scale, K) image; scale renders the
     same Gaussians at another resolution. save/load write a compact .npz: means as 16-bit fixed point
-    over the image, the rest float16 (16 bytes a Gaussian with 3 colours, 18 with opacity).
+    over [-1/2, 3/2] of the image size (steps of 1/32768 of it), the rest float16 (16 bytes a Gaussian with 3 colours, 18 with opacity).
     """
 
     def __init__(self, means: torch.Tensor, chol: torch.Tensor, colors: torch.Tensor, width: int, height: int,
@@ -207,7 +208,7 @@ class GaussianImage(torch.nn.Module):
 
     def save(self, path: Path) -> None:
         size = torch.tensor([self.width, self.height], dtype=torch.float32, device=self.means.device)
-        fixed = (self.means.detach() / size).clamp(0, 1) * 65535
+        fixed = ((self.means.detach() / size + MEANS_MARGIN) / (1 + 2 * MEANS_MARGIN)).clamp(0, 1) * 65535
         arrays = dict(size=np.array([self.width, self.height], np.int32), mode=np.array(self.mode),
                       means=fixed.round().cpu().numpy().astype(np.uint16),
                       chol=self.chol.detach().cpu().numpy().astype(np.float16),
@@ -225,6 +226,7 @@ class GaussianImage(torch.nn.Module):
                 raise ValueError(f"{path} is not a GaussianImage file (missing {sorted(missing)})")
             W, H = (int(v) for v in z["size"])
             f32 = lambda a: torch.from_numpy(a.astype(np.float32)).to(device)  # noqa: E731
-            means = f32(z["means"]) / 65535 * torch.tensor([W, H], dtype=torch.float32, device=device)
+            unit = f32(z["means"]) / 65535 * (1 + 2 * MEANS_MARGIN) - MEANS_MARGIN
+            means = unit * torch.tensor([W, H], dtype=torch.float32, device=device)
             logits = f32(z["opacity_logits"]) if "opacity_logits" in z.files else None
             return cls(means, f32(z["chol"]), f32(z["colors"]), W, H, logits, str(z["mode"]), f32(z["background"]))

@@ -1,0 +1,170 @@
+"""Benchmark of 2D Gaussian splatting (image fitting) against gsplat's rasterize_to_pixels, same run.
+
+    python bench/image2d.py [--out bench/results/image2d.json]     (GPU: the full table)
+    python bench/image2d.py --quick                                 (any arch: tiny sizes, no gsplat)
+
+1. Forward+backward time of one render for 10k and 100k random 2D Gaussians at 512x512 and 1920x1080:
+   ours (bridge.splat2d: preprocess from Cholesky factors, binning, blending, both backward kernels)
+   in "alpha" mode (gsplat's semantics) and "sum" mode (GaussianImage's), beside gsplat 1.5.3's
+   isect_tiles + isect_offset_encode + rasterize_to_pixels on the same means/conics/colours/opacities
+   (its conics and radii are computed outside the timed region, so gsplat is timed on less work).
+   Our alpha-mode image is compared with gsplat's (max abs difference reported).
+2. Time to reach 30 dB PSNR fitting bench/assets/astronaut_512.png (skimage's astronaut, public
+   domain) with 20k Gaussians, l2 loss, sum mode (scenes.fit_image.fit); the kernels are compiled
+   by part 1 first, so no compilation is inside the time.
+Prints a table and writes JSON (device, date).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bridge.splat2d import GaussianImage, splat2d  # noqa: E402
+from scenes.fit_image import fit, load_image  # noqa: E402
+from taichi_mpm.runtime import device, ensure_init  # noqa: E402
+
+ASSET = Path(__file__).parent / "assets" / "astronaut_512.png"
+
+
+def random_gaussians(n: int, width: int, height: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sigma = (width * height / n) ** 0.5 * 0.7  # a few Gaussians over each pixel
+    l0 = sigma * (0.5 + torch.rand(n, generator=g))
+    l2 = sigma * (0.5 + torch.rand(n, generator=g))
+    l1 = sigma * 0.5 * torch.randn(n, generator=g)
+    return dict(means=torch.rand(n, 2, generator=g) * torch.tensor([width, height], dtype=torch.float32),
+                chol=torch.stack([l0, l1, l2], 1), colors=torch.rand(n, 3, generator=g),
+                opacities=0.2 + 0.8 * torch.rand(n, generator=g))
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, iters: int) -> float:
+    """Median milliseconds of fn() over iters runs after 2 warm-up runs."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def conics_and_radii(chol: torch.Tensor, opacities: torch.Tensor):
+    """gsplat's inputs from our factors: conic (xx, xy, yy) and the same 1/255 extent as ours."""
+    l0, l1, l2 = chol.unbind(-1)
+    a, b, c = l0 * l0, l0 * l1, l1 * l1 + l2 * l2
+    det = a * c - b * b
+    extent = torch.sqrt(2 * torch.log((255 * opacities).clamp_min(1)))
+    radii = torch.stack([torch.ceil(extent * a.sqrt()), torch.ceil(extent * c.sqrt())], -1).int()
+    return torch.stack([c / det, -b / det, a / det], -1), radii
+
+
+def bench_render(n: int, width: int, height: int, iters: int, with_gsplat: bool) -> dict:
+    dev = device()
+    scene = {k: v.to(dev) for k, v in random_gaussians(n, width, height).items()}
+    leaves = {k: v.clone().requires_grad_(True) for k, v in scene.items()}
+    v_image = torch.rand(height, width, 3, device=dev)
+    row = {"n": n, "width": width, "height": height}
+
+    def ours(mode):
+        def run():
+            image, _ = splat2d(leaves["means"], leaves["chol"], leaves["colors"], width, height,
+                               leaves["opacities"], mode=mode, validate=False)
+            image.backward(v_image)
+            return image
+        return run
+
+    for mode in ("alpha", "sum"):
+        row[f"ours_{mode}_ms"] = timed(ours(mode), iters)
+    if with_gsplat:
+        from gsplat.cuda._wrapper import isect_offset_encode, isect_tiles, rasterize_to_pixels
+
+        conics, radii = conics_and_radii(scene["chol"], scene["opacities"])
+        g_leaves = {"means2d": scene["means"].clone(), "conics": conics, "colors": scene["colors"].clone(),
+                    "opacities": scene["opacities"].clone()}
+        g_leaves = {k: v.contiguous().requires_grad_(True) for k, v in g_leaves.items()}
+        depths = torch.zeros(n, device=dev)
+        tw, th = (width + 15) // 16, (height + 15) // 16
+
+        def gs():
+            _, isect_ids, flatten_ids = isect_tiles(g_leaves["means2d"][None].detach(), radii[None], depths[None],
+                                                    16, tw, th)
+            offsets = isect_offset_encode(isect_ids, 1, tw, th)
+            image, _ = rasterize_to_pixels(g_leaves["means2d"][None], g_leaves["conics"][None],
+                                           g_leaves["colors"][None], g_leaves["opacities"][None], width, height,
+                                           16, offsets, flatten_ids)
+            image[0].backward(v_image)
+            return image[0]
+
+        row["gsplat_ms"] = timed(gs, iters)
+        row["ours_alpha_vs_gsplat"] = row["ours_alpha_ms"] / row["gsplat_ms"]
+        with torch.no_grad():
+            ours_image = splat2d(scene["means"], scene["chol"], scene["colors"], width, height,
+                                 scene["opacities"], mode="alpha")[0]
+            row["max_abs_diff_vs_gsplat"] = (ours_image - gs().detach()).abs().max().item()
+    return row
+
+
+def bench_fit(num: int, max_iters: int, target_psnr: float, size: int) -> dict:
+    target = load_image(ASSET)
+    if size != target.shape[0]:
+        target = torch.nn.functional.interpolate(target.permute(2, 0, 1)[None], size=(size, size), mode="area")
+        target = target[0].permute(1, 2, 0).contiguous()
+    model = GaussianImage.from_image(target, num, mode="sum")
+    fit(GaussianImage.from_image(target, num, mode="sum"), target, 3, every=1)  # warm-up: compile, allocate
+    sync()
+    log = fit(model, target, max_iters, "l2", target_psnr=target_psnr, every=10)
+    reached = log["psnr"][-1] >= target_psnr
+    return {"image": f"{ASSET.name} at {size}x{size}", "num_gaussians": num, "target_psnr": target_psnr,
+            "reached": reached, "seconds": log["seconds"][-1], "iterations": log["iteration"][-1],
+            "final_psnr": log["psnr"][-1], "it_per_s": log["iteration"][-1] / log["seconds"][-1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, no gsplat (checks the script on a CPU)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--fit-iters", type=int, default=5000, help="cap on fitting iterations")
+    ap.add_argument("--no-gsplat", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    arch = ensure_init()
+    with_gsplat = arch == "cuda" and not args.no_gsplat and not args.quick
+    sizes = [(200, 64, 48)] if args.quick else [(n, w, h) for w, h in ((512, 512), (1920, 1080))
+                                                  for n in (10_000, 100_000)]
+    name = torch.cuda.get_device_name(0) if arch == "cuda" else "cpu"
+    report = {"device": name, "arch": arch, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "quick": args.quick, "render": []}
+    print(f"{'N':>7} {'size':>10} {'ours alpha':>11} {'ours sum':>9} {'gsplat':>8} {'ratio':>6}  (ms, fwd+bwd)")
+    for n, w, h in sizes:
+        row = bench_render(n, w, h, 3 if args.quick else args.iters, with_gsplat)
+        report["render"].append(row)
+        print(f"{n:>7} {w:>4}x{h:<5} {row['ours_alpha_ms']:>11.3f} {row['ours_sum_ms']:>9.3f} "
+              f"{row.get('gsplat_ms', float('nan')):>8.3f} {row.get('ours_alpha_vs_gsplat', float('nan')):>6.2f}",
+              flush=True)
+    report["fit"] = bench_fit(200 if args.quick else 20_000, 20 if args.quick else args.fit_iters, 30.0,
+                              64 if args.quick else 512)
+    print("fit:", json.dumps(report["fit"]))
+    out = args.out or Path(__file__).parent / "results" / f"image2d_{arch}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Fit one image with N 2D Gaussians (GaussianImage) and save them in a compact file.
+
+    python -m scenes.fit_image --input photo.png --num-gaussians 10000 --iters 5000 --loss l2
+    python -m scenes.fit_image --render out/fit_image/gaussians.npz --scale 2
+
+Writes into --out: reconstruction.png, comparison.png (target | reconstruction), psnr.png (PSNR over
+iterations), gaussians.npz (16 bytes a Gaussian: 16-bit positions, float16 factors and colours) and
+fit.json (PSNR, time, settings). --render turns a gaussians.npz back into an image at any --scale.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from bridge.splat2d import GaussianImage
+from taichi_mpm.runtime import device
+from taichi_mpm.validation import check_int, check_positive
+
+from .cli import check_readable_file, run, scene_parser
+
+LOSSES = ("l2", "l1+ssim")
+SSIM_WEIGHT = 0.2  # loss = 0.8 L1 + 0.2 (1 - SSIM), as 3DGS
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """(H, W, 3) float32 in [0, 1] on the Taichi device; ValueError if the file is not an image."""
+    check_readable_file(path, "image")
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"not an image file: {path} ({error.__class__.__name__})") from None
+    if rgb.size == 0:
+        raise ValueError(f"image is empty: {path}")
+    return torch.from_numpy(rgb).to(device())
+
+
+def save_image(image: torch.Tensor, path: Path) -> None:
+    Image.fromarray((image.detach().clamp(0, 1) * 255).round().byte().cpu().numpy()).save(path)
+
+
+def psnr(image: torch.Tensor, target: torch.Tensor) -> float:
+    mse = ((image.detach().clamp(0, 1) - target) ** 2).mean().item()
+    return float("inf") if mse == 0 else -10.0 * float(np.log10(mse))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Mean SSIM of two (H, W, C) images in [0, 1] (Gaussian window, the usual constants)."""
+    x = torch.arange(window, dtype=a.dtype, device=a.device) - window // 2
+    g = torch.exp(-x * x / (2 * sigma * sigma))
+    g = g / g.sum()
+    C = a.shape[-1]
+    kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window)
+    blur = lambda t: torch.nn.functional.conv2d(t, kernel, padding=window // 2, groups=C)  # noqa: E731
+    a, b = a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None]
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))).mean()
+
+
+def image_loss(image: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "l2":
+        return ((image - target) ** 2).mean()
+    return (1 - SSIM_WEIGHT) * (image - target).abs().mean() + SSIM_WEIGHT * (1 - ssim(image, target))
+
+
+def make_optimizer(model: GaussianImage, lr: float) -> torch.optim.Optimizer:
+    """Adam; positions and factors move in pixels, so their rates scale with lr."""
+    groups = [dict(params=[model.means], lr=lr * 10), dict(params=[model.chol], lr=lr * 5),
+              dict(params=[model.colors], lr=lr)]
+    if model.opacity_logits is not None:
+        groups.append(dict(params=[model.opacity_logits], lr=lr * 5))
+    return torch.optim.Adam(groups, lr=lr, eps=1e-15)
+
+
+def fit(model: GaussianImage, target: torch.Tensor, iters: int, loss: str = "l2", lr: float = 0.01,
+        target_psnr: Optional[float] = None, every: int = 10,
+        progress: Optional[Callable[[int, float, float], None]] = None) -> Dict[str, List[float]]:
+    """Adam on the Gaussians for `iters` steps (or until target_psnr). Returns the PSNR log
+    {"iteration", "psnr", "seconds"} recorded every `every` steps and at the end."""
+    opt = make_optimizer(model, lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iters, 1), eta_min=lr * 0.05)
+    log: Dict[str, List[float]] = {"iteration": [], "psnr": [], "seconds": []}
+    start = time.perf_counter()
+    for it in range(1, iters + 1):
+        image = model()
+        image_loss(image, target, loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        model.clamp_()
+        if it % every == 0 or it == iters:
+            value = psnr(image, target)  # of this step's render (one sync)
+            seconds = time.perf_counter() - start
+            log["iteration"].append(it)
+            log["psnr"].append(value)
+            log["seconds"].append(seconds)
+            if progress is not None:
+                progress(it, value, seconds)
+            if target_psnr is not None and value >= target_psnr:
+                break
+    return log
+
+
+def plot_psnr(iterations: List[float], values: List[float], path: Path) -> None:
+    """PSNR (dB, linear axis) against iterations."""
+    w, h, pad = 720, 400, 50
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    y = np.asarray(values, dtype=float)
+    lo, hi = float(np.floor(y.min())), float(np.ceil(y.max()))
+    hi = hi if hi > lo else lo + 1
+    x_max = max(iterations[-1], 1)
+    to_xy = lambda i, v: (pad + (w - 2 * pad) * i / x_max, h - pad - (h - 2 * pad) * (v - lo) / (hi - lo))  # noqa: E731
+    draw.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    if len(y) > 1:
+        draw.line([to_xy(i, v) for i, v in zip(iterations, y)], fill=(40, 80, 200), width=2)
+    draw.text((pad, 10), f"PSNR (dB) from {lo:.0f} to {hi:.0f}; final {y[-1]:.2f} dB", fill="black")
+    draw.text((pad, h - pad + 10), f"iterations 0 .. {int(x_max)}", fill="black")
+    img.save(path)
+
+
+def render_file(args) -> None:
+    check_readable_file(args.render, "Gaussians file")
+    scale = check_positive("--scale", args.scale)
+    try:
+        model = GaussianImage.load(args.render, device=device())
+    except (OSError, EOFError) as error:  # np.load on a file that is no .npz
+        raise ValueError(f"cannot read {args.render}: {error}") from None
+    with torch.no_grad():
+        image = model(scale=scale, validate=True)
+    path = args.out / f"render_x{scale:g}.png"
+    save_image(image, path)
+    print(f"{model.means.shape[0]} Gaussians -> {image.shape[1]}x{image.shape[0]} image: {path}")
+
+
+def body(args) -> None:
+    if args.render is not None:
+        return render_file(args)
+    if args.input is None:
+        raise ValueError("give --input IMAGE to fit, or --render FILE to render a saved fit")
+    num = check_int("--num-gaussians", args.num_gaussians, 1)
+    iters = check_int("--iters", args.iters, 1)
+    check_positive("--lr", args.lr)
+    target = load_image(args.input)
+    from tqdm import tqdm
+
+    model = GaussianImage.from_image(target, num, mode=args.mode, opacity=args.mode == "alpha",
+                                     generator=torch.Generator().manual_seed(args.seed))
+    model(validate=True)  # checks the start once; the loop skips the sync
+    bar = tqdm(total=iters, unit="it", desc="fit")
+
+    def progress(it, value, seconds):
+        bar.update(it - bar.n)
+        bar.set_postfix_str(f"PSNR {value:.2f} dB")
+
+    log = fit(model, target, iters, args.loss, args.lr, args.target_psnr, progress=progress)
+    bar.close()
+    with torch.no_grad():
+        final = model()
+    save_image(final, args.out / "reconstruction.png")
+    save_image(torch.cat([target, final.clamp(0, 1)], 1), args.out / "comparison.png")
+    plot_psnr(log["iteration"], log["psnr"], args.out / "psnr.png")
+    model.save(args.out / "gaussians.npz")
+    stored = GaussianImage.load(args.out / "gaussians.npz", device=device())
+    with torch.no_grad():
+        stored_psnr = psnr(stored(), target)
+    summary = dict(input=str(args.input), width=target.shape[1], height=target.shape[0], num_gaussians=num,
+                   iterations=int(log["iteration"][-1]), mode=args.mode, loss=args.loss, lr=args.lr,
+                   psnr=psnr(final, target), psnr_compact_file=stored_psnr, seconds=log["seconds"][-1],
+                   file_bytes=(args.out / "gaussians.npz").stat().st_size, log=log)
+    (args.out / "fit.json").write_text(json.dumps(summary, indent=1))
+    print(f"PSNR {summary['psnr']:.2f} dB ({stored_psnr:.2f} dB from the {summary['file_bytes']} byte file) "
+          f"after {summary['iterations']} iterations, {summary['seconds']:.1f} s; outputs in {args.out}")
+
+
+def main(argv=None):
+    parser = scene_parser("fit_image", __doc__)
+    parser.add_argument("--input", type=Path, help="image to fit (PNG, JPEG, ...)")
+    parser.add_argument("--num-gaussians", type=int, default=10000)
+    parser.add_argument("--iters", type=int, default=5000)
+    parser.add_argument("--loss", choices=LOSSES, default="l2")
+    parser.add_argument("--mode", choices=("sum", "alpha"), default="sum",
+                        help="sum: order-free accumulated sum (GaussianImage); alpha: front-to-back compositing")
+    parser.add_argument("--lr", type=float, default=0.01, help="colour learning rate (positions 10x, factors 5x)")
+    parser.add_argument("--target-psnr", type=float, default=None, help="stop once the PSNR reaches this (dB)")
+    parser.add_argument("--render", type=Path, default=None, help="render a saved gaussians.npz instead of fitting")
+    parser.add_argument("--scale", type=float, default=1.0, help="resolution factor for --render")
+    return run(parser, argv, body)
+
+
+if __name__ == "__main__":
+    main()
