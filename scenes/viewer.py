@@ -276,8 +276,8 @@ def load(args):
 class Controls:
     """What the user drives, shared by the GGUI and web front ends."""
 
-    def __init__(self, scene, width: int, height: int):
-        self.scene, self.width, self.height = scene, width, height
+    def __init__(self, scene, width: int, height: int, out: Path = Path("out/viewer")):
+        self.scene, self.width, self.height, self.out = scene, width, height, Path(out)
         lo, hi = scene.bounds()
         extent = float(np.max(hi - lo))
         self.orbit = OrbitCamera(target=tuple(((lo + hi) / 2 * [1, 0.6, 1] + lo * [0, 0.4, 0]).tolist()),
@@ -472,7 +472,7 @@ def body(args):
     if args.fps <= 0 or args.width < 16 or args.height < 16:
         raise ValueError("--fps must be > 0 and --width / --height at least 16 pixels")
     scene = load(args)
-    controls = Controls(scene, args.width, args.height)
+    controls = Controls(scene, args.width, args.height, args.out)
     controls.splats, controls.mode = args.splats, args.color
     if args.web:
         from scenes.web import serve
