@@ -1,29 +1,30 @@
 """Fit random 3D Gaussians to views of a ground-truth scene with L1 + D-SSIM (the 3DGS loss).
 
     python -m scenes.fit_gaussians [--gt scene.ply] [--views 12] [--width 128 --height 96]
-                                   [--gaussians 3000] [--iters 300] [--out outputs/fit_gaussians]
+                                   [--gaussians 3000] [--iters 300] [--out out/fit_gaussians]
 
 The ground truth is a known Gaussian set: a PLY given with --gt, or else a built-in one (a rainbow
 torus around a two-tone sphere). Target views come from an orbit of cameras; the fit starts from
 random Gaussians in the scene's bounding box and trains means, scales, rotations, opacities and SH
 with Adam, batching several cameras per step through bridge.rasterize. Writes targets.png,
-renders.png (targets above, fit below), fit.ply, and prints PSNR.
+renders.png (targets above, fit below), fit.ply (3DGS PLY), an orbit of the fit (frame_*.png,
+orbit.mp4, orbit.gif), and prints PSNR.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bridge.rasterization import rasterize
 from taichi_mpm.runtime import device as taichi_device
 from render.camera import Camera, stack_cameras
 from render.ply import GaussianPly, read_ply, write_ply
 from render.sh import C0
+from scenes.cli import check_readable_file, progress, run, scene_parser
+from scenes.media import write_animation
 
 
 def builtin_ground_truth(n: int = 4000, seed: int = 0) -> dict:
@@ -67,26 +68,37 @@ def save_grid(path: Path, rows: list[torch.Tensor]) -> None:
     imageio.imwrite(path, (grid.detach().cpu().numpy() * 255).round().astype(np.uint8))
 
 
+def parser():
+    ap = scene_parser("fit_gaussians", __doc__)
+    ap.add_argument("--gt", type=Path, help="ground-truth 3DGS PLY (default: built-in torus and sphere)")
+    ap.add_argument("--views", type=int, default=12, help="target cameras on an orbit")
+    ap.add_argument("--width", type=int, default=128, help="image width [px]")
+    ap.add_argument("--height", type=int, default=96, help="image height [px]")
+    ap.add_argument("--gaussians", type=int, default=3000, help="Gaussians in the fit")
+    ap.add_argument("--iters", type=int, default=300, help="Adam steps")
+    ap.add_argument("--batch", type=int, default=4, help="cameras per step")
+    ap.add_argument("--sh-degree", type=int, default=1, choices=(0, 1, 2, 3), help="SH degree of the fit")
+    ap.add_argument("--ssim-weight", type=float, default=0.2, help="weight of D-SSIM against L1")
+    ap.add_argument("--orbit-frames", type=int, default=24, help="frames of the orbit video of the fit (0: none)")
+    return ap
+
+
 def main(argv=None) -> dict:
     """Run the fit; returns {"psnr_initial": dB, "psnr_final": dB} over all views."""
+    return run(parser(), argv, body)
+
+
+def body(args) -> dict:
     from pytorch_msssim import ssim
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gt", help="ground-truth 3DGS PLY (default: built-in torus and sphere)")
-    ap.add_argument("--views", type=int, default=12)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--height", type=int, default=96)
-    ap.add_argument("--gaussians", type=int, default=3000)
-    ap.add_argument("--iters", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=4, help="cameras per step")
-    ap.add_argument("--sh-degree", type=int, default=1)
-    ap.add_argument("--ssim-weight", type=float, default=0.2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="outputs/fit_gaussians")
-    args = ap.parse_args(argv)
-
+    for name in ("views", "width", "height", "gaussians", "batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.iters < 0 or args.orbit_frames < 0:
+        raise ValueError("--iters and --orbit-frames must be >= 0")
+    if args.gt is not None:
+        check_readable_file(args.gt, "ground-truth PLY")
     dev = taichi_device()
-    torch.manual_seed(args.seed)
     gt = ply_ground_truth(args.gt) if args.gt else builtin_ground_truth()
     gt = {k: v.float().to(dev) for k, v in gt.items()}
     gt_degree = int(round(math.sqrt(gt["sh"].shape[1]))) - 1
@@ -118,24 +130,25 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         psnr_initial = psnr(render(activated(), viewmats, Ks, args.width, args.height, args.sh_degree, background),
                             targets)
-    bar = tqdm(range(args.iters), desc="fitting")
-    for it in bar:
-        views = torch.randperm(args.views, device=dev)[:args.batch]
-        image = render(activated(), viewmats[views], Ks[views], args.width, args.height, args.sh_degree, background)
-        target = targets[views]
-        l1 = (image - target).abs().mean()
-        d_ssim = 1 - ssim(image.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2), data_range=1.0)
-        loss = (1 - args.ssim_weight) * l1 + args.ssim_weight * d_ssim
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        if it % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(image.detach(), target):.2f} dB")
+    with progress(args.iters, "fitting") as bar:
+        for it in range(args.iters):
+            views = torch.randperm(args.views, device=dev)[:args.batch]
+            image = render(activated(), viewmats[views], Ks[views], args.width, args.height, args.sh_degree,
+                           background)
+            target = targets[views]
+            l1 = (image - target).abs().mean()
+            d_ssim = 1 - ssim(image.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2), data_range=1.0)
+            loss = (1 - args.ssim_weight) * l1 + args.ssim_weight * d_ssim
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            if it % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(image.detach(), target):.2f} dB")
+            bar.update()
 
     with torch.no_grad():
         final = render(activated(), viewmats, Ks, args.width, args.height, args.sh_degree, background)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out
     save_grid(out / "targets.png", [targets])
     save_grid(out / "renders.png", [targets, final])
     write_ply(out / "fit.ply", GaussianPly(
@@ -143,9 +156,17 @@ def main(argv=None) -> dict:
         opacity_logits=params["opacity_logits"].detach().cpu().numpy(),
         log_scales=params["log_scales"].detach().cpu().numpy(),
         quats=torch.nn.functional.normalize(params["quats"].detach(), dim=1).cpu().numpy()))
+    if args.orbit_frames:
+        orbit = Camera.orbit(args.orbit_frames, radius=0.8 * extent, elevation_degrees=25, target=centre.tolist(),
+                             width=args.width, height=args.height, fov_y_degrees=45)
+        om, oK = (t.to(dev) for t in stack_cameras(orbit))
+        with torch.no_grad():
+            views = render(activated(), om, oK, args.width, args.height, args.sh_degree, background)
+        frames = list((views.cpu().numpy() * 255).round().astype(np.uint8))
+        write_animation(frames, out, "orbit", fps=12, prefix="orbit")
     psnr_final = psnr(final, targets)
     print(f"PSNR over {args.views} views: {psnr_initial:.2f} dB at the start, {psnr_final:.2f} dB now; "
-          f"wrote {out}/renders.png and {out}/fit.ply")
+          f"wrote {out}/renders.png, {out}/fit.ply" + (f" and {out}/orbit.mp4, orbit.gif" if args.orbit_frames else ""))
     return {"psnr_initial": psnr_initial, "psnr_final": psnr_final}
 
 

@@ -1,6 +1,6 @@
 """Shape morphing (the DiffMPMLib3D workflow, in torch): turn one mesh into another with F controls.
 
-    python -m scenes.shape_morph [--source A.obj] [--target B.obj] [--episodes 8] [--out out/shape_morph]
+    python -m scenes.shape_morph [--obj A.obj] [--target B.obj] [--episodes 8] [--out out/shape_morph]
 
 Both meshes are sampled into particles on one lattice, scaled by one factor and centred in the
 domain. The source is a soft elastic body; per-particle deformation-gradient controls dFc act
@@ -8,8 +8,9 @@ every ``--stride`` substeps (F <- (I + dt C)(F + dFc), Xu, Song, Levin and Hyde)
 simulates ``--steps`` substeps and optimises its controls (Adam, or gradient descent with
 backtracking line search) so that the grid mass of the last state matches the target's,
 loss = 0.5 * sum over grid nodes (m - m_target)^2; the last state of an episode starts the next
-(receding horizon). Writes the loss curve, one image per episode (and an animated GIF), the final
-particles (PLY) and result.json; prints the IoU of occupied grid cells with the target.
+(receding horizon). Writes the loss curve, one image per episode (episode_*.png, morph.mp4,
+morph.gif), the particles at the end of every episode (particles_*.ply) and result.json; prints the
+IoU of occupied grid cells with the target. ``--obj`` is the source mesh (``--source`` also works).
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from scenes import ASSETS
+from scenes.cli import check_readable_file, progress, run, scene_parser
+from scenes.media import write_animation
 from scenes.plots import plot_loss
 
 
@@ -144,26 +145,36 @@ def optimize_gd(episode: Episode, controls: torch.Tensor, iterations: int, lr: f
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, default=ASSETS / "morph_sphere.obj")
-    parser.add_argument("--target", type=Path, default=ASSETS / "morph_peanut.obj")
+def parser():
+    parser = scene_parser("shape_morph", __doc__, obj=ASSETS / "morph_sphere.obj")
+    parser.add_argument("--source", type=Path, dest="obj", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument("--target", type=Path, default=ASSETS / "morph_peanut.obj", help="mesh to morph into")
     parser.add_argument("--res", type=int, default=32, help="grid cells along the domain side")
     parser.add_argument("--ppc", type=float, default=8.0, help="particles per cell")
     parser.add_argument("--size", type=float, default=0.5, help="largest side of the two shapes [m]")
-    parser.add_argument("--E", type=float, default=5e3)
-    parser.add_argument("--nu", type=float, default=0.3)
-    parser.add_argument("--dt", type=float, default=2e-3)
-    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--E", type=float, default=5e3, help="Young's modulus of the source [Pa]")
+    parser.add_argument("--nu", type=float, default=0.3, help="Poisson's ratio of the source")
+    parser.add_argument("--dt", type=float, default=2e-3, help="substep [s]")
+    parser.add_argument("--episodes", type=int, default=10, help="receding-horizon episodes")
     parser.add_argument("--steps", type=int, default=40, help="substeps per episode")
     parser.add_argument("--stride", type=int, default=10, help="substeps between F controls")
     parser.add_argument("--iterations", type=int, default=10, help="optimisation iterations per episode")
-    parser.add_argument("--optimizer", choices=("adam", "gd"), default="adam")
+    parser.add_argument("--optimizer", choices=("adam", "gd"), default="adam", help="optimiser")
     parser.add_argument("--lr", type=float, default=None, help="Adam lr (default 1e-2) / initial GD step (1e-2)")
     parser.add_argument("--max-control", type=float, default=0.02, help="bound on each entry of dFc")
-    parser.add_argument("--out", type=Path, default=Path("out/shape_morph"))
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv=None) -> dict:
+    return run(parser(), argv, body)
+
+
+def body(args) -> dict:
+    check_readable_file(args.target, "target mesh")
+    for name in ("episodes", "steps", "stride", "iterations"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    args.source = args.obj
     from bridge.rollout import RolloutScene, grid_mass
     from taichi_mpm import Elastic, MPMSolver
     from taichi_mpm.ply import write_particles_ply
@@ -185,7 +196,6 @@ def main(argv=None) -> dict:
              torch.zeros((n, 3, 3), dtype=dtype, device=dev), torch.eye(3, dtype=dtype, device=dev).expand(n, 3, 3))
     print(f"source {args.source.name}: {n} particles; target {args.target.name}: {len(target)} particles; "
           f"grid {scene.grid_shape}; {args.episodes} episodes x {args.steps} substeps, controls every {args.stride}")
-    args.out.mkdir(parents=True, exist_ok=True)
     iou_start = iou(occupancy(grid_mass(state[0], scene), full_node), target_occupied)
     frames = [render(state[0].cpu().numpy(), target)]
 
@@ -194,29 +204,25 @@ def main(argv=None) -> dict:
     losses, episode_ends, episode_log = [], [], []
     controls = torch.zeros((scene.n_controls(args.steps), n, 3, 3), dtype=dtype, device=dev)
     start_time = time.time()
-    bar = tqdm(total=args.episodes * args.iterations, desc="shape morph")
-    for episode_index in range(args.episodes):
-        episode = Episode(scene, state, material, args.steps, target_mass)
-        controls = optimize(episode, controls, args.iterations, lr, losses, bar, args.max_control)  # warm start
-        with torch.no_grad():
-            traj = episode.rollout(controls)
-            state = tuple(t[-1].clone() for t in traj)
-            mass = grid_mass(state[0], scene)
-            final_loss = (0.5 * ((mass - target_mass) ** 2).sum() / episode.norm).item()
-        score = iou(occupancy(mass, full_node), target_occupied)
-        episode_ends.append(len(losses) - 1)
-        episode_log.append({"episode": episode_index, "loss": final_loss, "iou": score})
-        frames.append(render(state[0].cpu().numpy(), target))
-        bar.write(f"episode {episode_index}: relative loss {final_loss:.4f}, IoU {score:.4f}")
-    bar.close()
+    with progress(args.episodes * args.iterations, "shape morph") as bar:
+        for episode_index in range(args.episodes):
+            episode = Episode(scene, state, material, args.steps, target_mass)
+            controls = optimize(episode, controls, args.iterations, lr, losses, bar, args.max_control)  # warm start
+            with torch.no_grad():
+                traj = episode.rollout(controls)
+                state = tuple(t[-1].clone() for t in traj)
+                mass = grid_mass(state[0], scene)
+                final_loss = (0.5 * ((mass - target_mass) ** 2).sum() / episode.norm).item()
+            score = iou(occupancy(mass, full_node), target_occupied)
+            episode_ends.append(len(losses) - 1)
+            episode_log.append({"episode": episode_index, "loss": final_loss, "iou": score})
+            frames.append(render(state[0].cpu().numpy(), target))
+            write_particles_ply(args.out / f"particles_{episode_index:04d}.ply", state[0].cpu().numpy(),
+                                {"velocity": state[1].cpu().numpy()})
+            bar.write(f"episode {episode_index}: relative loss {final_loss:.4f}, IoU {score:.4f}")
     elapsed = time.time() - start_time
 
-    from PIL import Image
-    import imageio.v2 as imageio
-
-    for i, frame in enumerate(frames):
-        Image.fromarray(frame).save(args.out / f"episode_{i:02d}.png")
-    imageio.mimsave(args.out / "morph.gif", frames, duration=0.5)
+    write_animation(frames, args.out, "morph", fps=2, prefix="episode")
     plot_loss(losses, args.out / "loss.png", "relative grid-mass loss; grey: episode ends",
               "optimisation iterations", markers=episode_ends)
     final_x = state[0].cpu().numpy()
