@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from render.ply import GaussianPly, read_ply
-from render.sh import C0, C1, C2, C3
+from render.reference import sh_basis  # the real SH basis in render.sh's convention
 from taichi_mpm.gaussian_fill import fill_gaussians
 from taichi_mpm.runtime import device as runtime_device
 from taichi_mpm.validation import check_tensor
@@ -133,22 +133,6 @@ def polar_rotation(F: torch.Tensor, iterations: int = 12) -> torch.Tensor:
     for _ in range(iterations):
         R = 0.5 * (R + torch.linalg.inv(R).transpose(-1, -2))
     return R
-
-
-def sh_basis(d: torch.Tensor, degree: int) -> torch.Tensor:
-    """(..., 3) unit directions -> (..., (degree+1)^2) real SH basis in render.sh's convention."""
-    x, y, z = d.unbind(-1)
-    out = [torch.full_like(x, C0)]
-    if degree >= 1:
-        out += [-C1 * y, C1 * z, -C1 * x]
-    if degree >= 2:
-        out += [C2[0] * x * y, C2[1] * y * z, C2[2] * (2 * z * z - x * x - y * y), C2[3] * x * z,
-                C2[4] * (x * x - y * y)]
-    if degree >= 3:
-        out += [C3[0] * y * (3 * x * x - y * y), C3[1] * x * y * z, C3[2] * y * (4 * z * z - x * x - y * y),
-                C3[3] * z * (2 * z * z - 3 * x * x - 3 * y * y), C3[4] * x * (4 * z * z - x * x - y * y),
-                C3[5] * z * (x * x - y * y), C3[6] * x * (x * x - 3 * y * y)]
-    return torch.stack(out, -1)
 
 
 def _directions(count: int, dtype, device) -> torch.Tensor:

@@ -4,8 +4,9 @@ A trained 3DGS scene only has Gaussians on the visible surface; a solid needs pa
 Method: an opacity-density grid plus ray crossings (not a winding number: splats give no oriented
 triangles).
 
-1. Density grid: every Gaussian adds ``opacity * exp(-d^T Sigma^-1 d / 2)`` to the lattice cells of
-   spacing ``h`` within ``CUTOFF`` standard deviations of its centre. Cells above ``threshold`` are
+1. Density grid: every Gaussian adds ``opacity * exp(-d^T Sigma'^-1 d / 2)`` to the lattice cells of
+   spacing ``h`` within ``CUTOFF`` standard deviations of its centre (Sigma' = Sigma + (h/2)^2 I, so
+   that splats thinner than a cell still mark the cells they cross). Cells above ``threshold`` are
    *shell* cells.
 2. Ray crossings: from every non-shell cell, six axis-aligned rays are cast to the grid border and
    the shell *runs* they enter are counted (a run of consecutive shell cells counts once). An odd
@@ -30,8 +31,11 @@ def gaussian_density_grid(means: np.ndarray, covariances: np.ndarray, opacities:
     """Opacity density at the cell centres ``lower + (i + 0.5) * spacing`` of a grid of ``shape``.
 
     means (N, 3), covariances (N, 3, 3) SPD, opacities (N,). Each Gaussian visits the cells within
-    CUTOFF of its largest standard deviation (at least its own cell)."""
+    CUTOFF of its largest standard deviation (at least its own cell). Each covariance is widened
+    by (spacing / 2)^2 I first: a trained splat is often far thinner than a cell (flat along its
+    normal) and would fall between the cell centres; widened, it marks every cell it passes through."""
     density = np.zeros(shape, dtype=np.float64)
+    covariances = covariances + (spacing / 2) ** 2 * np.eye(3)
     precision = np.linalg.inv(covariances)
     reach = np.sqrt(np.linalg.eigvalsh(covariances)[:, -1]) * CUTOFF
     radius = np.clip(np.ceil(reach / spacing).astype(int), 0, 8)
