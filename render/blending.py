@@ -104,16 +104,6 @@ def _blend_kernels(config: BlendConfig):
     variant, K, alpha_mode = config.variant, config.channels, config.mode == "alpha"
 
     @ti.func
-    def composite(alpha, T):
-        """(weight of a splat, the transmittance after it, whether blending stops before it).
-        In sum mode T tracks 1 - (sum of weights) and nothing stops the walk."""
-        weight, next_T, stop = alpha, T - alpha, False
-        if ti.static(alpha_mode):
-            weight, next_T = alpha * T, T * (1.0 - alpha)
-            stop = next_T < T_MIN
-        return weight, next_T, stop
-
-    @ti.func
     def uncomposite(alpha, T, T_final, feat, behind, v_pix, v_out_alpha):
         """Backward of one blended splat, walking back to front: (T in front of it, dL/dalpha,
         dL/dfeature, blended features behind the splat in front of it)."""
@@ -154,11 +144,15 @@ def _blend_kernels(config: BlendConfig):
                     mean, conic, opacity, feat = load(means2d, conics, opacities, features, item_ids[j], N)
                     alpha, _, _ = _splat_alpha(mean, conic, opacity, pixel)
                     if alpha >= ALPHA_MIN:
-                        weight, next_T, stop = composite(alpha, T)
-                        if stop:
-                            break
-                        acc += weight * feat
-                        T = next_T
+                        if ti.static(alpha_mode):
+                            next_T = T * (1.0 - alpha)
+                            if next_T < T_MIN:
+                                break
+                            acc += alpha * T * feat
+                            T = next_T
+                        else:  # sum: T tracks 1 - (sum of weights), nothing stops the walk
+                            acc += alpha * feat
+                            T -= alpha
                         n_walked = j - start + 1
                 for k in ti.static(range(K)):
                     image[c, py, px, k] = acc[k]
@@ -253,13 +247,19 @@ def _blend_kernels(config: BlendConfig):
                     conic = ti.math.vec3(s_geom[s, 2], s_geom[s, 3], s_geom[s, 4])
                     alpha, _, _ = _splat_alpha(mean, conic, s_geom[s, 5], pixel)
                     if alpha >= ALPHA_MIN:
-                        weight, next_T, stop = composite(alpha, T)
-                        if stop:
-                            done = True
-                        else:
+                        if ti.static(alpha_mode):
+                            next_T = T * (1.0 - alpha)
+                            if next_T < T_MIN:
+                                done = True
+                            else:
+                                for k in ti.static(range(K)):
+                                    acc[k] += alpha * T * s_feat[s, k]
+                                T = next_T
+                                n_walked = batch * BLOCK + s + 1
+                        else:  # sum: T tracks 1 - (sum of weights), nothing stops the walk
                             for k in ti.static(range(K)):
-                                acc[k] += weight * s_feat[s, k]
-                            T = next_T
+                                acc[k] += alpha * s_feat[s, k]
+                            T -= alpha
                             n_walked = batch * BLOCK + s + 1
             if inside:
                 for k in ti.static(range(K)):
