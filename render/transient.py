@@ -26,11 +26,12 @@ sphere of radius sigma_threshold * max_scale around the mean. A ray then visits 
 Gaussians, and of each only the bins where the ray passes within sigma_threshold (the radial window
 around the ray's closest approach in the Gaussian's metric).
 
-Kernels (one top-level loop each, one thread per ray): the forward writes sigma and rho into
-per-ray rows of two [P, num_r, H, W] buffers and turns rho into L in a scan; the backward recomputes
-them, runs the scan forwards and backwards to get dL/drho_k and dL/dsigma_k, then loops over the
-tile's Gaussians again and adds each Gaussian's gradient (mean, precision, opacity, albedo) with one
-set of atomics per ray and Gaussian. The per-Gaussian covariance from scales and quaternions stays
+Kernels: the forward adds sigma and rho into per-ray rows of two [P, num_r, H, W] buffers (each
+ray's tile list split over `parts` threads, atomics, so that a single scan point's few thousand rays
+still fill a GPU), then turns rho into L in a per-ray scan. The backward recomputes them, runs the
+scan forwards and backwards to get dL/drho_k and dL/dsigma_k, then loops over the tile's Gaussians
+again and adds each Gaussian's gradient (mean, precision, opacity, albedo) with one set of atomics
+per ray and Gaussian. The per-Gaussian covariance from scales and quaternions stays
 in torch (bridge/transient.py): it is N-sized work whose autograd is exact.
 """
 
@@ -51,6 +52,7 @@ from .binning import DEFAULT_MAX_PAIRS, Binning, TileGrid, bin_rects
 
 nd = ti.types.ndarray
 SPEED_OF_LIGHT = 299_792_458.0  # m/s
+FORCE_PARTS = None  # tests set it to run the split-list path on the CPU
 
 
 @dataclass(frozen=True)
@@ -229,18 +231,16 @@ def _kernels(real):
         return k0, k1
 
     @ti.func
-    def accumulate(p, i, j, w, s, means: ti.template(), prec: ti.template(), opac: ti.template(),
+    def accumulate(p, i, j, part, parts, w, s, means: ti.template(), prec: ti.template(), opac: ti.template(),
                    albedo: ti.template(), item_ids: ti.template(), ranges: ti.template(), r0, dr, k2,
                    sigma: ti.template(), rho: ti.template()):
-        """sigma / rho of every sample of ray (p, i, j) into the buffers' rows (zeroed first)."""
+        """Adds (atomically) sigma / rho of ray (p, i, j) from every parts-th Gaussian of its tile list,
+        starting at the part-th, into the (zeroed) buffers."""
         num_r = sigma.shape[1]
         n = means.shape[0]
-        for k in range(num_r):
-            sigma[p, k, i, j] = 0.0
-            rho[p, k, i, j] = 0.0
         start, end = ranges[p, i // TILE, j // TILE, 0], ranges[p, i // TILE, j // TILE, 1]
-        for idx in range(start, end):
-            g = item_ids[idx] % n
+        for t in range((end - start - part + parts - 1) // parts):
+            g = item_ids[start + part + t * parts] % n
             mu, Q = load(means, prec, g)
             d = mu - s
             k0, k1 = window(w, d, Q, r0, dr, num_r, k2)
@@ -257,12 +257,17 @@ def _kernels(real):
     def forward(means: nd(real, 2), prec: nd(real, 2), opac: nd(real, 1), albedo: nd(real, 1),
                 scan: nd(real, 2), item_ids: nd(ti.i32, 1), ranges: nd(ti.i32, 4),
                 theta0: real, dtheta: real, phi0: real, dphi: real, r0: real, dr: real, power: real, k2: real,
-                sigma: nd(real, 4), out: nd(real, 4)):
+                parts: ti.i32, sigma: nd(real, 4), out: nd(real, 4)):
         P, num_r, H, W = out.shape[0], out.shape[1], out.shape[2], out.shape[3]
-        for p, i, j in ti.ndrange(P, H, W):
-            w, theta = _direction(i, j, theta0, dtheta, phi0, dphi)
+        # Loop 1: each ray's tile list split over `parts` threads (occupancy when rays are few).
+        for p, i, j, part in ti.ndrange(P, H, W, parts):
+            w, _ = _direction(i, j, theta0, dtheta, phi0, dphi)
             s = vec3(scan[p, 0], scan[p, 1], scan[p, 2])
-            accumulate(p, i, j, w, s, means, prec, opac, albedo, item_ids, ranges, r0, dr, k2, sigma, out)
+            accumulate(p, i, j, part, parts, w, s, means, prec, opac, albedo, item_ids, ranges, r0, dr, k2,
+                       sigma, out)
+        # Loop 2: attenuation scan along each ray.
+        for p, i, j in ti.ndrange(P, H, W):
+            _, theta = _direction(i, j, theta0, dtheta, phi0, dphi)
             weight = dr * ti.sin(theta) * dtheta * dphi
             depth = ti.cast(0.0, real)  # optical depth before sample k
             for k in range(num_r):
@@ -274,15 +279,20 @@ def _kernels(real):
     def backward(means: nd(real, 2), prec: nd(real, 2), opac: nd(real, 1), albedo: nd(real, 1),
                  scan: nd(real, 2), item_ids: nd(ti.i32, 1), ranges: nd(ti.i32, 4),
                  theta0: real, dtheta: real, phi0: real, dphi: real, r0: real, dr: real, power: real, k2: real,
-                 g_hist: nd(real, 2), g_dir: nd(real, 4), has_dir: ti.i32,
+                 g_hist: nd(real, 2), g_dir: nd(real, 4), has_dir: ti.i32, parts: ti.i32,
                  buf_a: nd(real, 4), buf_b: nd(real, 4),
                  v_means: nd(real, 2), v_prec: nd(real, 2), v_opac: nd(real, 1), v_albedo: nd(real, 1)):
         P, num_r, H, W = buf_a.shape[0], buf_a.shape[1], buf_a.shape[2], buf_a.shape[3]
         n = means.shape[0]
-        for p, i, j in ti.ndrange(P, H, W):
-            w, theta = _direction(i, j, theta0, dtheta, phi0, dphi)
+        # Loop 1: recompute sigma (buf_a) and rho (buf_b), as the forward.
+        for p, i, j, part in ti.ndrange(P, H, W, parts):
+            w, _ = _direction(i, j, theta0, dtheta, phi0, dphi)
             s = vec3(scan[p, 0], scan[p, 1], scan[p, 2])
-            accumulate(p, i, j, w, s, means, prec, opac, albedo, item_ids, ranges, r0, dr, k2, buf_a, buf_b)
+            accumulate(p, i, j, part, parts, w, s, means, prec, opac, albedo, item_ids, ranges, r0, dr, k2,
+                       buf_a, buf_b)
+        # Loop 2: per ray, dL/drho_k into buf_b and dL/dsigma_k into buf_a.
+        for p, i, j in ti.ndrange(P, H, W):
+            _, theta = _direction(i, j, theta0, dtheta, phi0, dphi)
             weight = dr * ti.sin(theta) * dtheta * dphi
             # Scan forwards: u_k = dL/drho_k into buf_b, prefix sums of g_k L_k into buf_a.
             depth = ti.cast(0.0, real)
@@ -300,9 +310,13 @@ def _kernels(real):
             # dL/dsigma_k = -2 dr sum_{k' > k} g_k' L_k' (sigma_k dims every later sample twice).
             for k in range(num_r):
                 buf_a[p, k, i, j] = -2.0 * dr * (prefix - buf_a[p, k, i, j])
+        # Loop 3: each Gaussian's gradient from this ray, one set of atomics per (ray, Gaussian).
+        for p, i, j, part in ti.ndrange(P, H, W, parts):
+            w, _ = _direction(i, j, theta0, dtheta, phi0, dphi)
+            s = vec3(scan[p, 0], scan[p, 1], scan[p, 2])
             start, end = ranges[p, i // TILE, j // TILE, 0], ranges[p, i // TILE, j // TILE, 1]
-            for idx in range(start, end):
-                gi = item_ids[idx] % n
+            for t in range((end - start - part + parts - 1) // parts):
+                gi = item_ids[start + part + t * parts] % n
                 mu, Q = load(means, prec, gi)
                 d = mu - s
                 k0, k1 = window(w, d, Q, r0, dr, num_r, k2)
@@ -345,6 +359,16 @@ def _kernels_for(dtype: torch.dtype):
     raise TypeError(f"transient kernels run in float32 or float64, got {dtype}")
 
 
+def _parts(shape: tuple, dev: torch.device) -> int:
+    """Threads a ray's tile list is split over: enough for ~2^18 threads on a GPU, 1 on the CPU."""
+    if FORCE_PARTS is not None:
+        return FORCE_PARTS
+    if dev.type != "cuda":
+        return 1
+    rays = shape[0] * shape[2] * shape[3]
+    return int(min(32, max(1, (1 << 18) // rays)))
+
+
 def _scalars(grid: TransientGrid) -> tuple:
     return (grid.theta_range[0], grid.dtheta, grid.phi_range[0], grid.dphi, grid.r_min, grid.dr,
             float(grid.falloff_power), float(grid.sigma_threshold) ** 2)
@@ -359,10 +383,10 @@ def transient_forward(means: torch.Tensor, prec: torch.Tensor, opacities: torch.
     """
     forward, _ = _kernels_for(means.dtype)
     shape = (scan_points.shape[0], grid.num_r, grid.num_theta, grid.num_phi)
-    sigma = torch.empty(shape, dtype=means.dtype, device=means.device)
-    out = torch.empty(shape, dtype=means.dtype, device=means.device)
+    sigma = torch.zeros(shape, dtype=means.dtype, device=means.device)
+    out = torch.zeros(shape, dtype=means.dtype, device=means.device)
     forward(means, prec, opacities, albedo, scan_points, binning.item_ids, binning.tile_ranges, *_scalars(grid),
-            sigma, out)
+            _parts(shape, means.device), sigma, out)
     return out
 
 
@@ -375,10 +399,10 @@ def transient_backward(means: torch.Tensor, prec: torch.Tensor, opacities: torch
     """
     _, backward = _kernels_for(means.dtype)
     shape = (scan_points.shape[0], grid.num_r, grid.num_theta, grid.num_phi)
-    buf_a = torch.empty(shape, dtype=means.dtype, device=means.device)
-    buf_b = torch.empty(shape, dtype=means.dtype, device=means.device)
+    buf_a = torch.zeros(shape, dtype=means.dtype, device=means.device)
+    buf_b = torch.zeros(shape, dtype=means.dtype, device=means.device)
     has_dir = g_dir is not None
     if g_dir is None:
         g_dir = torch.zeros((1, 1, 1, 1), dtype=means.dtype, device=means.device)
     backward(means, prec, opacities, albedo, scan_points, binning.item_ids, binning.tile_ranges, *_scalars(grid),
-             g_hist.contiguous(), g_dir.contiguous(), int(has_dir), buf_a, buf_b, *grads)
+             g_hist.contiguous(), g_dir.contiguous(), int(has_dir), _parts(shape, means.device), buf_a, buf_b, *grads)
