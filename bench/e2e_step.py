@@ -1,0 +1,188 @@
+"""One optimisation step of the whole chain: MPM rollout -> surface upsampling -> 4-view rendering
+-> image loss -> full backward, with the time split and peak memory.
+
+Workload (default, the issue's): an elastic cube of ~100k particles (8 per cell, float32), 200
+substeps, 4 frames rendered (substeps 50, 100, 150, 200), each from 4 cameras at 512x512, 180k
+surface Gaussians (``bridge.synthesize_surface``); loss = MSE against a fixed target image stack;
+backward reaches E, nu, v0, sigma0 and thickness.
+
+Peer in the same run: the previous API on the same rollout, one Gaussian per particle
+(``bridge.particles_to_gaussians``, cov = r^2 F F^T) rendered the same way.
+
+Each variant is timed ``--repeats`` times after a warm-up step (compiles every kernel); the table
+shows the median. Split: simulation forward (``bridge.simulate``), upsampling forward, rendering
+forward (rasterize + loss), backward through rendering and upsampling (``torch.autograd.grad`` to
+the trajectory), simulation backward (the rollout's checkpointed backward). ``step_ms`` is a plain
+forward + ``loss.backward()`` measured separately (no split). Peak memory: torch's max allocated
+during the plain step.
+
+    python bench/e2e_step.py [--quick] [--out bench/results/e2e_step_cuda.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bridge.rasterization import rasterize  # noqa: E402
+from bridge.rollout import RolloutScene, simulate  # noqa: E402
+from bridge.surface import particles_to_gaussians  # noqa: E402
+from bridge.upsampling import SurfaceConfig, bind_surface, synthesize_surface  # noqa: E402
+from render.camera import Camera, stack_cameras  # noqa: E402
+from taichi_mpm import Elastic, MPMSolver  # noqa: E402
+from taichi_mpm.runtime import ensure_init  # noqa: E402
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Clock:
+    def __init__(self):
+        self.times = {}
+
+    def lap(self, name, t0):
+        sync()
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + (now - t0) * 1e3
+        return now
+
+
+def build(args):
+    solver = MPMSolver(res=args.res)
+    side = (args.particles / 8) ** (1 / 3) / args.res
+    lower = np.array([0.5 - side / 2, 0.2, 0.5 - side / 2])
+    solver.add_cube(tuple(lower), (side, side, side), Elastic(E=1e5, nu=0.3), particles_per_cell=8)
+    scene = RolloutScene.from_solver(solver, dt=min(1e-4, solver.stable_dt(2.0)))
+    x0 = solver.positions(as_torch=True).clone()
+    binding = bind_surface(trimesh.creation.box(extents=(side, side, side)), x0,
+                           SurfaceConfig(n_gaussians=args.gaussians, neighbours=1, flatten=0.5),
+                           translation=lower + side / 2, band=solver.dx)
+    cams = [Camera.look_at((0.5 + 1.2 * np.cos(a), 0.6, 0.5 + 1.2 * np.sin(a)), (0.5, 0.3, 0.5), up=(0.0, 1.0, 0.0),
+                           width=args.size, height=args.size, fov_y_degrees=40.0) for a in np.radians([0, 90, 180, 270])]
+    viewmats, Ks = stack_cameras(cams[:args.views], x0.device)
+    return solver, scene, x0, binding, viewmats, Ks
+
+
+def step(args, scene, x0, binding, viewmats, Ks, target, variant, clock=None):
+    """One forward + backward. With a clock: timed in stages; returns (loss, leaves)."""
+    dev, real = x0.device, x0.dtype
+    leaves = {"log_E": torch.tensor(np.log(1e5), dtype=real, device=dev, requires_grad=True),
+              "nu": torch.tensor(0.3, dtype=real, device=dev, requires_grad=True),
+              "v0": torch.tensor([0.5, -0.5, 0.2], dtype=real, device=dev, requires_grad=True),
+              "log_sigma0": torch.tensor(np.log(0.5 * args.spacing), dtype=real, device=dev, requires_grad=True),
+              "log_thickness": torch.tensor(np.log(args.spacing), dtype=real, device=dev, requires_grad=True)}
+    frames = [args.substeps * (i + 1) // args.frames for i in range(args.frames)]
+    t = time.perf_counter()
+    traj = simulate(scene, x0, leaves["v0"].expand(len(x0), 3), {"E": leaves["log_E"].exp(), "nu": leaves["nu"]},
+                    args.substeps, frames)
+    if clock:
+        t = clock.lap("sim_fwd_ms", t)
+        xs, Fs = traj.x.detach().requires_grad_(), traj.F.detach().requires_grad_()
+    else:
+        xs, Fs = traj.x, traj.F
+    images = []
+    for f in range(args.frames):
+        if variant == "surface":
+            g = synthesize_surface(xs[f], Fs[f], binding, leaves["log_sigma0"].exp(), leaves["log_thickness"].exp())
+        else:
+            g = particles_to_gaussians(xs[f], Fs[f], 0.5 * args.spacing, (0.8, 0.4, 0.3), 0.9)
+        if clock:
+            t = clock.lap("upsample_fwd_ms", t)
+        image, _, _ = rasterize(g.means, None, None, g.opacities, g.colors, viewmats, Ks, args.size, args.size,
+                                covars=g.covars)
+        images.append(image)
+        if clock:
+            t = clock.lap("render_fwd_ms", t)
+    loss = (torch.stack(images) - target).square().mean()
+    if not clock:
+        loss.backward()
+        return loss, leaves
+    t = clock.lap("render_fwd_ms", t)
+    wanted = [xs, Fs] + ([leaves["log_sigma0"], leaves["log_thickness"]] if variant == "surface" else [])
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+    t = clock.lap("render_upsample_bwd_ms", t)
+    torch.autograd.backward([traj.x, traj.F], [grads[0], grads[1]])
+    clock.lap("sim_bwd_ms", t)
+    return loss, leaves
+
+
+def run_variant(args, scene, x0, binding, viewmats, Ks, target, variant):
+    step(args, scene, x0, binding, viewmats, Ks, target, variant)  # warm-up: compiles everything
+    splits, plain, peaks = [], [], []
+    for _ in range(args.repeats):
+        clock = Clock()
+        step(args, scene, x0, binding, viewmats, Ks, target, variant, clock)
+        splits.append(clock.times)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t = time.perf_counter()
+        _, leaves = step(args, scene, x0, binding, viewmats, Ks, target, variant)
+        sync()
+        plain.append((time.perf_counter() - t) * 1e3)
+        peaks.append(torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan"))
+    finite = all(bool(torch.isfinite(v.grad).all()) for v in leaves.values() if v.grad is not None)
+    row = {"variant": variant, "step_ms": statistics.median(plain), "peak_GB": max(peaks), "grads_finite": finite}
+    for key in splits[0]:
+        row[key] = statistics.median(s[key] for s in splits)
+    row["split_total_ms"] = sum(row[k] for k in splits[0])
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--particles", type=int, default=100_000)
+    parser.add_argument("--res", type=int, default=64)
+    parser.add_argument("--substeps", type=int, default=200)
+    parser.add_argument("--gaussians", type=int, default=180_000)
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="tiny CPU-sized run")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.particles, args.res, args.substeps, args.gaussians = 2000, 24, 20, 2000
+        args.views, args.frames, args.size, args.repeats = 2, 2, 64, 1
+    arch = ensure_init()
+    device_name = torch.cuda.get_device_name() if arch == "cuda" else platform.processor() or "cpu"
+    solver, scene, x0, binding, viewmats, Ks = build(args)
+    args.spacing = solver.dx / 2
+    target = torch.full((args.frames, len(viewmats), args.size, args.size, 3), 0.5, device=x0.device)
+    print(f"device: {device_name} ({arch}); {scene.n_particles} particles, {args.substeps} substeps, "
+          f"{binding.n_gaussians} surface Gaussians, {args.frames} frames x {len(viewmats)} views at {args.size}^2",
+          flush=True)
+    rows = [run_variant(args, scene, x0, binding, viewmats, Ks, target, v) for v in ("surface", "per_particle")]
+    keys = ["sim_fwd_ms", "upsample_fwd_ms", "render_fwd_ms", "render_upsample_bwd_ms", "sim_bwd_ms"]
+    print(f"{'variant':>13} {'step ms':>8} {'peak GB':>8} " + " ".join(f"{k[:-3]:>22}" for k in keys))
+    for r in rows:
+        print(f"{r['variant']:>13} {r['step_ms']:>8.1f} {r['peak_GB']:>8.3f} " + " ".join(f"{r[k]:>22.1f}" for k in keys))
+    result = {"benchmark": "e2e_step", "device": device_name, "arch": arch,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "command": " ".join(sys.argv),
+              "workload": {"particles": scene.n_particles, "substeps": args.substeps, "dt": scene.dt,
+                           "gaussians": binding.n_gaussians, "frames": args.frames, "views": len(viewmats),
+                           "size": args.size, "repeats": args.repeats},
+              "rows": rows}
+    out = args.out or Path(__file__).resolve().parent / "results" / f"e2e_step_{arch}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
