@@ -84,7 +84,7 @@ def save_panels(path: Path, rows, z_range) -> None:
 
 
 def random_model(n: int, box_lo, box_hi, dev, generator) -> GaussianModel:
-    lo, hi = torch.tensor(box_lo), torch.tensor(box_hi)
+    lo, hi = torch.tensor(box_lo, dtype=torch.float32), torch.tensor(box_hi, dtype=torch.float32)
     means = lo + (hi - lo) * torch.rand(n, 3, generator=generator)
     scales = torch.full((n, 3), 0.04)
     quats = torch.randn(n, 4, generator=generator)
@@ -99,7 +99,7 @@ def fit(model: GaussianModel, target: torch.Tensor, scan: torch.Tensor, grid: Tr
     opt = torch.optim.Adam([dict(params=[model.means], lr=lr), dict(params=[model.scaling], lr=2 * lr),
                             dict(params=[model.rotation], lr=lr), dict(params=[model.opacity], lr=5 * lr),
                             dict(params=[model.features_dc], lr=2 * lr), dict(params=[log_gain], lr=5 * lr)])
-    lo, hi = (torch.tensor(b, device=target.device) for b in box)
+    lo, hi = (torch.tensor(b, dtype=torch.float32, device=target.device) for b in box)
     g = torch.Generator().manual_seed(args.seed)
     losses, P = [], scan.shape[0]
     for step in range(args.iters):
@@ -242,7 +242,7 @@ def body(args):
         radii = cap.bin_radius(np.arange(cap.num_bins))
         target = torch.tensor(rebin(meas_np, radii, r_min, r_max, num_r), dtype=torch.float32, device=dev).reshape(-1, num_r)
     target = target / target.max()
-    box = ((-half_wall, -half_wall, r_min), (half_wall, half_wall, r_max * 0.9))
+    box = ((-half_wall, -half_wall, float(r_min)), (half_wall, half_wall, float(r_max) * 0.9))
     model = random_model(args.gaussians, *box, dev, gen)
     print(f"fitting {args.gaussians} Gaussians to {X}x{Y} scan points x {num_r} bins "
           f"(r {r_min:.2f}..{r_max:.2f} m, rays {nt}x{nph})")
