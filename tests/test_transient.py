@@ -214,3 +214,19 @@ def test_precision_upper():
                       [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]], dtype=torch.float64)
     cov = R @ torch.diag(s[0] ** 2) @ R.T
     torch.testing.assert_close(Q @ cov, torch.eye(3, dtype=torch.float64))
+
+
+def test_gaussian_model_feeds_rasterizer(ti_arch):
+    """The same GaussianModel renders through the 3DGS rasterizer (activated() uses its argument names)."""
+    from bridge.rasterization import rasterize
+    from render.camera import Camera, stack_cameras
+
+    inputs, _ = scene(torch.float32)
+    model = GaussianModel(inputs["means"], inputs["scales"], inputs["quats"], inputs["opacities"].clamp(0.05, 0.95),
+                          sh_degree=1)
+    viewmats, Ks = stack_cameras([Camera.look_at((0, 0, -1.0), (0, 0, 0.8), (0, -1, 0), 24, 20, 30)])
+    image, alpha, _ = rasterize(**model.activated(), viewmats=viewmats.to(device()), Ks=Ks.to(device()),
+                                width=24, height=20, sh_degree=model.sh_degree)
+    assert image.shape == (1, 20, 24, 3) and alpha.max() > 0.05
+    image.sum().backward()
+    assert model.means.grad.abs().max() > 0 and model.features_dc.grad.abs().max() > 0
