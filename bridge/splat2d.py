@@ -41,8 +41,8 @@ class _Splat2D(torch.autograd.Function):
         rects = torch.empty(N, 4, dtype=torch.int32, device=dev)
         counts = torch.empty(N, dtype=torch.int32, device=dev)
         prep_forward(means, chol, opacities, width, height, conics, rects, counts)
-        # equal depths: the stable sorts keep index order, Gaussian 0 in front
-        binning = bin_counted_rects(rects, torch.zeros(N, device=dev), counts, 1, TileGrid(width, height), max_pairs)
+        # no depths: pairs keep index order, Gaussian 0 in front
+        binning = bin_counted_rects(rects, None, counts, 1, TileGrid(width, height), max_pairs)
         item_ids = binning.item_ids if binning.num_pairs else torch.zeros(1, dtype=torch.int32, device=dev)
         image = torch.empty(1, height, width, K, device=dev)
         final_T = torch.empty(1, height, width, device=dev)

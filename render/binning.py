@@ -14,6 +14,7 @@ cameras over N Gaussians is simply I = C * N items.
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import taichi as ti
 import torch
@@ -94,7 +95,7 @@ def _tile_starts(num_image_tiles: int, dtype: torch.dtype, device: torch.device)
 def _check_items(rects: torch.Tensor, depths: torch.Tensor, num_images: int, grid: TileGrid, max_pairs: int) -> None:
     if rects.dim() != 2 or rects.shape[1] != 4 or rects.dtype != torch.int32:
         raise ValueError(f"rects must be (I, 4) int32, got {tuple(rects.shape)} {rects.dtype}")
-    if depths.shape != rects.shape[:1] or depths.dtype != torch.float32:
+    if depths is not None and (depths.shape != rects.shape[:1] or depths.dtype != torch.float32):
         raise ValueError(f"depths must be ({rects.shape[0]},) float32, got {tuple(depths.shape)} {depths.dtype}")
     if not 0 < max_pairs < 2**31:
         raise ValueError(f"max_pairs must be in [1, 2**31) (pair indices are int32), got {max_pairs}")
@@ -111,7 +112,8 @@ def bin_rects(rects: torch.Tensor, depths: torch.Tensor, num_images: int, grid: 
     Args:
         rects: (I, 4) int32 tile rectangles [tx0, ty0, tx1, ty1), already clipped to the grid;
             empty rectangles (tx1 <= tx0 or ty1 <= ty0) make no pairs.
-        depths: (I,) float32 sort keys within a tile (front to back = ascending; ties keep item order).
+        depths: (I,) float32 sort keys within a tile (front to back = ascending; ties keep item order),
+            or None to keep item order.
         num_images: I must be a multiple of it; item i belongs to image i // (I / num_images).
         grid: the tile grid of every image.
         max_pairs: cap on the pair count; above it TooManyPairsError is raised before allocating.
@@ -121,10 +123,12 @@ def bin_rects(rects: torch.Tensor, depths: torch.Tensor, num_images: int, grid: 
     return bin_counted_rects(rects, depths, counts, num_images, grid, max_pairs)
 
 
-def bin_counted_rects(rects: torch.Tensor, depths: torch.Tensor, counts: torch.Tensor, num_images: int,
+def bin_counted_rects(rects: torch.Tensor, depths: Optional[torch.Tensor], counts: torch.Tensor, num_images: int,
                       grid: TileGrid, max_pairs: int = DEFAULT_MAX_PAIRS) -> Binning:
     """bin_rects when the pair count of every item, (I,) integer (rectangle area, 0 if empty), is
     already known (the projection kernel writes it), which saves the torch ops that compute it.
+    depths=None keeps the items' own order within a tile (2D splats: index order) and skips the
+    depth sort.
 
     Two sorts give the (tile, depth, item) order: a stable sort of the I depths, then pairs emitted
     in that depth order and stably sorted by their image-tile key alone, 16 (or 32) bits instead of
@@ -142,8 +146,12 @@ def bin_counted_rects(rects: torch.Tensor, depths: torch.Tensor, counts: torch.T
 
     if rects.shape[0] == 0:
         return no_pairs()
-    depth_order = torch.sort(depths, stable=True).indices
-    offsets = torch.cumsum(counts[depth_order], 0)
+    if depths is None:
+        depth_order = torch.arange(rects.shape[0], device=device)
+        offsets = torch.cumsum(counts, 0)
+    else:
+        depth_order = torch.sort(depths, stable=True).indices
+        offsets = torch.cumsum(counts[depth_order], 0)
     num_pairs = int(offsets[-1])
     if num_pairs > max_pairs:
         raise TooManyPairsError(

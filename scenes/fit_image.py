@@ -80,7 +80,7 @@ def make_optimizer(model: GaussianImage, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=lr, eps=1e-15)
 
 
-def fit(model: GaussianImage, target: torch.Tensor, iters: int, loss: str = "l2", lr: float = 0.01,
+def fit(model: GaussianImage, target: torch.Tensor, iters: int, loss: str = "l2", lr: float = 0.03,
         target_psnr: Optional[float] = None, every: int = 10,
         progress: Optional[Callable[[int, float, float], None]] = None) -> Dict[str, List[float]]:
     """Adam on the Gaussians for `iters` steps (or until target_psnr). Returns the PSNR log
@@ -189,7 +189,7 @@ def main(argv=None):
     parser.add_argument("--loss", choices=LOSSES, default="l2")
     parser.add_argument("--mode", choices=("sum", "alpha"), default="sum",
                         help="sum: order-free accumulated sum (GaussianImage); alpha: front-to-back compositing")
-    parser.add_argument("--lr", type=float, default=0.01, help="colour learning rate (positions 10x, factors 5x)")
+    parser.add_argument("--lr", type=float, default=0.03, help="colour learning rate (positions 10x, factors 5x)")
     parser.add_argument("--target-psnr", type=float, default=None, help="stop once the PSNR reaches this (dB)")
     parser.add_argument("--render", type=Path, default=None, help="render a saved gaussians.npz instead of fitting")
     parser.add_argument("--scale", type=float, default=1.0, help="resolution factor for --render")
