@@ -7,7 +7,7 @@ depth map comes out on the scan grid) and on ``z`` in depth.
 
 ``depth_from_volume`` turns any volume [X, Y, Z] (back-projection, or a Gaussian density) into a
 depth map [X, Y]: the z of each column's maximum, NaN where that maximum is below
-``threshold`` times the volume's maximum.
+``threshold`` times the volume's maximum (or a quantile of the column maxima).
 """
 from __future__ import annotations
 
@@ -50,11 +50,19 @@ def laplacian_z(vol: torch.Tensor) -> torch.Tensor:
     return padded[..., 2:] - 2 * padded[..., 1:-1] + padded[..., :-2]
 
 
-def depth_from_volume(vol: torch.Tensor, z: torch.Tensor, threshold: float = 0.2) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Depth [X, Y] (z of each column's maximum, NaN below threshold * max) and the max image [X, Y]."""
+def found_mask(peaks: torch.Tensor, threshold: float, quantile: float = 1.0) -> torch.Tensor:
+    """Columns whose peak reaches threshold times the given quantile of all column peaks (1.0: the
+    maximum; a lower quantile keeps one hot spot from hiding the rest)."""
+    ref = torch.quantile(peaks.reshape(-1).float(), quantile).to(peaks) if quantile < 1 else peaks.max()
+    return peaks >= threshold * ref.clamp_min(1e-30)
+
+
+def depth_from_volume(vol: torch.Tensor, z: torch.Tensor, threshold: float = 0.2,
+                      quantile: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Depth [X, Y] (z of each column's maximum, NaN where found_mask says no) and the max image [X, Y]."""
     vmax, idx = vol.clamp_min(0).max(-1)
     depth = z.to(vol)[idx]
-    found = vmax >= threshold * vmax.max().clamp_min(1e-30)
+    found = found_mask(vmax, threshold, quantile)
     return torch.where(found, depth, torch.full_like(depth, float("nan"))), vmax
 
 

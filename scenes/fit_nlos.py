@@ -11,7 +11,9 @@ mini-batches of scan points (MSE of peak-normalised histograms, a learnt global 
 histogram loss and the depth error (mean |depth - true depth| over the scan cells where the true
 surface exists; missed cells counted apart) of the fit and of filtered back-projection, and saves
 ``result.png`` (rows: ground truth, fit, back-projection; columns: depth, max intensity),
-``loss.png`` and ``depth.npz``.
+``loss.png``, ``depth.npz`` and the fitted ``model.pt`` (GaussianModel state dict). A scan cell
+holds a surface where its column's peak (fitted density, or filtered back-projection) reaches 0.25
+times the 95th percentile of all columns' peaks; the fit's depth is the first z at half its peak.
 
 With --data: the capture is pooled to at most --scan x --scan points and --bins time bins over the
 radii where it has signal (or --r-min/--r-max), fitted the same way (no ground truth needed), and
@@ -29,7 +31,7 @@ import torch
 
 from bridge.gaussian_model import GaussianModel
 from bridge.transient import SPEED_OF_LIGHT, transient_gaussians
-from render.backprojection import backproject, depth_from_volume, gaussian_density
+from render.backprojection import backproject, depth_from_volume, found_mask, gaussian_density
 from render.transient import TransientGrid
 from scenes.cli import UserError, run, scene_parser
 from scenes.plots import plot_loss
@@ -128,7 +130,10 @@ def full_loss(model, target, scan, grid, gain) -> float:
         return (hist * gain - target).square().mean().item()
 
 
-def model_depth(model: GaussianModel, scan_xy: torch.Tensor, z: torch.Tensor, threshold: float):
+FOUND_THRESHOLD, FOUND_QUANTILE = 0.25, 0.95  # a column holds a surface if its peak >= 0.25 x the 95th percentile
+
+
+def model_depth(model: GaussianModel, scan_xy: torch.Tensor, z: torch.Tensor):
     with torch.no_grad():
         a = model.activated()
         X, Y = scan_xy.shape[:2]
@@ -138,7 +143,7 @@ def model_depth(model: GaussianModel, scan_xy: torch.Tensor, z: torch.Tensor, th
         peak = dens.max(-1, keepdim=True).values
         first = (dens >= 0.5 * peak).float().argmax(-1)
         depth = z[first]
-        found = peak[..., 0] >= threshold * peak.max()
+        found = found_mask(peak[..., 0], FOUND_THRESHOLD, FOUND_QUANTILE)
         return torch.where(found, depth, torch.full_like(depth, float("nan"))), peak[..., 0]
 
 
@@ -251,11 +256,12 @@ def body(args):
     seconds = time.time() - t0
     loss = full_loss(model, target, scan, grid, gain)
     z = torch.linspace(r_min, r_max, 2 * num_r, device=dev)
-    depth, image = model_depth(model, scan_xy, z, 0.2)
+    depth, image = model_depth(model, scan_xy, z)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.out / "model.pt")
     # Back-projection of the same histograms: bin k spans round trips [2 (r_min + k dr) / c, ...).
     vol = backproject(target.reshape(X, Y, num_r).double(), scan.reshape(X, Y, 3).double(), z.double(),
                       2 * r_min / SPEED_OF_LIGHT, 2 * dr / SPEED_OF_LIGHT)
-    bp_depth, bp_image = depth_from_volume(vol, z.double(), threshold=0.2)
+    bp_depth, bp_image = depth_from_volume(vol, z.double(), FOUND_THRESHOLD, FOUND_QUANTILE)
     depth, image, bp_depth, bp_image = (t.float().cpu().numpy() for t in (depth, image, bp_depth, bp_image))
     print(f"histogram loss (all scan points) {loss:.3e}, {args.iters} steps in {seconds:.1f} s")
     plot_loss(losses, args.out / "loss.png", "histogram MSE (mini-batch)")

@@ -1,5 +1,7 @@
 """Smoke tests of python -m scenes.fit_nlos: synthetic run, --data on small files in both layouts, CLI errors.
 
+No --arch: the scene runs wherever the test session's Taichi runs (TAICHI_MPM_ARCH).
+
 Breakage seen caught (once, then reverted): writing depth.npz on the pooled grid instead of the
 file's scan grid (test_fit_real_capture fails on the shape).
 """
@@ -11,7 +13,7 @@ import scipy.io
 from scenes.fit_nlos import main
 
 C = 299_792_458.0
-TINY = ["--arch", "cpu", "--iters", "3", "--gaussians", "20", "--batch", "6", "--bins", "16",
+TINY = ["--iters", "3", "--gaussians", "20", "--batch", "6", "--bins", "16",
         "--directions", "8", "8"]
 
 

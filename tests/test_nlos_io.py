@@ -149,3 +149,12 @@ def test_gaussian_density():
     torch.testing.assert_close(gaussian_density(means, scales, quats, torch.tensor([0.7], dtype=torch.float64), p),
                                expected)
     assert expected[1] == 0 and expected[0] > 0
+
+
+def test_found_mask_quantile():
+    """One hot column: relative to the max it hides the rest, relative to a quantile it does not."""
+    from render.backprojection import found_mask
+
+    peaks = torch.tensor([[1.0, 1.2, 0.9], [0.05, 50.0, 1.1]])
+    assert found_mask(peaks, 0.25).sum() == 1
+    assert found_mask(peaks, 0.25, quantile=0.6).tolist() == [[True, True, True], [False, True, True]]
