@@ -128,7 +128,7 @@ def main(argv=None):
                                               with_transient=False)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu"
     print(f"device {name}; {n} Gaussians, {dirs}x{dirs} directions, {bins} bins; forward+backward")
-    print(f"max relative error ours vs torch (float32): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    print("max relative error ours vs torch (float32): " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     print(f"{'case':24s} {'ms':>10s} {'peak MiB':>10s}")
     for k, v in rows.items():
         ms = "-" if v["ms"] is None else f"{v['ms']:.2f}"
