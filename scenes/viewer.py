@@ -316,8 +316,10 @@ def open_window(width: int, height: int, show: bool):
         raise GGUIUnavailable(str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
 
 
-def run_ggui(controls: Controls, window, fps: float, frames: Optional[int], out: Path) -> list:
-    """The GGUI loop. ``frames``: stop after that many (offscreen) and return them; None: until closed."""
+def run_ggui(controls: Controls, window, fps: float, frames: Optional[int], out: Path,
+             seconds: Optional[float] = None) -> list:
+    """The GGUI loop. ``frames``: stop after that many (offscreen) and return them; None: until the
+    window closes, or after ``seconds``."""
     import taichi as ti
 
     scene_data = controls.scene
@@ -334,9 +336,9 @@ def run_ggui(controls: Controls, window, fps: float, frames: Optional[int], out:
     floor_i = ti.field(ti.i32, 6)
     floor_i.from_numpy(np.array([0, 2, 1, 0, 3, 2], np.int32))
     captured, last_cursor = [], None
-    frame = 0
+    frame, start = 0, time.perf_counter()
     interactive = frames is None  # an offscreen window has no events or cursor
-    while window.running:
+    while window.running and (seconds is None or time.perf_counter() - start < seconds):
         for event in (window.get_events(ti.ui.PRESS) if interactive else ()):
             key = event.key
             if key == ti.ui.ESCAPE:
@@ -400,6 +402,8 @@ def run_ggui(controls: Controls, window, fps: float, frames: Optional[int], out:
             image = from_gui(window.get_image_buffer_as_numpy())
             (captured if frames is not None else controls.recording).append(image)
         frame += 1
+        if frame == 1:
+            start = time.perf_counter()  # --seconds counts from the first frame (kernels compiled)
         if frames is not None:
             if frame >= frames:
                 break
@@ -407,6 +411,8 @@ def run_ggui(controls: Controls, window, fps: float, frames: Optional[int], out:
             window.show()
     if controls.recording:
         _write_recording(controls.recording, out, fps)
+    if interactive:
+        print(f"viewer closed after {frame} frames")
     return captured
 
 
@@ -452,7 +458,8 @@ def parser():
     p.add_argument("--web", action="store_true", help="serve the live scene to a browser through viser")
     p.add_argument("--host", default="127.0.0.1", help="--web: address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8080, help="--web: port")
-    p.add_argument("--seconds", type=float, default=None, help="--web: stop serving after this long (default: never)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="window / --web: close after this long (default: when closed / Ctrl-C)")
     p.add_argument("--splats", action="store_true", help="start in Gaussian-splat rendering (G toggles)")
     p.add_argument("--color", choices=COLOR_MODES, default="material", help="particle colouring (M cycles)")
     p.add_argument("--fps", type=float, default=24.0, help="frames per second of simulated time and of the video")
@@ -482,7 +489,8 @@ def body(args):
         with _ImguiIniGuard():
             window = open_window(args.width, args.height, show=not args.offscreen)
             try:
-                frames = run_ggui(controls, window, args.fps, args.frames if args.offscreen else None, args.out)
+                frames = run_ggui(controls, window, args.fps, args.frames if args.offscreen else None, args.out,
+                                  args.seconds)
             finally:
                 window.destroy()
         renderer = "GGUI"

@@ -90,6 +90,21 @@ def test_without_vulkan_offscreen_falls_back_to_the_rasterizer(tmp_path):
     assert not (tmp_path / "imgui.ini").exists()
 
 
+@pytest.mark.skipif(shutil.which("xvfb-run") is None or not HAS_VULKAN_ICD,
+                    reason="needs xvfb-run (Debian: xvfb) and a Vulkan driver (mesa-vulkan-drivers)")
+def test_window_runs_under_a_virtual_display(tmp_path):
+    """The interactive path (events, cursor, panel, sliders, splat toggle) in a real GGUI window."""
+    env = dict(os.environ, TAICHI_MPM_ARCH="cpu")
+    done = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 800x600x24", sys.executable, "-m", "scenes.viewer",
+                           "--res", "20", "--width", "160", "--height", "120", "--splats", "--color", "speed",
+                           "--seconds", "2", "--out", str(tmp_path / "out")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = [line for line in done.stdout.splitlines() if line.startswith("viewer closed after")]
+    assert shown and int(shown[0].split()[3]) >= 2
+    assert not (tmp_path / "imgui.ini").exists()
+
+
 def test_inputs_are_classified(tmp_path):
     assert viewer.classify(None) == viewer.classify("demo") == "scene"
     assert viewer.classify(str(ASSETS / "bunny_like.obj")) == "mesh"
