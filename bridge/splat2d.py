@@ -191,20 +191,47 @@ class GaussianImage(torch.nn.Module):
         return None if self.opacity_logits is None else torch.sigmoid(self.opacity_logits)
 
     def forward(self, use_manual_backward: bool = True, scale: float = 1.0, validate: bool = False) -> torch.Tensor:
-        width, height = max(1, round(self.width * scale)), max(1, round(self.height * scale))
-        sx, sy = width / self.width, height / self.height
-        s = torch.tensor([sx, sy], dtype=self.means.dtype, device=self.means.device)
-        chol = self.chol * torch.tensor([sx, sy, sy], dtype=self.chol.dtype, device=self.chol.device)
-        image, _ = splat2d(self.means * s, chol, self.colors, width, height, self.opacities(), self.background,
+        means, chol, width, height = self.means, self.chol, self.width, self.height
+        if scale != 1.0:
+            width, height = max(1, round(self.width * scale)), max(1, round(self.height * scale))
+            sx, sy = width / self.width, height / self.height
+            means = means * torch.tensor([sx, sy], dtype=means.dtype, device=means.device)
+            chol = chol * torch.tensor([sx, sy, sy], dtype=chol.dtype, device=chol.device)
+        image, _ = splat2d(means, chol, self.colors, width, height, self.opacities(), self.background,
                            self.mode, use_manual_backward, validate)
         return image
 
     @torch.no_grad()
     def clamp_(self) -> None:
         """Keep the factors away from degenerate (call after each optimiser step)."""
-        for k in (0, 2):
-            col = self.chol[:, k]
-            col.copy_(torch.where(col.abs() < CHOL_MIN, torch.where(col < 0, -CHOL_MIN, CHOL_MIN), col))
+        diag = self.chol[:, 0::2]
+        diag.copy_(torch.where(diag.abs() < CHOL_MIN, torch.copysign(torch.full_like(diag, CHOL_MIN), diag), diag))
+
+    @torch.no_grad()
+    def grow_(self, target: torch.Tensor, count: int) -> int:
+        """Add up to `count` Gaussians at the pixels where |render - target| is largest; returns how many.
+
+        New Gaussians are small (1 px) and carry the residual there ("sum" mode) or the target colour,
+        placed behind the others ("alpha" mode appends them last). Rebuild the optimiser afterwards
+        (scenes.fit_image.fit does, keeping the old Gaussians' Adam moments)."""
+        H, W, K = target.shape
+        residual = (target - self()).reshape(-1, K)
+        error = residual.abs().sum(-1)
+        count = min(check_int("count", count, 0), error.numel())
+        if count == 0:
+            return 0
+        pixels = torch.topk(error, count).indices
+        ys, xs = pixels // W, pixels % W
+        means = torch.stack([xs, ys], -1).to(self.means.dtype) + 0.5
+        chol = torch.tensor([1.0, 0.0, 1.0], dtype=self.chol.dtype, device=self.chol.device).repeat(count, 1)
+        colors = residual[pixels] if self.mode == "sum" else target.reshape(-1, K)[pixels]
+        self.means = torch.nn.Parameter(torch.cat([self.means, means]))
+        self.chol = torch.nn.Parameter(torch.cat([self.chol, chol]))
+        self.colors = torch.nn.Parameter(torch.cat([self.colors, colors.to(self.colors.dtype)]))
+        if self.opacity_logits is not None:
+            self.opacity_logits = torch.nn.Parameter(torch.cat([self.opacity_logits,
+                                                                self.opacity_logits.new_full((count,), 2.0)]))
+        return count
 
     def save(self, path: Path) -> None:
         size = torch.tensor([self.width, self.height], dtype=torch.float32, device=self.means.device)

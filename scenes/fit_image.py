@@ -10,6 +10,7 @@ fit.json (PSNR, time, settings). --render turns a gaussians.npz back into an ima
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -71,37 +72,61 @@ def image_loss(image: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Te
     return (1 - SSIM_WEIGHT) * (image - target).abs().mean() + SSIM_WEIGHT * (1 - ssim(image, target))
 
 
-def make_optimizer(model: GaussianImage, lr: float) -> torch.optim.Optimizer:
-    """Adam; positions and factors move in pixels, so their rates scale with lr."""
-    groups = [dict(params=[model.means], lr=lr * 10), dict(params=[model.chol], lr=lr * 5),
-              dict(params=[model.colors], lr=lr)]
-    if model.opacity_logits is not None:
-        groups.append(dict(params=[model.opacity_logits], lr=lr * 5))
-    return torch.optim.Adam(groups, lr=lr, eps=1e-15)
+PARAM_LR = {"means": 10.0, "chol": 5.0, "colors": 1.0, "opacity_logits": 5.0}  # x lr: px-sized steps
+
+
+def make_optimizer(model: GaussianImage, lr: float, old: Optional[torch.optim.Optimizer] = None) -> torch.optim.Adam:
+    """Adam, one group per parameter (positions and factors move in pixels, so their rates are larger).
+    With `old` (the optimiser before grow_), each kept Gaussian keeps its moments; new ones start at 0."""
+    params = {name: p for name, p in model.named_parameters()}
+    opt = torch.optim.Adam([dict(params=[p], lr=lr * PARAM_LR[name], name=name) for name, p in params.items()],
+                           lr=lr, eps=1e-15)
+    if old is not None:
+        for group in old.param_groups:
+            state = old.state.get(group["params"][0])
+            new = params[group["name"]]
+            if state:
+                pad = lambda t: torch.cat([t, t.new_zeros(new.shape[0] - t.shape[0], *t.shape[1:])])  # noqa: E731
+                opt.state[new] = {"step": state["step"], "exp_avg": pad(state["exp_avg"]),
+                                  "exp_avg_sq": pad(state["exp_avg_sq"])}
+    return opt
 
 
 def fit(model: GaussianImage, target: torch.Tensor, iters: int, loss: str = "l2", lr: float = 0.03,
         target_psnr: Optional[float] = None, every: int = 10,
-        progress: Optional[Callable[[int, float, float], None]] = None) -> Dict[str, List[float]]:
-    """Adam on the Gaussians for `iters` steps (or until target_psnr). Returns the PSNR log
-    {"iteration", "psnr", "seconds"} recorded every `every` steps and at the end."""
+        progress: Optional[Callable[[int, float, float], None]] = None,
+        grow_to: Optional[int] = None, grow_every: Optional[int] = None) -> Dict[str, List[float]]:
+    """Adam on the Gaussians for `iters` steps (or until target_psnr), learning rates on a cosine
+    schedule down to 5%. With grow_to, Gaussians are added where the error is largest every
+    `grow_every` steps (default iters / 40: 20 batches) in the first half of the run, in equal
+    batches, until there are grow_to.
+    Returns the PSNR log {"iteration", "psnr", "seconds", "gaussians"} recorded every `every` steps
+    and at the end."""
     opt = make_optimizer(model, lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iters, 1), eta_min=lr * 0.05)
-    log: Dict[str, List[float]] = {"iteration": [], "psnr": [], "seconds": []}
+    grow_every = grow_every or max(1, iters // 40)
+    grow_steps = max(1, (iters // 2) // max(grow_every, 1))
+    batch = 0 if grow_to is None else -(-(grow_to - model.means.shape[0]) // grow_steps)
+    log: Dict[str, List[float]] = {"iteration": [], "psnr": [], "seconds": [], "gaussians": []}
     start = time.perf_counter()
     for it in range(1, iters + 1):
+        factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (it - 1) / max(iters, 1)))
+        for group in opt.param_groups:
+            group["lr"] = lr * PARAM_LR[group["name"]] * factor
         image = model()
         image_loss(image, target, loss).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sched.step()
         model.clamp_()
+        if batch > 0 and it % grow_every == 0 and it <= iters // 2 and model.means.shape[0] < grow_to:
+            model.grow_(target, min(batch, grow_to - model.means.shape[0]))
+            opt = make_optimizer(model, lr, opt)
         if it % every == 0 or it == iters:
             value = psnr(image, target)  # of this step's render (one sync)
             seconds = time.perf_counter() - start
             log["iteration"].append(it)
             log["psnr"].append(value)
             log["seconds"].append(seconds)
+            log["gaussians"].append(model.means.shape[0])
             if progress is not None:
                 progress(it, value, seconds)
             if target_psnr is not None and value >= target_psnr:
@@ -152,16 +177,17 @@ def body(args) -> None:
     target = load_image(args.input)
     from tqdm import tqdm
 
-    model = GaussianImage.from_image(target, num, mode=args.mode, opacity=args.mode == "alpha",
+    model = GaussianImage.from_image(target, max(1, num // 4) if args.grow else num, mode=args.mode, opacity=args.mode == "alpha",
                                      generator=torch.Generator().manual_seed(args.seed))
     model(validate=True)  # checks the start once; the loop skips the sync
     bar = tqdm(total=iters, unit="it", desc="fit")
 
     def progress(it, value, seconds):
         bar.update(it - bar.n)
-        bar.set_postfix_str(f"PSNR {value:.2f} dB")
+        bar.set_postfix_str(f"PSNR {value:.2f} dB, {model.means.shape[0]} Gaussians")
 
-    log = fit(model, target, iters, args.loss, args.lr, args.target_psnr, progress=progress)
+    log = fit(model, target, iters, args.loss, args.lr, args.target_psnr, progress=progress,
+              grow_to=num if args.grow else None)
     bar.close()
     with torch.no_grad():
         final = model()
@@ -172,7 +198,7 @@ def body(args) -> None:
     stored = GaussianImage.load(args.out / "gaussians.npz", device=device())
     with torch.no_grad():
         stored_psnr = psnr(stored(), target)
-    summary = dict(input=str(args.input), width=target.shape[1], height=target.shape[0], num_gaussians=num,
+    summary = dict(input=str(args.input), width=target.shape[1], height=target.shape[0], num_gaussians=model.means.shape[0],
                    iterations=int(log["iteration"][-1]), mode=args.mode, loss=args.loss, lr=args.lr,
                    psnr=psnr(final, target), psnr_compact_file=stored_psnr, seconds=log["seconds"][-1],
                    file_bytes=(args.out / "gaussians.npz").stat().st_size, log=log)
@@ -190,6 +216,8 @@ def main(argv=None):
     parser.add_argument("--mode", choices=("sum", "alpha"), default="sum",
                         help="sum: order-free accumulated sum (GaussianImage); alpha: front-to-back compositing")
     parser.add_argument("--lr", type=float, default=0.03, help="colour learning rate (positions 10x, factors 5x)")
+    parser.add_argument("--grow", action="store_true",
+                        help="start with a quarter of the Gaussians and add the rest where the error is largest")
     parser.add_argument("--target-psnr", type=float, default=None, help="stop once the PSNR reaches this (dB)")
     parser.add_argument("--render", type=Path, default=None, help="render a saved gaussians.npz instead of fitting")
     parser.add_argument("--scale", type=float, default=1.0, help="resolution factor for --render")

@@ -24,11 +24,14 @@ def photo(tmp_path_factory):
     return path
 
 
-def test_fit_writes_outputs_and_renders_at_scale(photo, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--grow", "--mode", "alpha"]])
+def test_fit_writes_outputs_and_renders_at_scale(photo, tmp_path, capsys, extra):
     out = tmp_path / "fit"
     fit_image.main(["--input", str(photo), "--num-gaussians", "60", "--iters", "40", "--out", str(out),
-                    "--loss", "l1+ssim", "--lr", "0.02"])
+                    "--loss", "l1+ssim", "--lr", "0.02", *extra])
     summary = json.loads((out / "fit.json").read_text())
+    assert summary["num_gaussians"] == 60  # grown from 15 in the first half of the run
+    assert (summary["log"]["gaussians"][0] < 60) == bool(extra)
     assert summary["psnr"] > summary["log"]["psnr"][0] + 1.0, "fitting should improve the PSNR"
     assert abs(summary["psnr_compact_file"] - summary["psnr"]) < 1.0
     for name in ("reconstruction.png", "comparison.png", "psnr.png", "gaussians.npz"):
