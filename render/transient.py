@@ -17,7 +17,8 @@ Densities (each Gaussian i: mean mu_i, precision Q_i = Sigma_i^-1, opacity o_i, 
 Transient of one ray, with the optical depth before the sample S_k = dr sum_{j<k} sigma(x_j):
     L_k = rho(x_k) exp(-2 S_k) dr sin(theta) dtheta dphi / r_k^falloff_power
 (exp(-2 S): attenuated on the way out and on the way back; dr sin(theta) dtheta dphi: the volume
-element's solid angle and radial width; 1 / r^2 the radiometric falloff by default). The histogram of
+element without its r^2, so the default 1 / r^2 is the physical confocal falloff 1 / r^4 (out and
+back) times the r^2 of the spherical shell's area, as in NeTF; falloff_power = 4 drops that r^2). The histogram of
 a scan point is the sum of L_k over its directions.
 
 Culling: Gaussians are binned into 16 x 16 tiles of the direction image by the shared
