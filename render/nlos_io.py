@@ -56,11 +56,16 @@ class NLOSCapture:
 
 
 def _shift_bins(meas: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """out[x, y, k] = meas[x, y, k + shifts[x, y]], zero where that falls outside."""
+    """out[x, y, k] = meas[x, y, k + shifts[x, y]], zero where that falls outside.
+
+    One x row at a time: a full capture (512 x 512 x 2048) would need 4 GiB of int64 indices at once."""
     T = meas.shape[2]
-    k = np.arange(T)[None, None, :] + shifts[..., None].astype(np.int64)
-    valid = (k >= 0) & (k < T)
-    return np.where(valid, np.take_along_axis(meas, np.clip(k, 0, T - 1), 2), 0).astype(np.float32)
+    out = np.zeros(meas.shape, np.float32)
+    for x in range(meas.shape[0]):
+        k = np.arange(T)[None, :] + shifts[x][:, None].astype(np.int64)
+        valid = (k >= 0) & (k < T)
+        out[x] = np.where(valid, np.take_along_axis(meas[x], np.clip(k, 0, T - 1), 1), 0)
+    return out
 
 
 def _read_mat(path: Path) -> dict:
