@@ -18,6 +18,7 @@ import argparse
 import os
 import random
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -139,6 +140,14 @@ def run(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], body: Ca
     with status 2, unless ``--debug`` asks for the traceback.
     """
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        if not args.debug:  # a warning is one line too: "<prog>: warning: <message>"
+            warnings.showwarning = lambda message, *_, **__: print(f"{parser.prog}: warning: {message}",
+                                                                   file=sys.stderr)
+        return _run_body(parser, args, body)
+
+
+def _run_body(parser: argparse.ArgumentParser, args: argparse.Namespace, body) -> Any:
     try:
         if getattr(args, "frames", 1) is not None and getattr(args, "frames", 1) < 0:
             raise ValueError(f"--frames must be >= 0, got {args.frames}")

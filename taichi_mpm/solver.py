@@ -333,7 +333,8 @@ class MPMSolver:
         points = sample_sphere(center, radius, spacing, seed=seed)
         return self.add_particles(points, material, velocity, volume=spacing ** 3)
 
-    # a mesh body with fewer particles than this is almost surely a units mistake (add_mesh raises)
+    # a mesh body with fewer particles than this is probably a units mistake (add_mesh warns), and
+    # with fewer than an eighth of it certainly one (add_mesh raises)
     MIN_MESH_PARTICLES = 256
     # add_mesh's default fit: the largest side of the mesh, as a fraction of the valid domain's smallest side
     DEFAULT_FIT_FRACTION = 0.5
@@ -357,8 +358,11 @@ class MPMSolver:
 
         Returns how many particles were placed. A mesh that encloses no lattice point raises
         ``sampling.EmptyVolumeError`` (a ValueError); one that gives fewer than ``min_particles``
-        raises ValueError with the fix (a larger fit size / scale, or more particles per cell).
+        warns (UserWarning), and fewer than ``min_particles // 8`` raises ValueError, both with the
+        fix (a larger fit size / scale, or more particles per cell).
         """
+        import warnings
+
         from .sampling import MeshFit, sample_mesh
 
         spacing = self._spacing(particles_per_cell)
@@ -376,11 +380,14 @@ class MPMSolver:
                              fit=fit)
         if len(points) < min_particles:
             extent = points.max(axis=0) - points.min(axis=0)
-            raise ValueError(
+            message = (
                 f"the mesh gives only {len(points)} particles (fewer than min_particles={min_particles}; "
                 f"{np.round(extent, 4).tolist()} m across at particle spacing {spacing:.3g} m): it is too small "
                 f"for this grid, probably in other units. Fit it to a size (add_mesh with no scale or translation, "
                 f"or fit=(center, size); --size in the scenes), or raise scale or particles_per_cell")
+            if len(points) < min_particles // 8:
+                raise ValueError(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
         return self.add_particles(points, material, velocity, volume=spacing ** 3)
 
     def add_collider(self, collider: Union[Plane, Sphere, Box]) -> int:

@@ -360,13 +360,18 @@ def test_add_mesh_default_fit_puts_downloaded_meshes_in_the_domain(name, ti_arch
     np.testing.assert_allclose(middle, (solver.valid_lower + solver.valid_upper) / 2, atol=2 * solver.dx)
 
 
-def test_add_mesh_in_raw_units_gives_a_clear_error_with_the_fix(ti_arch):
-    """The Stanford-bunny bug: metres placed with scale 1 give a handful of particles."""
+def test_add_mesh_in_raw_units_gives_a_clear_warning_or_error_with_the_fix(ti_arch):
+    """The Stanford-bunny bug: metres placed with scale 1 give a handful of particles.
+    Shown to catch: the check removed (the 30-particle bunny added silently)."""
     from taichi_mpm import Elastic, MPMSolver
 
+    with pytest.raises(ValueError, match=r"only \d+ particles.*fit"):  # ~30 particles: certainly wrong
+        MPMSolver(res=16).add_mesh(ASSETS / "bunny_like.obj", Elastic(), translation=(0.5, 0.4, 0.5))
     solver = MPMSolver(res=24)
-    with pytest.raises(ValueError, match=r"only \d+ particles.*fit"):
-        solver.add_mesh(ASSETS / "bunny_like.obj", Elastic(), translation=(0.5, 0.4, 0.5))
+    with pytest.warns(UserWarning, match=r"only \d+ particles.*fit"):  # ~100: probably wrong
+        n = solver.add_mesh(ASSETS / "bunny_like.obj", Elastic(), translation=(0.5, 0.4, 0.5))
+    assert 32 <= n < 256
+    solver = MPMSolver(res=24)
     with pytest.raises(ValueError, match="translation or fit"):
         solver.add_mesh(ASSETS / "bunny_like.obj", Elastic(), translation=(0.5, 0.4, 0.5), fit=((0.5,) * 3, 0.3))
     assert solver.n_particles == 0
