@@ -172,7 +172,7 @@ def web_server(tmp_path_factory):
     env = dict(os.environ, TAICHI_MPM_ARCH="cpu")
     with open(log, "w") as stream:
         process = subprocess.Popen([sys.executable, "-m", "scenes.viewer", "--web", "--port", str(port),
-                                    "--seconds", "120", "--res", "20"], cwd=ROOT, env=env, stdout=stream,
+                                    "--seconds", "600", "--res", "20"], cwd=ROOT, env=env, stdout=stream,
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
