@@ -201,7 +201,8 @@ def real(args, dev):
     if args.r_min is None or args.r_max is None:
         if not (late & (total > 0)).any():
             raise UserError(f"{args.data}: no signal beyond 0.15 m")
-        strong = np.nonzero(late & (total >= 0.02 * total[late].max()))[0]
+        signal = total - np.median(total[late])  # above the ambient / dark-count floor
+        strong = np.nonzero(late & (signal >= 0.05 * signal[late].max()))[0]
     r_min = args.r_min if args.r_min is not None else max(0.15, radii[strong[0]] - 0.1)
     r_max = args.r_max if args.r_max is not None else radii[strong[-1]] + 0.1
     return cap, meas, pts, (r_min, r_max), f
