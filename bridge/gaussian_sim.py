@@ -31,7 +31,7 @@ from taichi_mpm.runtime import device as runtime_device
 from taichi_mpm.validation import check_tensor
 
 from .surface import upper_triangle
-from .upsampling import deform_points
+from .upsampling import deform_points, nearest_particles
 
 
 @dataclass
@@ -109,21 +109,12 @@ def fill_splats(splats: Splats, spacing: float, **options) -> np.ndarray:
 
 
 def bind_splats(splats: Splats, x_rest: torch.Tensor, neighbours: int = 4) -> SplatBinding:
-    """Bind each splat to its k nearest rest particles with inverse-distance weights (set-up, scipy)."""
-    from scipy.spatial import cKDTree
-
+    """Bind each splat to its k nearest rest particles with inverse-distance weights (set-up)."""
     check_tensor("x_rest", x_rest, (None, 3))
     if x_rest.shape[0] == 0:
         raise ValueError("x_rest holds no particles")
-    rest = x_rest.detach().to("cpu", torch.float64).numpy()
-    k = min(int(neighbours), len(rest))
-    distance, index = cKDTree(rest).query(splats.means.detach().to("cpu", torch.float64).numpy(), k=k)
-    distance, index = distance.reshape(-1, k), index.reshape(-1, k)
-    weights = 1.0 / np.maximum(distance, 1e-9)
-    weights /= weights.sum(1, keepdims=True)
-    dev = x_rest.device
-    return SplatBinding(torch.as_tensor(index, device=dev),
-                        torch.as_tensor(weights, dtype=x_rest.dtype, device=dev), x_rest.detach().clone())
+    index, weights = nearest_particles(splats.means.to(x_rest.device, x_rest.dtype), x_rest, neighbours)
+    return SplatBinding(index, weights, x_rest.detach().clone())
 
 
 def polar_rotation(F: torch.Tensor, iterations: int = 12) -> torch.Tensor:

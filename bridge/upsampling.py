@@ -1,6 +1,6 @@
 """Learnable surface upsampling: N simulated particles -> M surface Gaussians (M independent of N).
 
-Set-up (once, at rest; numpy / trimesh / scipy allowed): :func:`bind_surface` samples M points S on
+Set-up (once, at rest; numpy / trimesh): :func:`bind_surface` samples M points S on
 the body's rest surface, their outward normals n, a fixed depth fraction u in [0, 1] each, colours
 from the mesh's texture (at the samples' UVs) or vertex colours, and binds each Gaussian to its
 k nearest rest particles X_p with inverse-distance weights w_p.
@@ -123,6 +123,21 @@ def surface_colors(mesh: trimesh.Trimesh, faces: np.ndarray, points: np.ndarray,
     return np.broadcast_to(np.asarray(default, dtype=np.float64), (len(points), 3)).copy()
 
 
+def nearest_particles(queries: torch.Tensor, particles: torch.Tensor, k: int):
+    """Indices (Q, k) int64 of each query's k nearest particles and inverse-distance weights (Q, k)
+    summing to 1 (brute force in chunks on the tensors' device: set-up work, no extra dependency)."""
+    k = min(int(k), len(particles))
+    p = particles.detach().to(queries.dtype)
+    index, distance = [], []
+    chunk = max(1, 32_000_000 // max(len(p), 1))  # a (chunk, N) distance block stays near 128 MB
+    for q in torch.split(queries.detach(), chunk):
+        d, i = torch.cdist(q, p).topk(k, dim=1, largest=False)
+        index.append(i)
+        distance.append(d)
+    w = 1.0 / torch.cat(distance).clamp_min(1e-9)
+    return torch.cat(index), w / w.sum(1, keepdim=True)
+
+
 def bind_surface(mesh: Union[str, trimesh.Trimesh], x_rest: torch.Tensor, config: SurfaceConfig = SurfaceConfig(),
                  scale: Union[float, Sequence[float]] = 1.0, rotation=None,
                  translation: Sequence[float] = (0.0, 0.0, 0.0),
@@ -133,8 +148,6 @@ def bind_surface(mesh: Union[str, trimesh.Trimesh], x_rest: torch.Tensor, config
     x_rest: (N, 3) rest particle positions (the rollout's x0). band: the depth (world units) at which
     the nearest particles are looked up (X = S - u * band * n); later thickness values reuse this binding.
     """
-    from scipy.spatial import cKDTree
-
     check_tensor("x_rest", x_rest, (None, 3))
     if x_rest.shape[0] == 0:
         raise ValueError("x_rest holds no particles: the body has no interior to bind a surface to")
@@ -154,16 +167,11 @@ def bind_surface(mesh: Union[str, trimesh.Trimesh], x_rest: torch.Tensor, config
     colors = surface_colors(mesh, faces, points, config.color)
     rng = np.random.default_rng(config.seed + 1)
     depth = rng.uniform(0.0, 1.0, len(points))
-    rest = x_rest.detach().to("cpu", torch.float64).numpy()
-    k = min(int(config.neighbours), len(rest))
-    distance, index = cKDTree(rest).query(points - (depth * band)[:, None] * normals, k=k)
-    distance, index = distance.reshape(len(points), k), index.reshape(len(points), k)
-    weights = 1.0 / np.maximum(distance, 1e-9)
-    weights /= weights.sum(1, keepdims=True)
     dev, real = x_rest.device, x_rest.dtype
     as_t = lambda a, dt=real: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=dev)  # noqa: E731
+    index, weights = nearest_particles(as_t(points - (depth * band)[:, None] * normals), x_rest, config.neighbours)
     return SurfaceBinding(surface=as_t(points), normals=as_t(normals), depth=as_t(depth),
-                          particles=as_t(index, torch.int64), weights=as_t(weights),
+                          particles=index, weights=weights,
                           x_rest=x_rest.detach().clone(), colors=as_t(colors),
                           opacities=torch.full((len(points),), float(config.opacity), dtype=real, device=dev),
                           flatten=float(config.flatten))
