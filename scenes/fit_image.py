@@ -51,25 +51,14 @@ def psnr(image: torch.Tensor, target: torch.Tensor) -> float:
     return float("inf") if mse == 0 else -10.0 * float(np.log10(mse))
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Mean SSIM of two (H, W, C) images in [0, 1] (Gaussian window, the usual constants)."""
-    x = torch.arange(window, dtype=a.dtype, device=a.device) - window // 2
-    g = torch.exp(-x * x / (2 * sigma * sigma))
-    g = g / g.sum()
-    C = a.shape[-1]
-    kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window)
-    blur = lambda t: torch.nn.functional.conv2d(t, kernel, padding=window // 2, groups=C)  # noqa: E731
-    a, b = a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None]
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    return (((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))).mean()
-
-
 def image_loss(image: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "l2":
         return ((image - target) ** 2).mean()
-    return (1 - SSIM_WEIGHT) * (image - target).abs().mean() + SSIM_WEIGHT * (1 - ssim(image, target))
+    from pytorch_msssim import ssim
+
+    nchw = lambda t: t.permute(2, 0, 1)[None]  # noqa: E731
+    return ((1 - SSIM_WEIGHT) * (image - target).abs().mean()
+            + SSIM_WEIGHT * (1 - ssim(nchw(image), nchw(target), data_range=1.0)))
 
 
 PARAM_LR = {"means": 10.0, "chol": 5.0, "colors": 1.0, "opacity_logits": 5.0}  # x lr: px-sized steps
