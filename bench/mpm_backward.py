@@ -13,6 +13,10 @@ used memory (cudaMemGetInfo: CUDA context and Taichi's own pool included). Each 
 device name and date.
 
     python bench/mpm_backward.py [--particles 100000 1000000] [--substeps 1000] [--quick]
+                                 [--material elastic von_mises]
+
+``--material`` lists the materials to run (each its own rows): ``von_mises`` times the plastic
+path (trial_svd + particle_stress_svd and the hand-written SVD adjoint) beside the elastic one.
 """
 from __future__ import annotations
 
@@ -30,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bridge.rollout import REALS_PER_PARTICLE, RolloutScene, plan_for, simulate  # noqa: E402
 from taichi_mpm.runtime import ensure_init  # noqa: E402
-from taichi_mpm import Elastic, MPMSolver  # noqa: E402
+from taichi_mpm import Elastic, MPMSolver, VonMises  # noqa: E402
 
-MATERIAL = Elastic(E=1e5, nu=0.3, density=1000.0)
+MATERIALS = {"elastic": Elastic(E=1e5, nu=0.3, density=1000.0),
+             "von_mises": VonMises(E=1e5, nu=0.3, density=1000.0, yield_stress=2e3)}
+MATERIAL = MATERIALS["elastic"]
 
 
 def sync():
@@ -40,10 +46,10 @@ def sync():
         torch.cuda.synchronize()
 
 
-def build(n_particles: int, res: int, dtype: str):
+def build(n_particles: int, res: int, dtype: str, material=MATERIAL):
     solver = MPMSolver(res=res, dtype=dtype)
     side = (n_particles / 8) ** (1 / 3) / res  # 8 particles per cell
-    solver.add_cube((0.5 - side / 2, 0.3, 0.5 - side / 2), (side, side, side), MATERIAL, particles_per_cell=8)
+    solver.add_cube((0.5 - side / 2, 0.3, 0.5 - side / 2), (side, side, side), material, particles_per_cell=8)
     dt = min(1e-4, solver.stable_dt(1.0))
     return solver, RolloutScene.from_solver(solver, dt=dt)
 
@@ -99,6 +105,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--budget-gb", type=float, default=1.0, help="device bytes for checkpoints + segment")
     parser.add_argument("--quick", action="store_true", help="tiny CPU-sized run")
+    parser.add_argument("--material", nargs="+", choices=sorted(MATERIALS), default=["elastic"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:
@@ -107,33 +114,34 @@ def main():
     device_name = torch.cuda.get_device_name() if arch == "cuda" else platform.processor() or "cpu"
     budget = int(args.budget_gb * (1 << 30))
 
-    # warm-up: compile every kernel (forward, p2g/grid_update/g2p grads) on a tiny scene
-    solver, scene = build(1000, args.res, "float32")
+    # warm-up: compile every kernel (forward and adjoints) of each material on a tiny scene
     t = time.perf_counter()
-    x0 = solver.positions(as_torch=True).clone().requires_grad_()
-    simulate(scene, x0, torch.zeros_like(x0), {"E": MATERIAL.E, "nu": MATERIAL.nu}, 4, [4]).x.sum().backward()
+    for name in args.material:
+        solver, scene = build(1000, args.res, "float32", MATERIALS[name])
+        x0 = solver.positions(as_torch=True).clone().requires_grad_()
+        simulate(scene, x0, torch.zeros_like(x0), {"E": MATERIAL.E, "nu": MATERIAL.nu}, 4, [4]).x.sum().backward()
     sync()
     compile_s = time.perf_counter() - t
     print(f"device: {device_name} ({arch}); warm-up/compile {compile_s:.1f} s", flush=True)
 
     rows = []
-    for n_target in args.particles:
-        solver, scene = build(n_target, args.res, "float32")
+    for material, n_target in [(m, n) for m in args.material for n in args.particles]:
+        solver, scene = build(n_target, args.res, "float32", MATERIALS[material])
         n = scene.n_particles
         state_bytes = n * REALS_PER_PARTICLE * 4
         plan = plan_for(scene, args.substeps, device_budget_bytes=budget)
         runs = [measure(solver, scene, args.substeps, budget) for _ in range(args.repeats)]
-        row = {"particles": n, "substeps": args.substeps, "grid": list(scene.grid_shape), "dt": scene.dt,
+        row = {"material": material, "particles": n, "substeps": args.substeps, "grid": list(scene.grid_shape), "dt": scene.dt,
                "checkpoint_every": plan.every, "checkpoint_storage": plan.storage, "store_grids": plan.store_grids,
                "store_everything_GB": args.substeps * state_bytes / 1e9, **runs[-1], "repeats": runs}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "repeats"}), flush=True)
 
-    header = f"{'particles':>10} {'substeps':>8} {'K':>3} {'ckpt':>6} {'fwd(nograd) s':>13} {'fwd s':>7} " \
+    header = f"{'material':>10} {'particles':>10} {'substeps':>8} {'K':>3} {'ckpt':>6} {'fwd(nograd) s':>13} {'fwd s':>7} " \
              f"{'bwd s':>7} {'bwd/fwd':>7} {'peak GB':>8} {'store-all GB':>12}"
     print(header)
     for r in rows:
-        print(f"{r['particles']:>10} {r['substeps']:>8} {r['checkpoint_every']:>3} {r['checkpoint_storage']:>6} "
+        print(f"{r['material']:>10} {r['particles']:>10} {r['substeps']:>8} {r['checkpoint_every']:>3} {r['checkpoint_storage']:>6} "
               f"{r['forward_nograd_s']:>13.3f} {r['forward_s']:>7.3f} {r['backward_s']:>7.3f} "
               f"{r['backward_over_forward']:>7.2f} {r.get('peak_torch_allocated_GB', float('nan')):>8.3f} "
               f"{r['store_everything_GB']:>12.1f}")

@@ -5,7 +5,9 @@
     traj = params(x0, n_substeps=200, frames=[50, 100, 200])   # bridge.simulate underneath
 
 E is stored as log E (positive, scale-free steps), nu as a logit mapped into (0, NU_MAX), so any
-optimizer step gives valid materials. Each quantity is per body (``scene.body``) or per particle.
+optimizer step gives valid materials; the plastic models' parameters (``plastic={"yield_stress":
+..., "friction_angle": ...}``, names as :func:`bridge.rollout.aux_per_particle`) as logs too. Each
+quantity is per body (``scene.body``) or per particle.
 """
 from __future__ import annotations
 
@@ -14,9 +16,16 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from taichi_mpm.materials import PLASTIC_PARAMETERS
+from taichi_mpm.validation import NU_LIMITS
+
 from .rollout import RolloutScene, Trajectory, simulate
 
+# A bound of the parameterisation, not a physical limit (that is NU_LIMITS): the sigmoid maps onto
+# (0, NU_MAX) so that lam = E nu / ((1 + nu)(1 - 2 nu)) stays within 25x of E during an
+# optimisation (at 0.499 it is 250x: the CFL time step chosen for the start would be broken).
 NU_MAX = 0.49
+assert NU_LIMITS[0] < 0.0 and NU_MAX < NU_LIMITS[1]
 Value = Union[float, Sequence[float], torch.Tensor]
 
 
@@ -43,16 +52,25 @@ class PhysicalParameters(nn.Module):
         velocity: initial velocity, (3,) / [n_bodies, 3] / [N, 3]; None: not learnable, zero.
         per_particle: one value per particle instead of per body.
         n_controls: number of learnable F controls [n_controls, N, 3, 3] (zero-initialised), 0: none.
-        learn: which of "E", "nu", "velocity", "controls" are nn.Parameters (others are buffers).
+        learn: which of "E", "nu", "velocity", "controls" and the plastic parameter names are
+            nn.Parameters (others are buffers).
+        plastic: plastic models' parameters, e.g. {"yield_stress": 300.0} or {"friction_angle": 25.0},
+            each > 0, scalar / per body / per particle; stored as logs.
     """
 
     def __init__(self, scene: RolloutScene, E: Value, nu: Value, velocity: Optional[Value] = None,
                  per_particle: bool = False, n_controls: int = 0,
-                 learn: Sequence[str] = ("E", "nu", "velocity", "controls")):
+                 learn: Sequence[str] = ("E", "nu", "velocity", "controls") + tuple(PLASTIC_PARAMETERS),
+                 plastic: Optional[dict] = None):
         super().__init__()
-        unknown = set(learn) - {"E", "nu", "velocity", "controls"}
+        known = {"E", "nu", "velocity", "controls"} | set(PLASTIC_PARAMETERS)
+        unknown = set(learn) - known
         if unknown:
-            raise ValueError(f"learn may name 'E', 'nu', 'velocity', 'controls'; got {sorted(unknown)}")
+            raise ValueError(f"learn may name {sorted(known)}; got {sorted(unknown)}")
+        plastic = dict(plastic or {})
+        bad = set(plastic) - set(PLASTIC_PARAMETERS)
+        if bad:
+            raise ValueError(f"plastic may hold {sorted(PLASTIC_PARAMETERS)}; got {sorted(bad)}")
         self.scene = scene
         E_t, nu_t = _init(scene, "E", E, per_particle), _init(scene, "nu", nu, per_particle)
         if (E_t <= 0).any():
@@ -64,6 +82,12 @@ class PhysicalParameters(nn.Module):
         velocity = (0.0, 0.0, 0.0) if velocity is None else velocity
         self._register("velocity", _init(scene, "velocity", velocity, per_particle, (3,)), "velocity" in learn)
         self.per_particle = per_particle
+        self.plastic_names = tuple(sorted(plastic))
+        for name in self.plastic_names:
+            value = _init(scene, name, plastic[name], per_particle)
+            if (value <= 0).any():
+                raise ValueError(f"{name} must be > 0")
+            self._register("log_" + name, value.log(), name in learn)
         if n_controls:
             zeros = torch.zeros((n_controls, scene.n_particles, 3, 3), dtype=scene.dtype,
                                 device=scene.density.device)
@@ -88,8 +112,11 @@ class PhysicalParameters(nn.Module):
         return NU_MAX * torch.sigmoid(self.nu_logit)
 
     def material(self) -> dict:
-        """{"E", "nu"} as :func:`bridge.simulate` takes them."""
-        return {"E": self.E, "nu": self.nu}
+        """{"E", "nu"} and the plastic parameters, as :func:`bridge.simulate` takes them."""
+        params = {"E": self.E, "nu": self.nu}
+        for name in self.plastic_names:
+            params[name] = getattr(self, "log_" + name).exp()
+        return params
 
     def initial_velocity(self) -> torch.Tensor:
         """[N, 3] per-particle initial velocity."""

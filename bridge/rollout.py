@@ -5,12 +5,17 @@
     loss = ((traj.x[-1] - target) ** 2).sum() + grid_mass(traj.x[0], scene).square().sum()
     loss.backward()          # grads on x0, v0, E, nu (and "controls" when given)
 
+Every material is differentiable, the plastic ones (von Mises, snow, sand) too, including their
+own parameters: params may hold "yield_stress", "friction_angle", "hardening", ... (see
+:func:`aux_per_particle`).
+
 Checkpoint schedule (DiffTaichi's recompute-instead-of-store rule). The T substeps are cut into
 segments of K. The forward keeps only the particle state at each segment start (a checkpoint:
 x, v, C, F, plastic = 25 reals a particle), on the device or in pinned host memory. The backward
 walks the segments in reverse: it copies the checkpoint into a (K + 1)-slot buffer, runs the K
-substeps forward again to refill the slots, then for each substep s (last first) runs
-g2p.grad, grid_update.grad, p2g.grad, particle_stress.grad on the two slots (s, s + 1). The grid
+substeps forward again to refill the slots, then for each substep s (last first) runs its adjoint
+on the two slots (s, s + 1): g2p_grad, grid_update.grad, p2g_grad, the stress's .grad and, for
+plastic particles, the hand-written SVD adjoint (``_Substeps.backward``; taichi_mpm.substep). The grid
 of substep s is either kept from the refill pass (``store_grids``: K grids on the device, only
 the per-particle stress is recomputed) or recomputed (clear_grid, particle_stress, p2g,
 grid_update). Particle memory: N * (T / K + K + 2) states instead of N * T; K defaults to
@@ -33,13 +38,14 @@ import numpy as np
 import taichi as ti
 import torch
 
+from taichi_mpm.materials import PLASTIC_IDS, PLASTIC_PARAMETERS
 from taichi_mpm.runtime import device as runtime_device, ensure_init
-from taichi_mpm.materials import FIXED_COROTATED_ID, FLUID_ID, NEO_HOOKEAN_ID
 from taichi_mpm.solver import STATE_KEYS, SimulationError, check_particles  # noqa: F401  (SimulationError: raised here too)
+from taichi_mpm.validation import check_nu, check_tensor, same_device
 
 STATE_SHAPES = {"x": (3,), "v": (3,), "C": (3, 3), "F": (3, 3), "plastic": ()}
 REALS_PER_PARTICLE = 25  # x 3 + v 3 + C 9 + F 9 + plastic 1
-NU_LIMITS = (-1.0, 0.5)
+ELASTIC_PARAMETERS = ("E", "nu", "lam", "mu")
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,11 +145,33 @@ class Trajectory(NamedTuple):
     F: torch.Tensor
 
 
-# ----------------------------------------------------------------------------- workarounds
-# Kernels come from substep_kernels(real, plastic_models=False): Taichi cannot reverse-differentiate
-# the ti.svd of the plastic return maps, so the rollout takes elastic and fluid particles only.
-DIFFERENTIABLE_MATERIALS = {FIXED_COROTATED_ID: "fixed_corotated", NEO_HOOKEAN_ID: "neo_hookean",
-                            FLUID_ID: "fluid"}
+# ----------------------------------------------------------------------------- compile notice
+_COMPILED: set = set()  # (stage, dtype) whose kernels this process has built
+NOTICE_AFTER_S = 3.0
+
+
+@contextmanager
+def _compile_notice(stage: str, dtype: torch.dtype):
+    """The first time this process runs ``stage`` ("forward" / "backward") in ``dtype``, print one
+    line on stderr if it is still running after NOTICE_AFTER_S seconds: Taichi is compiling its
+    kernels (cached on disk for later processes), which is not a hang."""
+    key = (stage, dtype)
+    if key in _COMPILED:
+        yield
+        return
+    import sys
+    import threading
+
+    timer = threading.Timer(NOTICE_AFTER_S, lambda: print(
+        f"taichi_mpm: compiling the MPM {stage} kernels ({str(dtype).replace('torch.', '')}) for the first "
+        f"time; Taichi caches them on disk for later runs ...", file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+        _COMPILED.add(key)
+    finally:
+        timer.cancel()
 
 
 @contextmanager
@@ -212,189 +240,246 @@ def _alloc_state(slots: int, n: int, dtype, dev) -> dict:
     return {k: torch.zeros((slots, n) + STATE_SHAPES[k], dtype=dtype, device=dev) for k in STATE_KEYS}
 
 
-class _Kernels:
-    """Thin scheduling layer over ``taichi_mpm.substep`` kernels for one scene."""
+class _Substeps:
+    """One scene's substep kernels, scratch buffers and the two halves of a substep's gradient.
+
+    Scenes holding plastic particles take the stress in two kernels (``trial_svd`` then
+    ``particle_stress_svd``) so that the SVD gets its hand-written adjoint; others take the single
+    ``particle_stress`` (no SVD). The sequence itself is ``taichi_mpm.substep.run_substep``, the
+    one the forward solver runs.
+    """
 
     def __init__(self, scene: RolloutScene):
-        from taichi_mpm.substep import substep_kernels
+        from taichi_mpm.constitutive import svd_separation
+        from taichi_mpm.substep import GridSetup, substep_kernels
 
         self.scene = scene
-        self.real = ti.f64 if scene.dtype == torch.float64 else ti.f32
-        self.k = substep_kernels(self.real, plastic_models=False)
-        self.origin = ti.Vector(list(scene.origin), self.real)
-        self.gravity = ti.Vector(list(scene.gravity), self.real)
-        self.inv_dx = 1.0 / scene.dx
-        dev, dt_ = scene.density.device, scene.dtype
-        shape = tuple(scene.grid_shape)
-        self.grid_mv = torch.zeros(shape + (3,), dtype=dt_, device=dev)
-        self.grid_m = torch.zeros(shape, dtype=dt_, device=dev)
-        self.grid_v = torch.zeros(shape + (3,), dtype=dt_, device=dev)
-        self.no_control = torch.zeros((1, 3, 3), dtype=dt_, device=dev)
-        self.affine = torch.zeros((scene.n_particles, 3, 3), dtype=dt_, device=dev)  # per-substep scratch
+        real = ti.f64 if scene.dtype == torch.float64 else ti.f32
+        self.k = substep_kernels(real, plastic_models=False)
+        self.separation = svd_separation(real)
+        self.has_plastic = bool(torch.isin(scene.material, torch.tensor(PLASTIC_IDS, device=scene.material.device)).any())
+        self.setup = GridSetup(origin=ti.Vector(list(scene.origin), real), dx=scene.dx,
+                               gravity=ti.Vector(list(scene.gravity), real), wall_mode=scene.wall_mode,
+                               wall_friction=scene.wall_friction, colliders=scene.colliders,
+                               n_colliders=scene.n_colliders)
+        n, dev, dtype, shape = scene.n_particles, scene.density.device, scene.dtype, tuple(scene.grid_shape)
+        zeros = lambda *s: torch.zeros(s, dtype=dtype, device=dev)  # noqa: E731
+        self.grid = (zeros(*shape, 3), zeros(*shape), zeros(*shape, 3))  # (momentum, mass, velocity)
+        self.no_control = zeros(1, 3, 3)
+        self.affine = zeros(n, 3, 3)  # per-substep scratch of the stress -> p2g
+        # the plastic particles' SVD of F_trial (U, sig, V): scratch, recomputed in the backward
+        self.svd = (zeros(n, 3, 3), zeros(n, 3), zeros(n, 3, 3)) if self.has_plastic else None
+        # adjoints of the scratch (zeroed for every substep of the backward)
+        self.grid_grads = tuple(torch.zeros_like(t) for t in self.grid)
+        self.affine_grad = torch.zeros_like(self.affine)
+        self.svd_grads = None if self.svd is None else tuple(torch.zeros_like(t) for t in self.svd)
 
-    def stress(self, S: dict, j: int, E, nu, dFc, scale: float, affine=None):
-        """particle_stress of slots j -> j + 1: writes F[j + 1], plastic[j + 1] and affine."""
+    def constants(self, E, nu, aux) -> dict:
         sc = self.scene
-        self.k.particle_stress(j, j + 1, sc.n_particles, S["C"], S["F"], S["plastic"], sc.material, E, nu,
-                               sc.density, sc.volume, sc.aux, dFc, scale,
-                               self.affine if affine is None else affine, self.inv_dx, sc.dt)
+        return {"material": sc.material, "E": E, "nu": nu, "aux": aux, "density": sc.density, "volume": sc.volume}
 
-    def grid(self, S: dict, j: int, E, nu, dFc, scale: float, grid=None, affine=None):
-        """clear_grid + particle_stress + p2g + grid_update of the substep slots (j -> j + 1)."""
+    def forward(self, state: dict, j: int, constants: dict, control, grid=None, move_particles: bool = True,
+                for_adjoint: bool = False):
+        """Substep from slot j to j + 1 (on the scratch grid, or the given (mv, m, v) buffers).
+        ``for_adjoint``: a recompute whose scratch feeds the adjoint (singular values spread, see
+        ``taichi_mpm.constitutive.SVD_SEPARATION``); never for states that are kept."""
+        from taichi_mpm.substep import run_substep
+
+        run_substep(self.k, j, j + 1, self.scene.n_particles, state, constants, grid or self.grid, self.affine,
+                    control, self.setup, self.scene.dt, svd=self.svd, move_particles=move_particles,
+                    svd_separation=self.separation if for_adjoint else 0.0)
+
+    def recompute_stress(self, state: dict, constants: dict, control):
+        """The per-particle stage of substep 0 -> 1 of ``state`` again (affine, SVD scratch), for
+        the adjoint (singular values spread)."""
         sc, k = self.scene, self.k
-        mv, m, gv = grid if grid is not None else (self.grid_mv, self.grid_m, self.grid_v)
-        affine = self.affine if affine is None else affine
-        k.clear_grid(mv, m)
-        self.stress(S, j, E, nu, dFc, scale, affine)
-        k.p2g(j, sc.n_particles, S["x"], S["v"], sc.density, sc.volume, affine, mv, m, self.origin, self.inv_dx)
-        self.grid_update(mv, m, gv)
+        dFc, scale = control
+        c = constants
+        inv_dx = 1.0 / sc.dx
+        if self.svd is None:
+            k.particle_stress(0, 1, sc.n_particles, state["C"], state["F"], state["plastic"], c["material"], c["E"],
+                              c["nu"], c["density"], c["volume"], c["aux"], dFc, scale, self.affine, inv_dx, sc.dt)
+        else:
+            U, sig, V = self.svd
+            k.trial_svd(0, sc.n_particles, state["C"], state["F"], c["material"], dFc, scale, U, sig, V, sc.dt,
+                        self.separation)
+            k.particle_stress_svd(0, 1, sc.n_particles, state["C"], state["F"], state["plastic"], c["material"],
+                                  c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc, scale, U, sig, V,
+                                  self.affine, inv_dx, sc.dt)
 
-    def grid_update(self, mv, m, gv, grad: bool = False):
-        sc = self.scene
-        kernel = self.k.grid_update.grad if grad else self.k.grid_update
-        kernel(mv, m, gv, sc.dt, self.gravity, self.origin, sc.dx, sc.wall_mode, sc.wall_friction,
-               sc.colliders, sc.n_colliders, 0.0)
+    def backward(self, pair: dict, adjoint: dict, grid, constants: dict, control, control_grad) -> None:
+        """Reverse of one substep whose forward (up to grid_update) was just recomputed on
+        ``pair`` (slots 0 -> 1) and ``grid``. ``adjoint`` holds the state adjoints [2, N, ...]
+        (slot 1 in, slot 0 accumulated), ``constants`` E/nu/aux are leaves whose .grad the
+        stress adjoint accumulates into; control_grad: [N, 3, 3] adjoint of the control or None.
+        Steps: g2p (hand-written) -> grid_update (Taichi) -> p2g (hand-written) -> stress
+        (Taichi) -> SVD (hand-written)."""
+        sc, k, setup = self.scene, self.k, self.setup
+        n, inv_dx = sc.n_particles, 1.0 / sc.dx
+        dFc, scale = control
+        for g in self.grid_grads + (self.affine_grad,) + (self.svd_grads or ()):
+            g.zero_()
+        k.g2p_grad(0, 1, n, pair["x"], grid[2], adjoint["x"], adjoint["v"], adjoint["C"], self.grid_grads[2],
+                   setup.origin, inv_dx, sc.dt)
+        grid_leaves = [_leaf(t, g) for t, g in zip(grid, self.grid_grads)]
+        k.grid_update.grad(*grid_leaves, sc.dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
+                           setup.wall_friction, setup.colliders, setup.n_colliders, 0.0)
+        k.p2g_grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, self.affine, self.grid_grads[0],
+                   self.grid_grads[1], adjoint["x"], adjoint["v"], self.affine_grad, setup.origin, inv_dx)
+        leaves = {key: _leaf(pair[key], adjoint[key]) for key in ("C", "F", "plastic")}
+        affine = _leaf(self.affine, self.affine_grad)
+        dFc_leaf = dFc if control_grad is None else _leaf(dFc, control_grad)
+        c = constants
+        with _stress_grad_build():
+            if self.svd is None:
+                k.particle_stress.grad(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"], c["E"],
+                                       c["nu"], c["density"], c["volume"], c["aux"], dFc_leaf, scale, affine,
+                                       inv_dx, sc.dt)
+            else:
+                svd = [_leaf(t, g) for t, g in zip(self.svd, self.svd_grads)]
+                k.particle_stress_svd.grad(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"],
+                                           c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc_leaf, scale,
+                                           *svd, affine, inv_dx, sc.dt)
+        if self.svd is not None:
+            k.trial_svd_grad(0, n, pair["C"], pair["F"], c["material"], dFc, scale, *self.svd, *self.svd_grads,
+                             adjoint["C"], adjoint["F"], self.no_control if control_grad is None else control_grad,
+                             sc.dt)
 
-    def substep(self, S: dict, j: int, E, nu, dFc, scale: float, grid=None, particles: bool = True):
-        """One substep (slots j -> j + 1), on the scratch grid or the given (mv, m, v) buffers;
-        ``particles=False`` stops after the grid (the backward's last refill substep)."""
-        grid = grid if grid is not None else (self.grid_mv, self.grid_m, self.grid_v)
-        self.grid(S, j, E, nu, dFc, scale, grid)
-        if particles:
-            self.k.g2p(j, j + 1, self.scene.n_particles, S["x"], S["v"], S["C"], grid[2],
-                       self.origin, self.inv_dx, self.scene.dt)
-
-    def check(self, S: dict, j: int, substep: int):
+    def check(self, state: dict, j: int, substep: int):
         """Raise SimulationError if slot j holds NaN/Inf or particles outside the valid domain."""
         sc = self.scene
-        check_particles(S["x"][j], S["v"][j], np.asarray(sc.valid_lower), np.asarray(sc.valid_upper),
+        check_particles(state["x"][j], state["v"][j], np.asarray(sc.valid_lower), np.asarray(sc.valid_upper),
                         f"substep {substep}", "Lower dt or keep the bodies away from the walls.")
 
 
-def _control_for(scene: RolloutScene, controls: Optional[torch.Tensor], s: int):
-    """(dFc [N, 3, 3] or None, scale) acting on substep s."""
+def _control_for(scene: RolloutScene, controls: Optional[torch.Tensor], s: int, no_control: torch.Tensor):
+    """(dFc [N, 3, 3], scale) acting on substep s; the [1, 3, 3] zero stand-in with scale 0 when none."""
     if controls is None or s % scene.control_stride != 0:
-        return None, 0.0
+        return no_control, 0.0
     return controls[s // scene.control_stride], 1.0
 
 
 # ----------------------------------------------------------------------------- autograd
 class _Rollout(torch.autograd.Function):
-    """(x0, v0, C0, F0, E, nu, controls) -> (x, v, C, F) at frames; see the module docstring."""
+    """(x0, v0, C0, F0, E, nu, aux, controls) -> (x, v, C, F) at frames; see the module docstring."""
 
     @staticmethod
     def forward(ctx, scene: RolloutScene, n_substeps: int, frames: Tuple[int, ...], plan: CheckpointPlan,
-                x0, v0, C0, F0, E, nu, controls):
-        kern = _Kernels(scene)
+                x0, v0, C0, F0, E, nu, aux, controls):
+        substeps = _Substeps(scene)
         n, dtype, dev = scene.n_particles, scene.dtype, x0.device
         K = plan.every
-        S = _alloc_state(K + 1, n, dtype, dev)
+        state = _alloc_state(K + 1, n, dtype, dev)
         frame_slot = {t: i for i, t in enumerate(frames)}
-        out_x = torch.empty((len(frames), n, 3), dtype=dtype, device=dev)
-        out_v = torch.empty_like(out_x)
-        out_F = torch.empty((len(frames), n, 3, 3), dtype=dtype, device=dev)
-        out_C = torch.empty_like(out_F)
-        S["x"][0], S["v"][0], S["C"][0], S["F"][0], S["plastic"][0] = x0, v0, C0, F0, scene.plastic0
-        E, nu = E.detach().contiguous(), nu.detach().contiguous()
+        out = {key: torch.empty((len(frames), n) + STATE_SHAPES[key], dtype=dtype, device=dev)
+               for key in ("x", "v", "C", "F")}
+        for key, value in (("x", x0), ("v", v0), ("C", C0), ("F", F0), ("plastic", scene.plastic0)):
+            state[key][0] = value
+        constants = substeps.constants(E.detach().contiguous(), nu.detach().contiguous(), aux.detach().contiguous())
         controls = None if controls is None else controls.detach().contiguous()
         pin = plan.storage == "host" and dev.type == "cuda"
         checkpoints = []
 
-        def record(t: int, j: int):
+        def record(t: int, slot: int):
             if t in frame_slot:
-                i = frame_slot[t]
-                out_x[i], out_v[i], out_C[i], out_F[i] = S["x"][j], S["v"][j], S["C"][j], S["F"][j]
+                for key in out:
+                    out[key][frame_slot[t]] = state[key][slot]
 
         record(0, 0)
-        for start in range(0, n_substeps, K):
-            length = min(K, n_substeps - start)
-            if start > 0:
-                for key in STATE_KEYS:
-                    S[key][0] = S[key][K]
-            if any(ctx.needs_input_grad[4:]):
-                checkpoints.append(_store(S, plan.storage, pin))
-            for j in range(length):
-                dFc, scale = _control_for(scene, controls, start + j)
-                kern.substep(S, j, E, nu, kern.no_control if dFc is None else dFc, scale)
-                record(start + j + 1, j + 1)
-            kern.check(S, length, start + length)
+        with _compile_notice("forward", dtype):
+            for start in range(0, n_substeps, K):
+                length = min(K, n_substeps - start)
+                if start > 0:
+                    for key in STATE_KEYS:
+                        state[key][0] = state[key][K]
+                if any(ctx.needs_input_grad[4:]):
+                    checkpoints.append(_store(state, plan.storage, pin))
+                for j in range(length):
+                    substeps.forward(state, j, constants, _control_for(scene, controls, start + j, substeps.no_control))
+                    record(start + j + 1, j + 1)
+                substeps.check(state, length, start + length)
         ctx.scene, ctx.n_substeps, ctx.frames, ctx.plan = scene, n_substeps, frames, plan
         ctx.checkpoints = checkpoints
-        ctx.save_for_backward(E, nu, controls)
-        return out_x, out_v, out_C, out_F
+        ctx.save_for_backward(E, nu, aux, controls)
+        return out["x"], out["v"], out["C"], out["F"]
 
     @staticmethod
-    def backward(ctx, g_x, g_v, g_C, g_F):
-        scene, T, frames, plan = ctx.scene, ctx.n_substeps, ctx.frames, ctx.plan
-        E, nu, controls = ctx.saved_tensors
-        kern = _Kernels(scene)
-        n, dtype, dev = scene.n_particles, scene.dtype, E.device
-        K = plan.every
-        frame_index = {t: i for i, t in enumerate(frames)}
-        S = _alloc_state(K + 1, n, dtype, dev)
-        G = _alloc_state(2, n, dtype, dev)  # adjoints of slots (src, dst) of the substep in reverse
-        g_E, g_nu = torch.zeros_like(E), torch.zeros_like(nu)
-        E_leaf, nu_leaf = _leaf(E, g_E), _leaf(nu, g_nu)
-        g_controls = None if controls is None else torch.zeros_like(controls)
-        # no grad on the [1, 3, 3] stand-in of substeps without control: its adjoint would be N
-        # atomic adds per substep into the same 9 numbers (a serialising hot spot on the GPU)
-        no_control_leaf = kern.no_control
-        g_affine = torch.zeros_like(kern.affine)
-        affine = _leaf(kern.affine, g_affine)
-        scratch = (kern.grid_mv, kern.grid_m, kern.grid_v)
-        grid_grads = [torch.zeros_like(t) for t in scratch]
-        # the grids of every substep of a segment, kept from the refill pass (plan.store_grids)
-        stored = [torch.empty((K,) + tuple(t.shape), dtype=dtype, device=dev) for t in scratch] \
-            if plan.store_grids else None
+    def backward(ctx, grad_x, grad_v, grad_C, grad_F):
+        with _compile_notice("backward", ctx.scene.dtype):
+            return _Rollout._backward(ctx, {"x": grad_x, "v": grad_v, "C": grad_C, "F": grad_F})
 
-        def add_frame_grads(t: int):
+    @staticmethod
+    def _backward(ctx, output_grads: dict):
+        """The checkpoint schedule in reverse: for each segment (last first) restore its checkpoint,
+        refill its substeps forward, then walk its substeps backward, each as
+        ``recompute`` (grid kept or recomputed) -> ``_Substeps.backward`` -> ``shift`` (the
+        adjoint of state s becomes the incoming adjoint of substep s - 1)."""
+        scene, n_substeps, frames, plan = ctx.scene, ctx.n_substeps, ctx.frames, ctx.plan
+        E, nu, aux, controls = ctx.saved_tensors
+        substeps = _Substeps(scene)
+        n, dtype, dev = scene.n_particles, scene.dtype, E.device
+        segment_length = plan.every
+        frame_index = {t: i for i, t in enumerate(frames)}
+        segment = _alloc_state(segment_length + 1, n, dtype, dev)
+        adjoint = _alloc_state(2, n, dtype, dev)  # [0]: state before the substep, [1]: after it
+        parameter_grads = {"E": torch.zeros_like(E), "nu": torch.zeros_like(nu), "aux": torch.zeros_like(aux)}
+        constants = substeps.constants(E, nu, aux)
+        leaf_constants = dict(constants, **{key: _leaf(constants[key], g) for key, g in parameter_grads.items()})
+        controls_grad = None if controls is None else torch.zeros_like(controls)
+        stored_grids = [torch.empty((segment_length,) + tuple(t.shape), dtype=dtype, device=dev)
+                        for t in substeps.grid] if plan.store_grids else None
+
+        def add_output_grads(t: int):
+            """dL/d(state t) from the frames the caller used."""
             i = frame_index.get(t)
             if i is not None:
-                for key, g in (("x", g_x), ("v", g_v), ("C", g_C), ("F", g_F)):
+                for key, g in output_grads.items():
                     if g is not None:
-                        G[key][1] += g[i]
+                        adjoint[key][1] += g[i]
 
-        starts = list(range(0, T, K))
-        for seg in reversed(range(len(starts))):
-            start = starts[seg]
-            length = min(K, T - start)
-            _restore(S, ctx.checkpoints[seg])
-            for j in range(length):  # refill slots 1..length-1 (slot length is never read)
-                dFc, scale = _control_for(scene, controls, start + j)
-                if stored is not None:
-                    kern.substep(S, j, E, nu, kern.no_control if dFc is None else dFc, scale,
-                                 [t[j] for t in stored], particles=j < length - 1)
+        def refill(start: int, length: int):
+            """Run the segment's substeps forward again from its checkpoint (slot `length` is never
+            read; with stored grids, keep each substep's grid)."""
+            _restore(segment, ctx.checkpoints[start // segment_length])
+            for j in range(length):
+                control = _control_for(scene, controls, start + j, substeps.no_control)
+                if stored_grids is not None:
+                    substeps.forward(segment, j, constants, control, [g[j] for g in stored_grids],
+                                     move_particles=j < length - 1)
                 elif j < length - 1:
-                    kern.substep(S, j, E, nu, kern.no_control if dFc is None else dFc, scale)
+                    substeps.forward(segment, j, constants, control)
+
+        def recompute(pair: dict, j: int, control):
+            """The grid and per-particle scratch of substep j of the segment, as its forward had them."""
+            if stored_grids is not None:
+                substeps.recompute_stress(pair, constants, control)
+                return [g[j] for g in stored_grids]
+            substeps.forward(pair, 0, constants, control, move_particles=False, for_adjoint=True)
+            return substeps.grid
+
+        def shift():
+            for key in STATE_KEYS:
+                adjoint[key][1].copy_(adjoint[key][0])
+                adjoint[key][0].zero_()
+
+        starts = list(range(0, n_substeps, segment_length))
+        for start in reversed(starts):
+            length = min(segment_length, n_substeps - start)
+            refill(start, length)
             for j in reversed(range(length)):
                 s = start + j
-                add_frame_grads(s + 1)
-                pair = {key: _leaf(S[key][j:j + 2], G[key]) for key in STATE_KEYS}
-                dFc, scale = _control_for(scene, controls, s)
-                dFc_leaf = no_control_leaf if dFc is None else _leaf(dFc, g_controls[s // scene.control_stride])
-                if stored is not None:  # the grid is kept; only the per-particle affine is recomputed
-                    grid = [_leaf(t[j], g) for t, g in zip(stored, grid_grads)]
-                    kern.stress(pair, 0, E_leaf, nu_leaf, dFc_leaf, scale, affine)
-                else:  # DiffTaichi's rule: recompute the grid of substep s rather than keep it
-                    grid = [_leaf(t, g) for t, g in zip(scratch, grid_grads)]
-                    kern.grid(pair, 0, E_leaf, nu_leaf, dFc_leaf, scale, grid, affine)
-                for g in grid_grads + [g_affine]:
-                    g.zero_()
-                k, sc = kern.k, scene
-                k.g2p.grad(0, 1, n, pair["x"], pair["v"], pair["C"], grid[2], kern.origin, kern.inv_dx, sc.dt)
-                kern.grid_update(*grid, grad=True)
-                k.p2g.grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, affine, grid[0], grid[1],
-                           kern.origin, kern.inv_dx)
-                with _stress_grad_build():
-                    k.particle_stress.grad(0, 1, n, pair["C"], pair["F"], pair["plastic"], sc.material, E_leaf,
-                                           nu_leaf, sc.density, sc.volume, sc.aux, dFc_leaf, scale, affine,
-                                           kern.inv_dx, sc.dt)
-                for key in STATE_KEYS:  # the adjoint of state s becomes the dst adjoint of substep s - 1
-                    G[key][1].copy_(G[key][0])
-                    G[key][0].zero_()
-        add_frame_grads(0)
+                add_output_grads(s + 1)
+                pair = {key: segment[key][j:j + 2] for key in STATE_KEYS}
+                control = _control_for(scene, controls, s, substeps.no_control)
+                control_grad = None if controls_grad is None or control[1] == 0.0 \
+                    else controls_grad[s // scene.control_stride]
+                grid = recompute(pair, j, control)
+                substeps.backward(pair, adjoint, grid, leaf_constants, control, control_grad)
+                shift()
+        add_output_grads(0)
         ctx.checkpoints = None
-        grads = [G[key][1].clone() for key in ("x", "v", "C", "F")] + [g_E, g_nu, g_controls]
+        grads = [adjoint[key][1].clone() for key in ("x", "v", "C", "F")] + \
+            [parameter_grads["E"], parameter_grads["nu"], parameter_grads["aux"], controls_grad]
         return (None, None, None, None) + tuple(g if need else None
                                                 for g, need in zip(grads, ctx.needs_input_grad[4:]))
 
@@ -427,7 +512,9 @@ def _restore(S: dict, flat: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------- public face
 def material_per_particle(scene: RolloutScene, params: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-particle (E [N], nu [N]) from params holding ("E", "nu") or ("lam", "mu"), each a
-    scalar, per body [n_bodies] or per particle [N] tensor. Differentiable (torch ops)."""
+    scalar, per body [n_bodies] or per particle [N] tensor. Differentiable (torch ops). Other keys
+    (the plastic parameters, see :func:`aux_per_particle`) are ignored here."""
+    params = {k: v for k, v in params.items() if k in ELASTIC_PARAMETERS}
     has_e, has_lame = "E" in params or "nu" in params, "lam" in params or "mu" in params
     if has_e == has_lame:
         raise ValueError(f"params must hold 'E' and 'nu', or 'lam' and 'mu'; got keys {sorted(params)}")
@@ -439,6 +526,29 @@ def material_per_particle(scene: RolloutScene, params: Mapping[str, torch.Tensor
         return first, second
     lam, mu = first, second
     return mu * (3 * lam + 2 * mu) / (lam + mu), lam / (2 * (lam + mu))
+
+
+def aux_per_particle(scene: RolloutScene, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-particle model parameters [N, 4] (``scene.aux`` layout, see ``taichi_mpm.materials``)
+    with the plastic parameters found in ``params`` put in for the particles of their model:
+    "yield_stress" (von Mises, Pa), "friction_angle" (sand, degrees), "hardening",
+    "critical_compression", "critical_stretch" (snow); each a scalar, per body or per particle
+    tensor. Differentiable (torch ops), so gradients reach these parameters."""
+    aux = scene.aux
+    for name, (material_id, column, to_aux) in PLASTIC_PARAMETERS.items():
+        if name not in params:
+            continue
+        value = _expand(scene, name, params[name])
+        check_tensor(name, value, finite=True)
+        owners = scene.material == material_id
+        if not bool(owners.any()):
+            raise ValueError(f"{name} was given but the scene holds no particle of its material (id {material_id})")
+        if bool((value[owners] <= 0).any()):
+            raise ValueError(f"{name} must be > 0")
+        mask = torch.zeros_like(aux, dtype=torch.bool)
+        mask[:, column] = owners
+        aux = torch.where(mask, to_aux(value, torch).unsqueeze(1).expand_as(aux), aux)
+    return aux
 
 
 def _expand(scene: RolloutScene, name: str, value) -> torch.Tensor:
@@ -453,23 +563,8 @@ def _expand(scene: RolloutScene, name: str, value) -> torch.Tensor:
                      f"[{scene.n_particles}], got shape {tuple(value.shape)}")
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """torch.device("cuda") and torch.device("cuda:0") name one GPU when 0 is the current one."""
-    index = lambda d: d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)  # noqa: E731
-    return a.type == b.type and index(a) == index(b)
-
-
 def _check_input(name: str, t: torch.Tensor, shape: tuple, scene: RolloutScene, dev) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype != scene.dtype:
-        raise TypeError(f"{name} must be {scene.dtype} (the scene's dtype), got {t.dtype}")
-    if not _same_device(t.device, dev):
-        raise ValueError(f"{name} must be on {dev} (the Taichi device), got {t.device}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+    check_tensor(name, t, shape=shape, dtype=scene.dtype, device=dev, finite=True)
 
 
 def plan_for(scene: RolloutScene, n_substeps: int, checkpoint_every: Optional[int] = None,
@@ -492,10 +587,13 @@ def simulate(scene: RolloutScene, x0: torch.Tensor, v0: torch.Tensor, params: Ma
     states at ``frames`` (substep indices in [0, n_substeps], increasing; 0 is the initial state).
 
     params: {"E", "nu"} or {"lam", "mu"}, each scalar / per body / per particle (see
-    :func:`material_per_particle`); controls: optional [scene.n_controls(T), N, 3, 3] F controls,
+    :func:`material_per_particle`), and optionally the plastic models' parameters "yield_stress",
+    "friction_angle", "hardening", "critical_compression", "critical_stretch" (see
+    :func:`aux_per_particle`; when absent, the values the particles were added with); controls: optional [scene.n_controls(T), N, 3, 3] F controls,
     control c acting on substep c * control_stride as F <- (I + dt C)(F + controls[c]).
     C0, F0: optional initial affine velocity / deformation gradient [N, 3, 3] (default 0 and I),
     e.g. the last frame of a previous rollout.
+    Every material is differentiable (the plastic ones through a hand-written SVD adjoint).
     Differentiable w.r.t. x0, v0, C0, F0, the params and controls; memory is N * (T / K + K)
     states with K = checkpoint_every (default sqrt(T), see :class:`CheckpointPlan`);
     checkpoint_storage "auto" | "device" | "host" (pinned, for large N on the GPU); store_grids:
@@ -513,13 +611,11 @@ def simulate(scene: RolloutScene, x0: torch.Tensor, v0: torch.Tensor, params: Ma
             b <= a for a, b in zip(frames, frames[1:])):
         raise ValueError(f"frames must be increasing substep indices in [0, {n_substeps}], got {list(frames)}")
     n = scene.n_particles
-    if not _same_device(scene.density.device, dev):
+    if not same_device(scene.density.device, dev):
         raise ValueError(f"scene tensors live on {scene.density.device}, Taichi runs on {dev}")
-    unsupported = set(torch.unique(scene.material).tolist()) - set(DIFFERENTIABLE_MATERIALS)
-    if unsupported:
-        raise NotImplementedError(
-            f"material ids {sorted(unsupported)} (plastic models) are not differentiable yet: Taichi "
-            f"cannot reverse-differentiate ti.svd; supported: {sorted(DIFFERENTIABLE_MATERIALS.values())}")
+    unknown = set(params) - set(ELASTIC_PARAMETERS) - set(PLASTIC_PARAMETERS)
+    if unknown:
+        raise ValueError(f"unknown params {sorted(unknown)}; known: {list(ELASTIC_PARAMETERS) + list(PLASTIC_PARAMETERS)}")
     _check_input("x0", x0, (n, 3), scene, dev)
     _check_input("v0", v0, (n, 3), scene, dev)
     C0 = torch.zeros((n, 3, 3), dtype=scene.dtype, device=dev) if C0 is None else C0
@@ -538,14 +634,14 @@ def simulate(scene: RolloutScene, x0: torch.Tensor, v0: torch.Tensor, params: Ma
     _check_input("nu", nu, (n,), scene, dev)
     if (E <= 0).any():
         raise ValueError(f"E must be > 0 (min is {E.min().item():.3g})")
-    if ((nu <= NU_LIMITS[0]) | (nu >= NU_LIMITS[1])).any():
-        raise ValueError(f"nu must lie in {NU_LIMITS} (range {nu.min().item():.3g}..{nu.max().item():.3g})")
+    check_nu("nu", nu.detach())
+    aux = aux_per_particle(scene, params)
     if controls is not None:
         _check_input("controls", controls, (scene.n_controls(n_substeps), n, 3, 3), scene, dev)
     plan = plan_for(scene, n_substeps, checkpoint_every, checkpoint_storage, device_budget_bytes, store_grids)
     return Trajectory(*_Rollout.apply(scene, n_substeps, frames, plan, x0.contiguous(), v0.contiguous(),
                                       C0.contiguous(), F0.contiguous(), E.contiguous(), nu.contiguous(),
-                                      None if controls is None else controls.contiguous()))
+                                      aux.contiguous(), None if controls is None else controls.contiguous()))
 
 
 def grid_mass(x: torch.Tensor, scene: RolloutScene, mass: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -122,34 +122,39 @@ def pack_colliders(colliders: Sequence[Collider]) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def boundary_funcs(real):
-    """ti.funcs for the grid update, specialised to the float type ``real``."""
+    """ti.funcs for the grid update, specialised to the float type ``real``.
+
+    Branch-free (every case evaluated, the result picked with ti.select): locals assigned under an
+    ``if`` made Taichi's reverse pass of grid_update load them before any store (the "Loading
+    variable ... before anything is stored" warnings) and lengthen its compile. Every case stays
+    finite (norms carry an epsilon), so the unpicked ones put no NaN into the gradient."""
     vec3 = ti.types.vector(3, real)
+
+    @ti.func
+    def pick(condition, a, b):
+        return vec3(ti.select(condition, a[0], b[0]), ti.select(condition, a[1], b[1]),
+                    ti.select(condition, a[2], b[2]))
 
     @ti.func
     def respond(v, normal, mode, friction):
         """Velocity v (relative to the boundary) after contact with a boundary of outward normal."""
         vn = v.dot(normal)
-        out = v
-        if mode == STICKY:
-            out = ti.Vector.zero(real, 3)
-        elif mode == SLIP or vn < 0:
-            tangential = v - vn * normal
-            # norm with an epsilon inside the sqrt keeps the autodiff finite at zero tangential speed
-            t_norm = tangential.norm(1e-12)
-            scale = ti.max(0.0, 1.0 - friction * ti.max(-vn, 0.0) / t_norm)
-            out = tangential * scale
-        return out
+        tangential = v - vn * normal
+        # norm with an epsilon inside the sqrt keeps the autodiff finite at zero tangential speed
+        t_norm = tangential.norm(1e-12)
+        scale = ti.max(0.0, 1.0 - friction * ti.max(-vn, 0.0) / t_norm)
+        slid = pick(mode == SLIP or vn < 0, tangential * scale, v)
+        return pick(mode == STICKY, ti.Vector.zero(real, 3), slid)
 
     @ti.func
     def apply_walls(v, node, shape, mode, friction):
         for d in ti.static(range(3)):
-            normal = ti.Vector.zero(real, 3)
-            if node[d] < WALL_CELLS:
-                normal[d] = 1.0
-                v = respond(v, normal, mode, friction)
-            elif node[d] > shape[d] - 1 - WALL_CELLS:
-                normal[d] = -1.0
-                v = respond(v, normal, mode, friction)
+            low = node[d] < WALL_CELLS
+            high = node[d] > shape[d] - 1 - WALL_CELLS
+            sign = ti.select(low, 1.0, -1.0)
+            # built whole: an element store into a local vector also drew the reverse-pass warning
+            normal = vec3(sign * float(d == 0), sign * float(d == 1), sign * float(d == 2))
+            v = pick(low or high, respond(v, normal, mode, friction), v)
         return v
 
     @ti.func
@@ -160,27 +165,22 @@ def boundary_funcs(real):
         velocity = vec3(colliders[c, 9], colliders[c, 10], colliders[c, 11])
         origin = vec3(colliders[c, 3], colliders[c, 4], colliders[c, 5]) + velocity * time
         shape = vec3(colliders[c, 6], colliders[c, 7], colliders[c, 8])
-        distance = ti.cast(1.0, real)
-        normal = vec3(0.0, 1.0, 0.0)
-        if kind == PLANE:
-            normal = shape
-            distance = (pos - origin).dot(normal)
-        elif kind == SPHERE:
-            offset = pos - origin
-            length = offset.norm(1e-12)
-            normal = offset / length
-            distance = length - shape[0]
-        else:
-            q = ti.abs(pos - origin) - shape
-            distance = ti.max(q[0], q[1], q[2])
-            # outward normal of the face nearest to the node
-            on_x = q[0] >= q[1] and q[0] >= q[2]
-            on_y = (not on_x) and q[1] >= q[2]
-            face = vec3(ti.cast(on_x, real), ti.cast(on_y, real), ti.cast(not (on_x or on_y), real))
-            side = ti.select(pos >= origin, 1.0, -1.0)
-            normal = face * side
-        if distance < 0:
-            v = respond(v - velocity, normal, mode, friction) + velocity
-        return v
+        # plane
+        plane_distance = (pos - origin).dot(shape)
+        # sphere
+        offset = pos - origin
+        length = offset.norm(1e-12)
+        sphere_distance = length - shape[0]
+        # box: outward normal of the face nearest to the node
+        q = ti.abs(pos - origin) - shape
+        box_distance = ti.max(q[0], q[1], q[2])
+        on_x = q[0] >= q[1] and q[0] >= q[2]
+        on_y = (not on_x) and q[1] >= q[2]
+        face = vec3(ti.cast(on_x, real), ti.cast(on_y, real), ti.cast(not (on_x or on_y), real))
+        side = vec3(ti.select(pos[0] >= origin[0], 1.0, -1.0), ti.select(pos[1] >= origin[1], 1.0, -1.0),
+                    ti.select(pos[2] >= origin[2], 1.0, -1.0))
+        normal = pick(kind == PLANE, shape, pick(kind == SPHERE, offset / length, face * side))
+        distance = ti.select(kind == PLANE, plane_distance, ti.select(kind == SPHERE, sphere_distance, box_distance))
+        return pick(distance < 0, respond(v - velocity, normal, mode, friction) + velocity, v)
 
     return apply_walls, apply_collider

@@ -1,19 +1,25 @@
 """Constitutive models as ti.funcs: Kirchhoff stress tau = P F^T per model, and plastic return maps.
 
 ``constitutive_funcs(real, plastic_models)`` builds them for one float type (cached) and returns
-``update_and_stress(material_id, F, plastic, E, nu, aux) -> (F_new, plastic_new, tau)``, which the
-P2G kernel calls once per particle: it projects the trial deformation gradient F onto the yield
-surface of the particle's model (plastic models only), updates the plastic state and returns the
-Kirchhoff stress of the projected F.
+``(update_and_stress, plastic_update, polar_rotation)``:
+
+    update_and_stress(material_id, F, plastic, E, nu, aux) -> (F_new, plastic_new, tau)
+        the forward solver's per-particle model: elastic models and fluid blended by id; with
+        ``plastic_models=True`` the plastic ones on ``ti.svd`` (forward only).
+    plastic_update(material_id, F, U, sig, V, plastic, E, nu, aux) -> (F_new, plastic_new, tau)
+        every model, with the plastic ones taking the SVD F = U diag(sig) V^T as inputs. The
+        differentiable rollout computes the SVD in a kernel of its own (forward) and back-propagates
+        through it with :func:`svd_grad_funcs` (hand-written); Taichi's autodiff differentiates the
+        rest. The return maps are branch-free (ti.select / max), which keeps the reverse-mode compile
+        short and makes the yield surface's kink a subgradient (max(overshoot, 0)).
 
 Gradients. The elastic models need no SVD: fixed-corotated takes its rotation from a scaled Newton
 polar iteration (R <- (g R + R^-T / g) / 2, unrolled), whose derivative is finite when singular
 values repeat (its error terms divide by s_i + s_j, never by s_i - s_j), so Taichi's autodiff through
-it is exact up to the iteration's convergence. The plastic models (von Mises, snow, sand) go through
-``ti.svd``, which Taichi 1.7 cannot differentiate (``kernel.grad`` fails to compile: "auto_diff.cpp
-Not supported"); so they are compiled in only with ``plastic_models=True`` (the forward solver).
-Kernels built with ``plastic_models=False`` differentiate (elastic models and fluid) and leave
-particles of plastic materials unstressed: callers must not give them such particles.
+it is exact up to the iteration's convergence. Taichi 1.7 cannot differentiate ``ti.svd``
+(``kernel.grad`` fails to compile: "auto_diff.cpp Not supported"), hence the split above. The
+parameters of the plastic models (``aux``: yield stress, Drucker-Prager alpha, snow hardening and
+critical compression / stretch) are differentiable through ``plastic_update``.
 """
 
 from functools import lru_cache
@@ -25,6 +31,24 @@ from .materials import (FIXED_COROTATED_ID, FLUID_ID, NEO_HOOKEAN_ID, SAND_ID, S
 
 POLAR_ITERATIONS = 8
 MIN_SINGULAR_VALUE = 1e-4  # floors singular values and det(F) before logs / inverses
+# Equal singular values. The SVD adjoint's off-diagonal terms are divided differences such as
+# (f(s_j) - f(s_i)) / (s_j - s_i) of the model's response f: 0 / 0 where two singular values meet
+# (F = I at rest, or any symmetric deformation), with a nonzero limit f'(s) that no clamp of the
+# denominator recovers. So where two singular values are closer than SVD_SEPARATION (relative),
+# the backward evaluates the stress stage's adjoint at singular values spread by the relative
+# amounts (-1, 0, +3) * SVD_SEPARATION (the forward is never changed): the divided differences then
+# come out of the model itself with relative accuracy eps / separation. The price is a bias of
+# ~separation / (elastic strain) in those particles' gradient terms only (measured: spreading
+# every particle by 1e-6 moved a yield-stress gradient by 9e-4, by 1e-8 6e-6, by 1e-10 2e-6 = the
+# FD noise), so particles without a tie are left exact. float64 1e-8 (rounding ~2e-8), float32
+# 1e-3 (float32 gradients at ties are good to ~0.1-1 %).
+SVD_SEPARATION = {"f64": 1e-8, "f32": 1e-3}
+# Guard of the adjoint's 1 / (s_j^2 - s_i^2) (degenerate F, an accidental cancellation of the
+# spread): the gap is clamped to +-SVD_GAP * separation * max(s^2), sign kept.
+SVD_GAP = 0.1
+# Snow's hardening factor exp(xi (1 - Jp)) is clamped to [SNOW_MIN_HARDENING, SNOW_MAX_HARDENING];
+# its exponent is clamped before exp so that neither exp nor its derivative overflows.
+SNOW_MIN_HARDENING = 0.1
 
 
 @lru_cache(maxsize=None)
@@ -72,7 +96,8 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return ti.Matrix([[d[0], 0, 0], [0, d[1], 0], [0, 0, d[2]]], real)
 
     @ti.func
-    def update_and_stress(material_id, F, plastic, E, nu, aux):
+    def elastic_update(material_id, F, E, nu):
+        """Elastic models and the fluid, blended by id (zero stress for plastic ids)."""
         mu, lam = lame(E, nu)
         J = F.determinant()
         J_safe = ti.max(J, MIN_SINGULAR_VALUE)
@@ -87,41 +112,103 @@ def constitutive_funcs(real, plastic_models: bool = True):
             + is_fluid * identity() * (E * (J_safe - 1.0) * J_safe)
         # the fluid keeps only its volume change: F reset to J^(1/3) I stops it from drifting
         F_new = F + is_fluid * (identity() * ti.pow(J_safe, 1.0 / 3.0) - F)
+        return F_new, tau
+
+    @ti.func
+    def return_maps(material_id, U, sig, V, plastic, E, nu, aux):
+        """von Mises, snow and sand on the SVD, branch-free, blended by id. Returns (weight, F_new,
+        plastic_new, tau) with weight 1 for a plastic id (0 otherwise: the rest is then unused)."""
+        mu, lam = lame(E, nu)
+        is_von_mises = ti.cast(material_id == VON_MISES_ID, real)
+        is_snow = ti.cast(material_id == SNOW_ID, real)
+        is_sand = ti.cast(material_id == SAND_ID, real)
+        sig = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
+        # snow (Stomakhin 2013): clamp the singular values, harden with the volume lost plastically
+        clamped = ti.min(ti.max(sig, 1.0 - aux[1]), 1.0 + aux[2])
+        J_elastic = clamped[0] * clamped[1] * clamped[2]
+        Jp_snow = plastic * (sig[0] * sig[1] * sig[2]) / J_elastic
+        exponent = ti.min(ti.max(aux[0] * (1.0 - Jp_snow), ti.log(SNOW_MIN_HARDENING)), ti.log(SNOW_MAX_HARDENING))
+        hardening = ti.exp(exponent)
+        F_snow = U @ diag(clamped) @ V.transpose()
+        tau_snow = corotated_tau(F_snow, U @ V.transpose(), J_elastic, mu * hardening, lam * hardening)
+        # von Mises on the Hencky strain: radial return of the deviator onto |dev| = yield / (2 mu)
+        eps = ti.log(sig)
+        dev = eps - eps.sum() / 3.0
+        dev_norm = dev.norm(1e-20)
+        eps_von_mises = eps - ti.max(dev_norm - aux[0] / (2.0 * mu), 0.0) / dev_norm * dev
+        # Drucker-Prager sand (Klar 2016), plastic = volume gained in tension (Tampubolon 2017):
+        # in tension project to the cone's tip and remember the volume, else return onto the cone
+        trace = eps.sum() + plastic
+        sand_dev = eps - trace / 3.0
+        sand_dev_norm = sand_dev.norm(1e-20)
+        overshoot = ti.max(sand_dev_norm + (3.0 * lam + 2.0 * mu) / (2.0 * mu) * trace * aux[0], 0.0)
+        in_tension = ti.cast(trace >= 0.0, real)
+        eps_sand = (1.0 - in_tension) * (eps - overshoot / sand_dev_norm * sand_dev)
+        plastic_sand = in_tension * trace
+        eps_hencky = is_von_mises * eps_von_mises + is_sand * eps_sand
+        F_hencky = U @ diag(ti.exp(eps_hencky)) @ V.transpose()
+        tau_hencky = hencky_tau(U, eps_hencky, mu, lam)
+        is_hencky = is_von_mises + is_sand
+        weight = is_hencky + is_snow
+        F_new = is_snow * F_snow + is_hencky * F_hencky
+        plastic_new = is_snow * Jp_snow + is_sand * plastic_sand + is_von_mises * plastic
+        tau = is_snow * tau_snow + is_hencky * tau_hencky
+        return weight, F_new, plastic_new, tau
+
+    @ti.func
+    def update_and_stress(material_id, F, plastic, E, nu, aux):
+        F_new, tau = elastic_update(material_id, F, E, nu)
         plastic_new = plastic
         if ti.static(plastic_models):
             if material_id >= VON_MISES_ID and material_id <= SAND_ID:  # return maps on the SVD
                 U, S, V = ti.svd(F, real)
-                sig = vec3(S[0, 0], S[1, 1], S[2, 2])
-                sig = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
-                if material_id == SNOW_ID:
-                    clamped = ti.min(ti.max(sig, 1.0 - aux[1]), 1.0 + aux[2])
-                    plastic_new = plastic * (sig[0] * sig[1] * sig[2]) / (clamped[0] * clamped[1] * clamped[2])
-                    hardening = ti.min(ti.max(ti.exp(aux[0] * (1.0 - plastic_new)), 0.1), SNOW_MAX_HARDENING)
-                    F_new = U @ diag(clamped) @ V.transpose()
-                    tau = corotated_tau(F_new, U @ V.transpose(), clamped[0] * clamped[1] * clamped[2],
-                                        mu * hardening, lam * hardening)
-                else:
-                    eps = ti.log(sig)
-                    if material_id == VON_MISES_ID:
-                        dev = eps - eps.sum() / 3.0
-                        dev_norm = dev.norm(1e-20)
-                        overshoot = dev_norm - aux[0] / (2.0 * mu)
-                        if overshoot > 0:
-                            eps -= overshoot / dev_norm * dev
-                    else:  # SAND_ID: Drucker-Prager return map; plastic = volume gained in tension
-                        trace = eps.sum() + plastic
-                        dev = eps - trace / 3.0
-                        dev_norm = dev.norm(1e-20)
-                        if trace >= 0:  # tension: project to the cone's tip, remember the volume
-                            plastic_new = trace
-                            eps = ti.Vector.zero(real, 3)
-                        else:
-                            plastic_new = 0.0
-                            overshoot = dev_norm + (3.0 * lam + 2.0 * mu) / (2.0 * mu) * trace * aux[0]
-                            if overshoot > 0:
-                                eps -= overshoot / dev_norm * dev
-                    F_new = U @ diag(ti.exp(eps)) @ V.transpose()
-                    tau = hencky_tau(U, eps, mu, lam)
+                _, F_new, plastic_new, tau = return_maps(material_id, U, vec3(S[0, 0], S[1, 1], S[2, 2]), V,
+                                                         plastic, E, nu, aux)
         return F_new, plastic_new, tau
 
-    return update_and_stress, polar_rotation
+    @ti.func
+    def plastic_update(material_id, F, U, sig, V, plastic, E, nu, aux):
+        F_elastic, tau_elastic = elastic_update(material_id, F, E, nu)
+        weight, F_plastic, plastic_new, tau_plastic = return_maps(material_id, U, sig, V, plastic, E, nu, aux)
+        return (F_elastic + F_plastic - weight * F_elastic, plastic_new + (1.0 - weight) * plastic,
+                tau_elastic + tau_plastic)
+
+    return update_and_stress, plastic_update, polar_rotation
+
+
+def svd_separation(real) -> float:
+    return SVD_SEPARATION["f64" if real == ti.f64 else "f32"]
+
+
+@lru_cache(maxsize=None)
+def svd_grad_funcs(real):
+    """``svd_grad(U, sig, V, gU, gsig, gV) -> gF``: the adjoint of F = U diag(sig) V^T (Townsend,
+    "Differentiating the singular value decomposition", square case):
+
+        gF = U [diag(gsig) + (K o (U^T gU - gU^T U)) S + S (K o (V^T gV - gV^T V))] V^T,
+        K_ij = 1 / (s_j^2 - s_i^2) (i != j), 0 on the diagonal,
+
+    the gap s_j^2 - s_i^2 clamped to +-SVD_GAP * separation * max(s^2) (sign kept, + where it is
+    0); the singular values passed in are the spread ones (see SVD_SEPARATION). Written by hand
+    because Taichi 1.7 cannot differentiate ti.svd."""
+    relative_floor = SVD_GAP * svd_separation(real)
+
+    @ti.func
+    def svd_grad(U, sig, V, gU, gsig, gV):
+        s2 = sig * sig
+        floor = relative_floor * ti.max(ti.max(s2[0], s2[1]), ti.max(s2[2], 1e-30))
+        UtgU = U.transpose() @ gU
+        VtgV = V.transpose() @ gV
+        inner = ti.Matrix.zero(real, 3, 3)
+        for i, j in ti.static(ti.ndrange(3, 3)):
+            if ti.static(i == j):
+                inner[i, i] = gsig[i]
+            else:
+                gap = s2[j] - s2[i]
+                gap = ti.select(gap >= 0.0, ti.max(gap, floor), ti.min(gap, -floor))
+                a = (UtgU[i, j] - UtgU[j, i]) / gap
+                b = (VtgV[i, j] - VtgV[j, i]) / gap
+                inner[i, j] = a * sig[j] + sig[i] * b
+        return U @ inner @ V.transpose()
+
+    return svd_grad

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Tuple, Union
 
+from .validation import NU_LIMITS, check_number, check_positive
+
 FIXED_COROTATED_ID = 0
 NEO_HOOKEAN_ID = 1
 VON_MISES_ID = 2
@@ -35,13 +37,33 @@ SNOW_MAX_HARDENING = 5.0
 
 
 def _check_positive(owner: str, name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{owner}.{name} must be a finite number > 0, got {value!r}")
+    check_positive(f"{owner}.{name}", value)
 
 
 def _check_poisson(owner: str, nu: float) -> None:
-    if not (isinstance(nu, (int, float)) and math.isfinite(nu) and -1.0 < nu < 0.5):
-        raise ValueError(f"{owner}.nu must lie in (-1, 0.5), got {nu!r}")
+    check_number(f"{owner}.nu", nu, NU_LIMITS[0], NU_LIMITS[1], low_open=True, high_open=True)
+
+
+def sand_alpha(friction_angle, lib=math):
+    """Drucker-Prager alpha = sqrt(2/3) 2 sin(phi) / (3 - sin(phi)) of a friction angle phi in
+    degrees; ``lib`` = math for floats, torch for (differentiable) tensors."""
+    s = lib.sin(friction_angle * (math.pi / 180.0))
+    return math.sqrt(2.0 / 3.0) * 2.0 * s / (3.0 - s)
+
+
+def _identity(value, lib=math):
+    return value
+
+
+# The plastic models' parameters as the differentiable rollout takes them (bridge.simulate's
+# params): name -> (material id, aux column, map from the user's value to the aux entry).
+PLASTIC_PARAMETERS = {
+    "yield_stress": (VON_MISES_ID, 0, _identity),
+    "hardening": (SNOW_ID, 0, _identity),
+    "critical_compression": (SNOW_ID, 1, _identity),
+    "critical_stretch": (SNOW_ID, 2, _identity),
+    "friction_angle": (SAND_ID, 0, sand_alpha),
+}
 
 
 def lame_parameters(E: float, nu: float) -> Tuple[float, float]:
@@ -150,8 +172,7 @@ class Sand(_ElasticBase):
     material_id = SAND_ID
 
     def aux(self):
-        s = math.sin(math.radians(self.friction_angle))
-        return (math.sqrt(2.0 / 3.0) * 2.0 * s / (3.0 - s), 0.0, 0.0, 0.0)
+        return (sand_alpha(float(self.friction_angle)), 0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)

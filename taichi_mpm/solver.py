@@ -30,7 +30,8 @@ from . import materials as mat
 from .boundary import (BOUNDARY_MODES, COLLIDER_WIDTH, MAX_COLLIDERS, WALL_CELLS, Box, Plane,
                        Sphere, pack_colliders, _friction)
 from .ply import write_particles_ply
-from .substep import substep_kernels
+from .substep import GridSetup, run_substep, substep_kernels
+from .validation import check_nu
 
 ArrayLike = Union[np.ndarray, Sequence[float], torch.Tensor]
 
@@ -249,9 +250,7 @@ class MPMSolver:
         if material.material_id != mat.FLUID_ID:
             if np.any(E_arr <= 0):
                 raise ValueError(f"E must be > 0, got {E_arr[E_arr <= 0][0]} at index {int(np.argmax(E_arr <= 0))}")
-            bad_nu = (nu_arr <= -1) | (nu_arr >= 0.5)
-            if bad_nu.any():
-                raise ValueError(f"nu must lie in (-1, 0.5), got {nu_arr[bad_nu][0]} at index {int(np.argmax(bad_nu))}")
+            check_nu("nu", nu_arr)
         if volume is None:
             volume = (self.dx / 2) ** 3
         if not (math.isfinite(volume) and volume > 0):
@@ -407,17 +406,11 @@ class MPMSolver:
         src, dst = self.src, 1 - self.src
         if len(self._affine) != self.n_particles:  # per-substep scratch of particle_stress -> p2g
             self._affine = torch.empty((self.n_particles, 3, 3), dtype=self.torch_dtype, device=self.device)
-        origin = self._origin_vec
-        k.clear_grid(self.grid_mv, self.grid_m)
-        k.particle_stress(src, dst, self.n_particles, s["C"], s["F"], s["plastic"], s["material"], s["E"],
-                          s["nu"], s["density"], s["volume"], s["aux"], self._no_control, 0.0, self._affine,
-                          self.inv_dx, dt)
-        k.p2g(src, self.n_particles, s["x"], s["v"], s["density"], s["volume"], self._affine,
-              self.grid_mv, self.grid_m, origin, self.inv_dx)
-        k.grid_update(self.grid_mv, self.grid_m, self.grid_v, dt, self._gravity_vec,
-                      origin, self.dx, self.wall_mode, self.wall_friction, self.collider_table,
-                      len(self.colliders), self.time)
-        k.g2p(src, dst, self.n_particles, s["x"], s["v"], s["C"], self.grid_v, origin, self.inv_dx, dt)
+        setup = GridSetup(self._origin_vec, self.dx, self._gravity_vec, self.wall_mode, self.wall_friction,
+                          self.collider_table, len(self.colliders))
+        # s holds the state and the per-particle constants under the names run_substep reads
+        run_substep(k, src, dst, self.n_particles, s, s, (self.grid_mv, self.grid_m, self.grid_v), self._affine,
+                    (self._no_control, 0.0), setup, dt, self.time)
         self.src = dst
         self.time += dt
         self.substep_count += 1

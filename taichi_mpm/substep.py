@@ -8,13 +8,13 @@ kernels whose array arguments are ``ti.types.ndarray``: pass torch tensors (cont
 Taichi device, used in place) or ti.ndarrays. A kernel compiles once per (float type, flag),
 whatever the array sizes (measured: sizes 24^3 / 32^3 grids and any N reuse one compile).
 
-``plastic_models=True`` compiles the von Mises / snow / sand return maps, which use ``ti.svd``;
-Taichi 1.7 cannot build ``kernel.grad`` of a kernel containing ``ti.svd``. A differentiable rollout
-therefore uses ``substep_kernels(ti.f64, plastic_models=False)``: fixed-corotated, neo-Hookean and
-fluid particles. For fixed-corotated particles, the .grad of all four kernels over two
-substeps matched central finite differences of a loss on x[2] and F[2] (float64, CPU; dL/dE,
-dL/dnu, dL/dx0 to ~1e-7 relative). The forward solver uses ``plastic_models=True`` only when the
-scene holds plastic materials.
+``plastic_models=True`` compiles the von Mises / snow / sand return maps into ``particle_stress``
+(on ``ti.svd``, forward only: Taichi 1.7 cannot build ``kernel.grad`` of a kernel containing
+``ti.svd``); the forward solver uses it only when the scene holds plastic materials. The
+differentiable rollout uses ``plastic_models=False`` and, for scenes with plastic particles, the
+stress in two kernels: ``trial_svd`` (the SVD of F_trial, forward only, adjoint ``trial_svd_grad``
+written by hand) and ``particle_stress_svd`` (every model, the plastic return maps on the given
+U, sig, V; Taichi's ``.grad``).
 
 Particle state carries a leading local-step axis, ``[S, N, ...]``:
     x[s, p] vec3 position, v[s, p] vec3 velocity, C[s, p] mat3 APIC affine velocity,
@@ -43,14 +43,20 @@ One substep from local step ``src`` to ``dst``:
         colliders unroll, which keeps reverse mode exact and its compile short).
     g2p(src, dst, n, x, v, C, grid_v, origin, inv_dx, dt)
         reads x[src] and grid_v; writes v[dst], C[dst], x[dst] = x[src] + dt v[dst].
-No kernel writes what it (or a later kernel of the same substep) reads, so ``kernel.grad`` with
-the same arguments, called in reverse order, is Taichi's exact reverse mode (DiffTaichi's rule).
-Backward of substep s: re-run its forward up to grid_update (grid and affine are not kept), zero
-the grid's and affine's .grad, then g2p.grad, grid_update.grad, p2g.grad, particle_stress.grad
-with the same arguments. Stress and scatter are separate kernels because one kernel holding both
-took 272 s to compile its reverse mode; split, on the 2-core CPU in float64 with a cold cache:
-particle_stress.grad 57 s, p2g.grad 64 s, g2p.grad 25 s, grid_update.grad 1.5 s (Taichi's offline
-cache keeps them for later runs).
+No kernel writes what it (or a later kernel of the same substep) reads, so the adjoints called in
+reverse order are exact (DiffTaichi's rule). Backward of substep s: re-run its forward up to
+grid_update (grid and affine are not kept), zero the scratch adjoints, then
+    g2p_grad        hand-written: adjoints of x, v, C [dst] -> x[src] and the grid velocities
+    grid_update.grad  Taichi's (short: the boundaries unroll, no branches)
+    p2g_grad        hand-written: node adjoints -> x, v [src] and affine
+    particle_stress.grad / particle_stress_svd.grad  Taichi's: -> C, F, plastic [src], E, nu, aux,
+                    controls (and U, sig, V)
+    trial_svd_grad  hand-written SVD adjoint (plastic scenes): -> C, F [src], controls
+The transfers' adjoints are written by hand because Taichi's took the longest to compile (on the
+2-core CPU in float64, cold cache: p2g.grad 64 s, g2p.grad 25 s, particle_stress.grad 57 s,
+grid_update.grad 1.5 s); what the hand-written ones cost is in bench/first_gradient.py's table.
+Their arguments name the adjoint arrays explicitly (``g_*``: [S, N, ...] like the state, [N, ...]
+or grid-shaped) and accumulate into them.
 The forward solver ping-pongs between S = 2 slots (src, dst) = (0, 1), (1, 0), ...; a
 differentiable rollout uses S = K + 1 and (s, s + 1).
 
@@ -58,13 +64,16 @@ Particles read grid nodes base..base+2 per axis with base clamped to [0, shape -
 leaves the grid even for particles that left the domain (``MPMSolver.check`` reports those).
 """
 
+from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
+from typing import Any, Mapping, Optional, Tuple
 
 import taichi as ti
 
 from .boundary import boundary_funcs
-from .constitutive import constitutive_funcs
+from .constitutive import constitutive_funcs, svd_grad_funcs
+from .materials import SAND_ID, VON_MISES_ID
 
 # Grid nodes lighter than this [kg] count as empty. The reverse pass of v = mv / m scales by
 # 1 / m^2, which overflows float32 (inf * 0 = NaN in the gradient) for the near-zero masses that
@@ -80,12 +89,14 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     steps_scalar = ti.types.ndarray(dtype=real, ndim=2)
     per_particle = ti.types.ndarray(dtype=real, ndim=1)
     per_particle_mat = ti.types.ndarray(dtype=mat3, ndim=1)
+    per_particle_vec = ti.types.ndarray(dtype=vec3, ndim=1)
     per_particle_int = ti.types.ndarray(dtype=ti.i32, ndim=1)
     table = ti.types.ndarray(dtype=real, ndim=2)
     grid_vec = ti.types.ndarray(dtype=vec3, ndim=3)
     grid_scalar = ti.types.ndarray(dtype=real, ndim=3)
 
-    update_and_stress, _ = constitutive_funcs(real, plastic_models)
+    update_and_stress, plastic_update, _ = constitutive_funcs(real, plastic_models)
+    svd_grad = svd_grad_funcs(real)
     apply_walls, apply_collider = boundary_funcs(real)
 
     @ti.func
@@ -98,11 +109,29 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         w = [0.5 * (1.5 - fx) ** 2, 0.75 - (fx - 1.0) ** 2, 0.5 * (fx - 0.5) ** 2]
         return base, fx, w
 
+    @ti.func
+    def weight_slopes(fx):
+        """d w / d fx of the three quadratic B-spline weights (per axis); d fx / d x = inv_dx."""
+        return [fx - 1.5, 2.0 * (1.0 - fx), fx - 0.5]
+
     @ti.kernel
     def clear_grid(grid_mv: grid_vec, grid_m: grid_scalar):
         for I in ti.grouped(grid_m):
             grid_mv[I] = ti.Vector.zero(real, 3)
             grid_m[I] = 0.0
+
+    @ti.func
+    def trial_gradient(p, src, C: ti.template(), F: ti.template(), dFc: ti.template(), control_scale, dt):
+        """F_trial = (I + dt C) (F + control_scale dFc) and its two factors; branch-free (fast
+        reverse-mode compile): a [1, 3, 3] dFc serves every particle."""
+        control = dFc[ti.min(p, dFc.shape[0] - 1)]
+        A = ti.Matrix.identity(real, 3) + dt * C[src, p]
+        F_base = F[src, p] + control_scale * control
+        return A @ F_base, A, F_base
+
+    @ti.func
+    def is_plastic(material_id):
+        return material_id >= VON_MISES_ID and material_id <= SAND_ID
 
     @ti.kernel
     def particle_stress(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat,
@@ -111,15 +140,72 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                         dFc: per_particle_mat, control_scale: real, affine: per_particle_mat,
                         inv_dx: real, dt: real):
         for p in range(n):
-            # branch-free (fast reverse-mode compile); a [1, 3, 3] dFc serves every particle
-            control = dFc[ti.min(p, dFc.shape[0] - 1)]
-            F_trial = (ti.Matrix.identity(real, 3) + dt * C[src, p]) @ (F[src, p] + control_scale * control)
+            F_trial, _, _ = trial_gradient(p, src, C, F, dFc, control_scale, dt)
             F_new, plastic_new, tau = update_and_stress(
                 material[p], F_trial, plastic[src, p], E[p], nu[p],
                 ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
             F[dst, p] = F_new
             plastic[dst, p] = plastic_new
             affine[p] = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * tau + density[p] * volume[p] * C[src, p]
+
+    # ---- the differentiable stress of plastic materials: SVD outside, return maps inside -------
+    @ti.kernel
+    def trial_svd(src: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat, material: per_particle_int,
+                  dFc: per_particle_mat, control_scale: real, U: per_particle_mat, sig: per_particle_vec,
+                  V: per_particle_mat, dt: real, separation: real):
+        """U diag(sig) V^T = F_trial of plastic particles (identity for the others). Forward only:
+        its adjoint is trial_svd_grad. ``separation`` > 0 (the backward's recompute only): where two
+        singular values lie closer than separation * max, spread them by the factors
+        (1 - separation, 1, 1 + 3 separation), so that the adjoint's divided differences are not
+        0 / 0 (constitutive.SVD_SEPARATION); other particles are left exact."""
+        for p in range(n):
+            U[p], sig[p], V[p] = ti.Matrix.identity(real, 3), ti.Vector.one(real, 3), ti.Matrix.identity(real, 3)
+            if is_plastic(material[p]):
+                F_trial, _, _ = trial_gradient(p, src, C, F, dFc, control_scale, dt)
+                U_p, S_p, V_p = ti.svd(F_trial, real)
+                s = ti.Vector([S_p[0, 0], S_p[1, 1], S_p[2, 2]], real)
+                a = ti.abs(s)
+                closest = ti.min(ti.abs(a[0] - a[1]), ti.abs(a[0] - a[2]), ti.abs(a[1] - a[2]))
+                tie = closest < separation * ti.max(a[0], a[1], a[2])
+                spread = ti.Vector([1.0 - separation, 1.0, 1.0 + 3.0 * separation], real)
+                U[p], V[p] = U_p, V_p
+                sig[p] = ti.Vector([ti.select(tie, s[0] * spread[0], s[0]), s[1], ti.select(tie, s[2] * spread[2], s[2])], real)
+
+    @ti.kernel
+    def particle_stress_svd(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat,
+                            plastic: steps_scalar, material: per_particle_int, E: per_particle,
+                            nu: per_particle, density: per_particle, volume: per_particle, aux: table,
+                            dFc: per_particle_mat, control_scale: real, U: per_particle_mat,
+                            sig: per_particle_vec, V: per_particle_mat, affine: per_particle_mat,
+                            inv_dx: real, dt: real):
+        """particle_stress for every model, the plastic ones on trial_svd's U, sig, V: its
+        ``.grad`` (Taichi's) sends the plastic particles' gradient to U.grad, sig.grad, V.grad."""
+        for p in range(n):
+            F_trial, _, _ = trial_gradient(p, src, C, F, dFc, control_scale, dt)
+            F_new, plastic_new, tau = plastic_update(
+                material[p], F_trial, U[p], sig[p], V[p], plastic[src, p], E[p], nu[p],
+                ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
+            F[dst, p] = F_new
+            plastic[dst, p] = plastic_new
+            affine[p] = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * tau + density[p] * volume[p] * C[src, p]
+
+    @ti.kernel
+    def trial_svd_grad(src: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat, material: per_particle_int,
+                       dFc: per_particle_mat, control_scale: real, U: per_particle_mat, sig: per_particle_vec,
+                       V: per_particle_mat, g_U: per_particle_mat, g_sig: per_particle_vec,
+                       g_V: per_particle_mat, g_C: steps_mat, g_F: steps_mat, g_dFc: per_particle_mat,
+                       dt: real):
+        """Adjoint of trial_svd (hand-written): U, sig, V adjoints -> F_trial's -> C[src], F[src],
+        dFc (g_dFc: [N, 3, 3], or [1, 3, 3] ignored when control_scale is 0)."""
+        for p in range(n):
+            if is_plastic(material[p]):
+                _, A, F_base = trial_gradient(p, src, C, F, dFc, control_scale, dt)
+                g_trial = svd_grad(U[p], sig[p], V[p], g_U[p], g_sig[p], g_V[p])
+                g_C[src, p] += dt * g_trial @ F_base.transpose()
+                g_base = A.transpose() @ g_trial
+                g_F[src, p] += g_base
+                if control_scale != 0.0:
+                    g_dFc[p] += control_scale * g_base
 
     @ti.kernel
     def p2g(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
@@ -145,15 +231,16 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                     colliders: table, n_colliders: ti.template(), time: real):
         for I in ti.grouped(grid_m):
             shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
-            v_node = ti.Vector.zero(real, 3)
             m = grid_m[I]
-            if m > MIN_NODE_MASS:
-                v_node = grid_mv[I] / m + dt * gravity
-                pos = origin + ti.cast(I, real) * dx
-                for c in ti.static(range(n_colliders)):
-                    v_node = apply_collider(v_node, pos, colliders, c, time)
-                v_node = apply_walls(v_node, I, shape, wall_mode, wall_friction)
-            grid_v[I] = v_node
+            # branch-free: a local assigned under `if m > ...` made Taichi's reverse pass load it
+            # before any store (the "Loading variable ... before anything is stored" warnings)
+            occupied = ti.cast(m > MIN_NODE_MASS, real)
+            v_node = grid_mv[I] / ti.max(m, MIN_NODE_MASS) + dt * gravity
+            pos = origin + ti.cast(I, real) * dx
+            for c in ti.static(range(n_colliders)):
+                v_node = apply_collider(v_node, pos, colliders, c, time)
+            v_node = apply_walls(v_node, I, shape, wall_mode, wall_friction)
+            grid_v[I] = occupied * v_node
 
     @ti.kernel
     def g2p(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
@@ -174,5 +261,123 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             C[dst, p] = new_C
             x[dst, p] = x[src, p] + dt * new_v
 
+    # ---- hand-written adjoints of the transfers (Taichi's took 64 s and 25 s to compile) --------
+    @ti.kernel
+    def p2g_grad(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
+                 volume: per_particle, affine: per_particle_mat, g_mv: grid_vec, g_m: grid_scalar,
+                 g_x: steps_vec, g_v: steps_vec, g_affine: per_particle_mat, origin: vec3, inv_dx: real):
+        """Adjoint of p2g: node adjoints (g_mv, g_m) gathered into g_x[src], g_v[src], g_affine
+        (density and volume are constants of the rollout: no adjoint)."""
+        for p in range(n):
+            shape = ti.Vector([g_m.shape[0], g_m.shape[1], g_m.shape[2]])
+            base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
+            dw = weight_slopes(fx)
+            mass = density[p] * volume[p]
+            momentum = mass * v[src, p]
+            A = affine[p]
+            gx = ti.Vector.zero(real, 3)
+            gv = ti.Vector.zero(real, 3)
+            gA = ti.Matrix.zero(real, 3, 3)
+            for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
+                offset = ti.Vector([i, j, k])
+                dpos = (ti.cast(offset, real) - fx) / inv_dx
+                weight = w[i][0] * w[j][1] * w[k][2]
+                node = base + offset
+                g = g_mv[node]
+                weight_grad = inv_dx * ti.Vector([dw[i][0] * w[j][1] * w[k][2], w[i][0] * dw[j][1] * w[k][2],
+                                                  w[i][0] * w[j][1] * dw[k][2]], real)
+                # d dpos / d x = -I; the weight moves with x
+                gx += (g.dot(momentum + A @ dpos) + g_m[node] * mass) * weight_grad \
+                    - weight * (A.transpose() @ g)
+                gv += (weight * mass) * g
+                gA += weight * g.outer_product(dpos)
+            g_x[src, p] += gx
+            g_v[src, p] += gv
+            g_affine[p] += gA
+
+    @ti.kernel
+    def g2p_grad(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, grid_v: grid_vec, g_x: steps_vec,
+                 g_v: steps_vec, g_C: steps_mat, g_grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real):
+        """Adjoint of g2p: the adjoints of x[dst], v[dst], C[dst] go to x[src] and (atomics) to the
+        grid velocities g_grid_v."""
+        for p in range(n):
+            shape = ti.Vector([grid_v.shape[0], grid_v.shape[1], grid_v.shape[2]])
+            base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
+            dw = weight_slopes(fx)
+            g_new_v = g_v[dst, p] + dt * g_x[dst, p]
+            gC = g_C[dst, p]
+            gx = g_x[dst, p]
+            for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
+                offset = ti.Vector([i, j, k])
+                dpos = ti.cast(offset, real) - fx  # in cells: d dpos / d x = -inv_dx I
+                weight = w[i][0] * w[j][1] * w[k][2]
+                node = base + offset
+                g_v_node = grid_v[node]
+                weight_grad = inv_dx * ti.Vector([dw[i][0] * w[j][1] * w[k][2], w[i][0] * dw[j][1] * w[k][2],
+                                                  w[i][0] * w[j][1] * dw[k][2]], real)
+                gC_dpos = gC @ dpos
+                g_grid_v[node] += weight * g_new_v + (4.0 * inv_dx * weight) * gC_dpos
+                gx += (g_new_v.dot(g_v_node) + 4.0 * inv_dx * g_v_node.dot(gC_dpos)) \
+                    * weight_grad - (4.0 * inv_dx * inv_dx * weight) * (gC.transpose() @ g_v_node)
+            g_x[src, p] += gx
+
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, p2g=p2g,
-                           grid_update=grid_update, g2p=g2p)
+                           grid_update=grid_update, g2p=g2p, trial_svd=trial_svd,
+                           particle_stress_svd=particle_stress_svd, trial_svd_grad=trial_svd_grad,
+                           p2g_grad=p2g_grad, g2p_grad=g2p_grad)
+
+
+
+@dataclass(frozen=True)
+class GridSetup:
+    """Everything grid_update and the transfers read besides arrays: node 0 at ``origin``
+    (ti.Vector), spacing ``dx``, ``gravity`` (ti.Vector), walls, packed colliders (a [rows, width]
+    array) and how many are in use."""
+
+    origin: Any
+    dx: float
+    gravity: Any
+    wall_mode: int
+    wall_friction: float
+    colliders: Any
+    n_colliders: int
+
+    @property
+    def inv_dx(self) -> float:
+        return 1.0 / self.dx
+
+
+def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constants: Mapping[str, Any],
+                grid: Tuple[Any, Any, Any], affine, control: Tuple[Any, float], setup: GridSetup,
+                dt: float, time: float = 0.0, svd: Optional[Tuple[Any, Any, Any]] = None,
+                move_particles: bool = True, svd_separation: float = 0.0) -> None:
+    """The substep sequence, written once for the solver and the differentiable rollout:
+    clear_grid, particle stress (with ``svd`` = (U, sig, V) buffers: trial_svd then
+    particle_stress_svd, the differentiable form of the plastic models), p2g, grid_update, g2p.
+
+    k: the kernels of :func:`substep_kernels` (or launchers with the same signatures); state:
+    x, v, C, F, plastic [S, N, ...]; constants: material, E, nu, density, volume, aux [N, ...];
+    grid: (grid_mv, grid_m, grid_v); control: (dFc, control_scale). ``move_particles=False`` stops
+    after grid_update (a backward recomputing the grid of a substep); ``svd_separation``: see
+    trial_svd (the backward's recompute passes constitutive.svd_separation, the forward 0).
+    """
+    grid_mv, grid_m, grid_v = grid
+    dFc, scale = control
+    x, v, C, F, plastic = state["x"], state["v"], state["C"], state["F"], state["plastic"]
+    material, E, nu, aux = constants["material"], constants["E"], constants["nu"], constants["aux"]
+    density, volume = constants["density"], constants["volume"]
+    inv_dx = 1.0 / setup.dx
+    k.clear_grid(grid_mv, grid_m)
+    if svd is None:
+        k.particle_stress(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
+                          affine, inv_dx, dt)
+    else:
+        U, sig, V = svd
+        k.trial_svd(src, n, C, F, material, dFc, scale, U, sig, V, dt, svd_separation)
+        k.particle_stress_svd(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
+                              U, sig, V, affine, inv_dx, dt)
+    k.p2g(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx)
+    k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
+                  setup.wall_friction, setup.colliders, setup.n_colliders, time)
+    if move_particles:
+        k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt)

@@ -1,0 +1,119 @@
+"""Time to the first gradient: a new user's first ``bridge.simulate(...).backward()``, cold Taichi cache.
+
+    python bench/first_gradient.py [--before DIR] [--material elastic|von_mises|sand|snow]
+                                   [--out bench/results/first_gradient_cpu.json]
+
+Each measurement runs in a fresh interpreter with its own empty Taichi offline cache
+(``TI_OFFLINE_CACHE_FILE_PATH`` in a temporary folder), so every kernel -- forward and reverse --
+is compiled from scratch, as on a new user's machine. Then the same script runs again on that now
+warm cache. Columns: seconds to import + build the scene, the first forward (its kernels compile),
+the first backward (the reverse-mode kernels compile) -- wall clock and this process's CPU time (the
+CPU time is the fairer figure on a shared machine) -- and how many Taichi warnings "Loading
+variable ... before anything is stored" the run printed.
+
+Peer in the same run: ``--before DIR`` measures a checkout of the code before this change (e.g.
+``git worktree add /tmp/before <rev>``) on the same machine, same scene, same cold cache rule.
+``--quick`` is accepted for symmetry with the other benchmarks (the scene is already tiny).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, resource, sys, time
+cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_SELF))
+t0, c0 = time.perf_counter(), cpu()
+import torch
+from bridge.rollout import RolloutScene, simulate
+from taichi_mpm import Elastic, MPMSolver, Sand, Snow, VonMises
+from taichi_mpm.runtime import device
+material = {"elastic": Elastic(E=2e4, nu=0.3), "von_mises": VonMises(E=2e4, nu=0.3, yield_stress=300.0),
+            "sand": Sand(E=2e4, nu=0.3), "snow": Snow(E=2e4, nu=0.3)}[sys.argv[1]]
+solver = MPMSolver(res=16, dtype="float64")
+solver.add_cube((0.4, 0.3, 0.4), (0.15, 0.15, 0.15), material, particles_per_cell=1)
+scene = RolloutScene.from_solver(solver, dt=2e-4)
+x0 = solver.positions(as_torch=True).clone().to(device())
+v0 = torch.zeros_like(x0)
+E = torch.tensor(2e4, dtype=torch.float64, device=x0.device, requires_grad=True)
+nu = torch.tensor(0.3, dtype=torch.float64, device=x0.device)
+t1, c1 = time.perf_counter(), cpu()
+traj = simulate(scene, x0, v0, {"E": E, "nu": nu}, n_substeps=8, frames=[8])
+loss = traj.x[-1].square().sum() + traj.F[-1].square().sum()
+float(loss)
+t2, c2 = time.perf_counter(), cpu()
+loss.backward()
+float(E.grad)
+t3, c3 = time.perf_counter(), cpu()
+print("RESULT " + json.dumps({"setup_s": t1 - t0, "forward_s": t2 - t1, "backward_s": t3 - t2,
+                              "setup_cpu_s": c1 - c0, "forward_cpu_s": c2 - c1, "backward_cpu_s": c3 - c2}))
+"""
+
+
+def measure(code_dir: Path, material: str, cache: str) -> dict:
+    path = os.pathsep.join([str(code_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                              if p and Path(p).resolve() != ROOT])
+    env = dict(os.environ, PYTHONPATH=path, TI_OFFLINE_CACHE_FILE_PATH=cache)
+    env.setdefault("TAICHI_MPM_ARCH", "cpu")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD, material], cwd=code_dir, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"run in {code_dir} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["total_s"] = wall
+    result["loading_variable_warnings"] = (proc.stdout + proc.stderr).count("before anything is stored")
+    result["notices"] = [l for l in proc.stderr.splitlines() if "compil" in l.lower() and "taichi_mpm" in l]
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, default=None, help="checkout of the code to compare against")
+    parser.add_argument("--material", default="elastic", choices=("elastic", "von_mises", "sand", "snow"))
+    parser.add_argument("--quick", action="store_true", help="accepted; the scene is always tiny")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/first_gradient_cpu.json")
+    args = parser.parse_args(argv)
+
+    print("code       cache | wall s: setup  forward backward total | cpu s: setup forward backward | 'Loading variable' warnings")
+    runs = []
+    codes = ([("before", args.before)] if args.before else []) + [("this tree", ROOT)]
+    for label, code in codes:
+        with tempfile.TemporaryDirectory(prefix="ti_cache_") as cache:
+            for state in ("cold", "warm"):
+                r = measure(Path(code).resolve(), args.material, cache)
+                r.update(code=label, cache=state)
+                runs.append(r)
+                print(f"{label:10s} {state:4s} | {r['setup_s']:6.1f} {r['forward_s']:6.1f} {r['backward_s']:6.1f} "
+                      f"{r['total_s']:6.1f} | {r['setup_cpu_s']:6.1f} {r['forward_cpu_s']:6.1f} {r['backward_cpu_s']:6.1f} "
+                      f"| {r['loading_variable_warnings']:4d}", flush=True)
+    import taichi_mpm.runtime as rt  # noqa: F401  (device name below)
+    arch = os.environ.get("TAICHI_MPM_ARCH", "cpu")
+    device = platform.processor() or platform.machine()
+    if arch == "cuda":
+        import torch
+        device = torch.cuda.get_device_name(0)
+    result = {"benchmark": "first_gradient", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "device": device, "arch": arch, "cpu_count": os.cpu_count(), "material": args.material,
+              "scene": "16^3 grid, 1 particle a cell cube (~300 particles), 8 substeps, float64",
+              "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
