@@ -199,8 +199,8 @@ def body(args) -> None:
 def main(argv=None):
     parser = scene_parser("fit_image", __doc__)
     parser.add_argument("--input", type=Path, help="image to fit (PNG, JPEG, ...)")
-    parser.add_argument("--num-gaussians", type=int, default=10000)
-    parser.add_argument("--iters", type=int, default=5000)
+    parser.add_argument("--num-gaussians", type=int, default=10000, help="Gaussians at the end of the fit")
+    parser.add_argument("--iters", type=int, default=5000, help="Adam steps (cosine learning-rate schedule)")
     parser.add_argument("--loss", choices=LOSSES, default="l2")
     parser.add_argument("--mode", choices=("sum", "alpha"), default="sum",
                         help="sum: order-free accumulated sum (GaussianImage); alpha: front-to-back compositing")
