@@ -20,7 +20,7 @@ IMAGE_ATOL = tolerance(torch.float32, 84)
 # - a gradient element sums the contributions of every pixel a splat covers (hundreds) through the
 #   blending backward (which rebuilds T by division) and a chain of ~10 projection steps, so its
 #   error relative to that gradient's scale reaches several hundred roundings: 840 eps = 1e-4.
-#   Every mutation of a backward term tried on these tests moved some element far beyond it.
+#   Every mutation of a backward term tried on these tests (a term halved or dropped) failed it.
 GRAD_RTOL = tolerance(torch.float32, 840)
 
 

@@ -62,8 +62,9 @@ def run_inria(scene, camera, **kwargs):
 
 @pytest.mark.parametrize("camera_index,antialiasing", [(0, False), (1, False), (1, True)])
 def test_inria_face_matches_reference(scene, camera_index, antialiasing):
-    """Caught (mutation-tested): see the list in the report of issue 8; every projection/blending
-    gradient mutation that reaches this face's inputs fails here too."""
+    """Mutation-tested: caught the NDC scale of the means2D gradient halved (only this test sees it),
+    the antialiased compensation halved ([1-True]), the depth gradient dropped, and every
+    projection / SH / blending mutation listed in test_render_pipeline's SH test."""
     camera = cameras()[camera_index]  # the second one has an off-centre principal point
     color, radii, depth, alpha, grads, screen_grad = run_inria(scene, camera, antialiasing=antialiasing)
     ref_color, ref_depth, ref_alpha, ref_grads, ref_offset_grad = reference(scene, camera, antialiasing=antialiasing)
@@ -80,6 +81,7 @@ def test_inria_face_matches_reference(scene, camera_index, antialiasing):
 
 
 def test_scale_modifier_and_precomputed_inputs(scene):
+    """Mutation-tested: caught the face dropping scale_modifier."""
     camera, dev = cameras()[0], scene["means"].device
     color, *_ = run_inria(scene, camera, scale_modifier=0.7)
     ref_color, *_ = reference(scene, camera, scale_modifier=0.7)

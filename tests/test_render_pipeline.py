@@ -56,41 +56,47 @@ def sh_inputs(scene, degree):
 
 @pytest.mark.parametrize("degree", [0, 1, 2, 3])
 def test_sh_degrees_match_reference(scene, device, degree):
-    """Caught (mutation-tested): SH backward of degree 1-3 halved (colors); position gradient through
-    the view direction dropped (means); quaternion gradient halved (quats); scale gradient halved
-    (scales); opacity gradient of blending halved (opacities); conic gradient of blending zeroed
-    (means, quats, scales); background gradient left alone by construction (torch)."""
+    """Mutation-tested, each caught here: projection backward with the quaternion, scale, rotation
+    (v_w), mean2D, conic, opacity gradient halved, the frustum clamp ignored, the view-direction
+    gradient dropped (degrees >= 1), unused SH rows left unwritten; SH coefficient gradient halved,
+    SH direction tangent projection dropped; blending's opacity / mean2D gradient halved, conic
+    gradient zeroed, feature gradient halved, output-alpha term halved, the 'behind' colour term
+    dropped."""
     check(sh_inputs(scene, degree), device, sh_degree=degree, backgrounds=torch.tensor([[0.2, 0.5, 0.9]]))
 
 
 def test_extra_sh_coefficients_are_ignored(scene, device):
     """The 3DGS schedule keeps 16 coefficients while the active degree grows: coefficients above the
-    active degree must get exactly zero gradient. Caught (mutation-tested): the one-camera backward
-    leaving the unused rows unwritten (garbage from torch.empty)."""
+    active degree must get exactly zero gradient. Mutation-tested: caught the one-camera backward
+    leaving unused SH rows unwritten (torch.empty garbage), and every mutation listed above."""
     check(sh_inputs(scene, 3), device, sh_degree=1)
 
 
 @pytest.mark.parametrize("mode", ["D", "ED", "RGB+D", "RGB+ED"])
 def test_depth_render_modes_match_reference(scene, device, mode):
-    """Caught (mutation-tested): the depth gradient of the projection dropped (means)."""
+    """Mutation-tested: caught the projection's depth gradient dropped (only these, the covariance
+    test and the Inria face see it), and every mutation listed for the SH test."""
     check(sh_inputs(scene, 3), device, sh_degree=3, render_mode=mode)
 
 
 def test_antialiased_mode_matches_reference(scene, device):
-    """Caught (mutation-tested): the compensation term of the antialiased covariance gradient halved
-    (scales, quats, means)."""
+    """Mutation-tested: caught the antialiased compensation term of the covariance gradient halved
+    (only this and the antialiased Inria face see it)."""
     check(sh_inputs(scene, 3), device, sh_degree=3, rasterize_mode="antialiased")
 
 
 def test_batch_of_cameras_matches_reference(scene, device):
-    """Several cameras see each Gaussian: the accumulating (atomic) backward. Caught (mutation-tested):
-    the accumulating backward storing instead of adding (every input)."""
+    """Several cameras see each Gaussian: the accumulating (atomic) backward. Mutation-tested: caught
+    the accumulating backward storing instead of adding, its SH coefficient gradient halved, and the
+    bridge choosing the one-camera (non-accumulating) backward for two cameras; only this test runs
+    that path."""
     check(sh_inputs(scene, 3), device, n_cameras=2, sh_degree=3,
           backgrounds=torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, 0.5]]))
 
 
 def test_precomputed_colors_and_covariances_match_reference(scene, device):
-    """Caught (mutation-tested): the off-diagonal cov3D gradient not symmetrised (covars)."""
+    """Mutation-tested: caught the off-diagonal cov3D gradient not symmetrised (only this test
+    passes covars), and the depth / blending mutations."""
     cov = covariance(scene["quats"].double(), scene["scales"].double(), None)
     cov6 = torch.stack([cov[:, 0, 0], cov[:, 0, 1], cov[:, 0, 2], cov[:, 1, 1], cov[:, 1, 2], cov[:, 2, 2]], 1)
     check(dict(means=scene["means"], quats=None, scales=None, covars=cov6.float(), opacities=scene["opacities"],
@@ -99,7 +105,7 @@ def test_precomputed_colors_and_covariances_match_reference(scene, device):
 
 def test_screen_space_gradient_matches_reference(scene, device):
     """meta['means2d'].grad (gsplat's densification signal) equals the reference's d loss / d mean2D.
-    Caught (mutation-tested): the mean2D gradient of blending halved."""
+    Mutation-tested: caught blending's mean2D gradient halved and its 'behind' term dropped."""
     inputs = sh_inputs(scene, 3)
     viewmats, Ks = camera_tensors(1, device=device)
     image, _, meta = rasterize(**{**inputs, "means": inputs["means"].clone().requires_grad_(True)},
@@ -144,3 +150,19 @@ def test_projection_stage_matches_reference(scene, device, rasterize_mode):
         ref_conics = torch.stack([conics[:, 0, 0], conics[:, 0, 1], conics[:, 1, 1]], -1)
         torch.testing.assert_close(meta["conics"][c][visible].double(), ref_conics[visible], rtol=1e-4, atol=1e-7)
         assert not meta["radii"][c][~visible].any() and not meta["means2d"][c][~visible].any()
+
+
+def test_gradient_helper_names_the_input_and_its_worst_element(device):
+    """The per-input comparison itself: a small input's halved gradient element is found even beside
+    a large input, the message names both; an all-zero reference is refused."""
+    ref = {"big": torch.full((5,), 1e6, dtype=torch.float64, device=device),
+           "small": torch.tensor([1e-3, 2e-3, -1e-3], dtype=torch.float64, device=device)}
+    ours = {k: v.float().clone() for k, v in ref.items()}
+    assert_grads_close(ours, ref, GRAD_RTOL)
+    ours["small"][1] *= 0.5
+    with pytest.raises(AssertionError, match=r"gradient of small: 1 of 3 elements off; worst at \(1,\)"):
+        assert_grads_close(ours, ref, GRAD_RTOL)
+    with pytest.raises(AssertionError, match="all zero"):
+        assert_grads_close({"z": torch.zeros(3, device=device)}, {"z": torch.zeros(3, device=device)}, GRAD_RTOL)
+    with pytest.raises(AssertionError, match="missing"):
+        assert_grads_close({"z": None}, {"z": torch.ones(3, device=device)}, GRAD_RTOL)
