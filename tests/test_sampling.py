@@ -360,6 +360,18 @@ def test_add_mesh_default_fit_puts_downloaded_meshes_in_the_domain(name, ti_arch
     np.testing.assert_allclose(middle, (solver.valid_lower + solver.valid_upper) / 2, atol=2 * solver.dx)
 
 
+@pytest.mark.parametrize("suffix", [".stl", ".ply"])
+def test_add_mesh_default_fit_reads_stl_and_ply_meshes(suffix, tmp_path, ti_arch):
+    from taichi_mpm import Elastic, MPMSolver
+
+    path = tmp_path / f"teapot{suffix}"
+    load_mesh(ASSETS / "teapot_raw.obj").export(path)
+    solver = MPMSolver(res=24)
+    assert solver.add_mesh(path, Elastic()) >= MPMSolver.MIN_MESH_PARTICLES
+    x = solver.positions()
+    assert np.all(x >= solver.valid_lower) and np.all(x <= solver.valid_upper)
+
+
 def test_add_mesh_in_raw_units_gives_a_clear_warning_or_error_with_the_fix(ti_arch):
     """The Stanford-bunny bug: metres placed with scale 1 give a handful of particles.
     Shown to catch: the check removed (the 30-particle bunny added silently)."""
