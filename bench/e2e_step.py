@@ -14,7 +14,8 @@ shows the median. Split: simulation forward (``bridge.simulate``), upsampling fo
 forward (rasterize + loss), backward through rendering and upsampling (``torch.autograd.grad`` to
 the trajectory), simulation backward (the rollout's checkpointed backward). ``step_ms`` is a plain
 forward + ``loss.backward()`` measured separately (no split). Peak memory: torch's max allocated
-during the plain step.
+during the plain step. The warm-up step compiles every kernel (on a fresh CUDA machine ~2 minutes,
+mostly the rollout's reverse kernels): give a GPU run 5 minutes.
 
     python bench/e2e_step.py [--quick] [--out bench/results/e2e_step_cuda.json]
 """
@@ -120,7 +121,12 @@ def step(args, scene, x0, binding, viewmats, Ks, target, variant, clock=None):
 
 
 def run_variant(args, scene, x0, binding, viewmats, Ks, target, variant):
+    sync()
+    t = time.perf_counter()
     step(args, scene, x0, binding, viewmats, Ks, target, variant)  # warm-up: compiles everything
+    sync()
+    warmup_s = time.perf_counter() - t
+    print(f"{variant}: warm-up step (kernel compiles included) {warmup_s:.1f} s", flush=True)
     splits, plain, peaks = [], [], []
     for _ in range(args.repeats):
         clock = Clock()
@@ -135,7 +141,8 @@ def run_variant(args, scene, x0, binding, viewmats, Ks, target, variant):
         plain.append((time.perf_counter() - t) * 1e3)
         peaks.append(torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan"))
     finite = all(bool(torch.isfinite(v.grad).all()) for v in leaves.values() if v.grad is not None)
-    row = {"variant": variant, "step_ms": statistics.median(plain), "peak_GB": max(peaks), "grads_finite": finite}
+    row = {"variant": variant, "step_ms": statistics.median(plain), "peak_GB": max(peaks), "grads_finite": finite,
+           "warmup_s": warmup_s}
     for key in splits[0]:
         row[key] = statistics.median(s[key] for s in splits)
     row["split_total_ms"] = sum(row[k] for k in splits[0])
@@ -152,6 +159,8 @@ def main():
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", choices=("surface", "per_particle"),
+                        default=["surface", "per_particle"], help="surface upsampling and/or the one-per-particle peer")
     parser.add_argument("--quick", action="store_true", help="tiny CPU-sized run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -166,11 +175,19 @@ def main():
     print(f"device: {device_name} ({arch}); {scene.n_particles} particles, {args.substeps} substeps, "
           f"{binding.n_gaussians} surface Gaussians, {args.frames} frames x {len(viewmats)} views at {args.size}^2",
           flush=True)
-    rows = [run_variant(args, scene, x0, binding, viewmats, Ks, target, v) for v in ("surface", "per_particle")]
+    rows = []
+    for variant in args.variants:  # the JSON is rewritten after each, so a timeout keeps the first
+        rows.append(run_variant(args, scene, x0, binding, viewmats, Ks, target, variant))
+        print(json.dumps(rows[-1]), flush=True)
+        write(args, rows, device_name, arch, scene, binding, viewmats)
     keys = ["sim_fwd_ms", "upsample_fwd_ms", "render_fwd_ms", "render_upsample_bwd_ms", "sim_bwd_ms"]
     print(f"{'variant':>13} {'step ms':>8} {'peak GB':>8} " + " ".join(f"{k[:-3]:>22}" for k in keys))
     for r in rows:
         print(f"{r['variant']:>13} {r['step_ms']:>8.1f} {r['peak_GB']:>8.3f} " + " ".join(f"{r[k]:>22.1f}" for k in keys))
+    print(f"wrote {write(args, rows, device_name, arch, scene, binding, viewmats)}")
+
+
+def write(args, rows, device_name, arch, scene, binding, viewmats):
     result = {"benchmark": "e2e_step", "device": device_name, "arch": arch,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "command": " ".join(sys.argv),
@@ -181,7 +198,7 @@ def main():
     out = args.out or Path(__file__).resolve().parent / "results" / f"e2e_step_{arch}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":

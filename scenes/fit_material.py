@@ -154,7 +154,7 @@ def main(argv=None):
     parser.add_argument("--start-E", type=float, default=4e4)
     parser.add_argument("--start-nu", type=float, default=0.2)
     parser.add_argument("--start-velocity", type=float, nargs=3, default=(0.0, 0.0, 0.0))
-    parser.add_argument("--E-max", type=float, default=1.2e5, help="stiffest E the substep stays stable for")
+    parser.add_argument("--E-max", type=float, default=8e4, help="stiffest E the substep stays stable for")
     parser.add_argument("--max-speed", type=float, default=4.0, help="fastest speed the CFL substep allows for")
     return run(parser, argv, body)
 
