@@ -48,6 +48,7 @@ def test_zero_gaussians_give_the_background(device):
 
 
 def test_gaussians_behind_camera_and_on_near_plane(scene):
+    """Mutation-tested: caught the near-plane test made strict (z > near drops the Gaussians on it)."""
     s = dict(scene)
     means = s["means"].clone()
     means[:10, 2] = -2.0   # behind

@@ -133,7 +133,8 @@ def test_meta_radii_mark_visible_gaussians(scene, device):
 def test_projection_stage_matches_reference(scene, device, rasterize_mode):
     """The preprocess outputs in meta against render.reference.project, stage by stage; float32
     rounding of pixel coordinates ~50 (1e-5 relative) and of conics (1e-4: an inverse of a 2x2
-    matrix whose determinant cancels)."""
+    matrix whose determinant cancels). Mutation-tested: caught the x radius written as 0 (which the
+    visibility checks alone let through)."""
     viewmats, Ks = camera_tensors(2, device=device)
     _, _, meta = rasterize(**sh_inputs(scene, 3), viewmats=viewmats, Ks=Ks, width=WIDTH, height=HEIGHT, sh_degree=3,
                            rasterize_mode=rasterize_mode)
@@ -150,6 +151,12 @@ def test_projection_stage_matches_reference(scene, device, rasterize_mode):
         ref_conics = torch.stack([conics[:, 0, 0], conics[:, 0, 1], conics[:, 1, 1]], -1)
         torch.testing.assert_close(meta["conics"][c][visible].double(), ref_conics[visible], rtol=1e-4, atol=1e-7)
         assert not meta["radii"][c][~visible].any() and not meta["means2d"][c][~visible].any()
+        # radii: ceil of the 1/255-alpha extent along x and y; float32 may land one pixel off a ceil
+        cov2 = torch.linalg.inv(conics[visible])
+        extent = torch.sqrt(2.0 * torch.log(255.0 * opac[visible]))[:, None]
+        expected = torch.ceil(extent * torch.sqrt(torch.stack([cov2[:, 0, 0], cov2[:, 1, 1]], -1)))
+        off = (meta["radii"][c][visible].double() - expected).abs()
+        assert off.max() <= 1 and (off == 0).double().mean() > 0.95, f"radii off by up to {off.max().item()}"
 
 
 def test_gradient_helper_names_the_input_and_its_worst_element(device):
