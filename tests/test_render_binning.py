@@ -29,6 +29,7 @@ def brute_force(rects, depths, n_images, grid):
 
 
 def test_pairs_sorted_by_tile_then_depth(device):
+    """Mutation-tested: caught the depth sort reversed and the tile-key sort scrambling depth order."""
     grid = TileGrid(70, 41)  # 5 x 3 tiles, neither side a multiple of 16
     rects, depths = random_rects(3, 40, grid, device)
     binning = bin_rects(rects, depths, 3, grid)
