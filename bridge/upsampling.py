@@ -21,6 +21,7 @@ Per frame (plain torch, differentiable w.r.t. x, F, sigma0 and thickness; no hos
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -193,24 +194,28 @@ def deform_points(X: torch.Tensor, particles: torch.Tensor, weights: torch.Tenso
 
 def synthesize_surface(x: torch.Tensor, F: torch.Tensor, binding: SurfaceBinding,
                        sigma0: Union[float, torch.Tensor], thickness: Union[float, torch.Tensor],
-                       dtype: torch.dtype = torch.float32) -> Gaussians:
+                       dtype: torch.dtype = torch.float32, validate: bool = True) -> Gaussians:
     """N particles (x (N, 3), F (N, 3, 3)) -> M surface Gaussians (bridge.Gaussians, ``dtype``).
 
     sigma0 > 0: tangential standard deviation of Sigma0; thickness >= 0: depth of the band under the
-    rest surface. Both may be tensors (0-d) carrying gradients.
+    rest surface. Both may be 0-d tensors carrying gradients. ``validate`` checks the tensor values
+    (one device sync); :class:`SurfaceUpsampler` turns it off, its exp-parametrisation keeps both positive.
     """
     n = binding.n_particles
     check_tensor("x", x, (n, 3))
     check_tensor("F", F, (n, 3, 3), dtype=x.dtype, device=x.device)
     real = x.dtype
+    for name, value, low, strict in (("sigma0", sigma0, 0.0, True), ("thickness", thickness, 0.0, False)):
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 0:
+                raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+            if not validate:
+                continue
+            value = float(value.detach())  # one sync; a zero or negative std would give a singular covariance
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            raise ValueError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value}")
     sigma0 = torch.as_tensor(sigma0, dtype=real, device=x.device)
     thickness = torch.as_tensor(thickness, dtype=real, device=x.device)
-    if sigma0.dim() != 0 or thickness.dim() != 0:
-        raise ValueError("sigma0 and thickness must be scalars")
-    if not bool(sigma0 > 0):  # one sync; a zero or negative std would give a singular covariance
-        raise ValueError(f"sigma0 must be > 0, got {float(sigma0)}")
-    if not bool(thickness >= 0):
-        raise ValueError(f"thickness must be >= 0, got {float(thickness)}")
     b = binding
     normals = b.normals.to(real)
     X = b.surface.to(real) - (b.depth.to(real) * thickness)[:, None] * normals
@@ -257,7 +262,8 @@ class SurfaceUpsampler(nn.Module):
         return self.log_thickness.exp()
 
     def forward(self, x: torch.Tensor, F: torch.Tensor, dtype: torch.dtype = torch.float32) -> Gaussians:
-        return synthesize_surface(x, F, self.binding, self.sigma0.to(x.dtype), self.thickness.to(x.dtype), dtype)
+        return synthesize_surface(x, F, self.binding, self.sigma0.to(x.dtype), self.thickness.to(x.dtype), dtype,
+                                  validate=False)
 
     def extra_repr(self) -> str:
         return f"M={self.binding.n_gaussians}, N={self.binding.n_particles}, flatten={self.binding.flatten}"

@@ -148,6 +148,10 @@ def test_bad_input_is_a_clear_error(cube):
         synthesize_surface(x, eye, b, -1.0, 0.01)
     with pytest.raises(ValueError, match="thickness"):
         synthesize_surface(x, eye, b, 0.01, -0.1)
+    with pytest.raises(ValueError, match="sigma0"):
+        synthesize_surface(x, eye, b, torch.tensor(-0.01, dtype=x.dtype, device=x.device), 0.01)
+    with pytest.raises(ValueError, match="sigma0 must be a scalar"):
+        synthesize_surface(x, eye, b, torch.ones(2, dtype=x.dtype, device=x.device), 0.01)
     with pytest.raises(ValueError, match="x must have shape"):
         synthesize_surface(x[:-1], eye, b, 0.01, 0.01)
     with pytest.raises(ValueError, match="sigma0"):
