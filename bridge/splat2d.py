@@ -10,7 +10,6 @@ autograd), the reference the tests compare the kernels against.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -131,7 +130,7 @@ def splat2d(means: torch.Tensor, chol: torch.Tensor, colors: torch.Tensor, width
         opacities = torch.ones(N, dtype=means.dtype, device=means.device)
     if use_manual_backward:
         arch = ensure_init()
-        variant = "pixel" if arch == "cpu" or os.environ.get("SPLAT_BLEND") == "pixel" else "block"
+        variant = "pixel" if arch == "cpu" else "block"
         image, alpha = _Splat2D.apply(means, chol, opacities, colors, width, height, mode, variant, max_pairs)
     else:
         image, alpha = reference_splat2d(means, chol, colors, opacities, width, height, mode)
