@@ -275,17 +275,20 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             mass = density[p] * volume[p]
             momentum = mass * v[src, p]
             A = affine[p]
+            W, dW = ti.Matrix.rows([w[0], w[1], w[2]]), ti.Matrix.rows([dw[0], dw[1], dw[2]])
             gx = ti.Vector.zero(real, 3)
             gv = ti.Vector.zero(real, 3)
             gA = ti.Matrix.zero(real, 3, 3)
-            for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
+            # a run-time loop over the 27 nodes, not unrolled: a hand-written adjoint needs no static
+            # loop, and the unrolled one took 10 s of LLVM code generation on every process start
+            for i, j, k in ti.ndrange(3, 3, 3):
                 offset = ti.Vector([i, j, k])
                 dpos = (ti.cast(offset, real) - fx) / inv_dx
-                weight = w[i][0] * w[j][1] * w[k][2]
+                weight = W[i, 0] * W[j, 1] * W[k, 2]
                 node = base + offset
                 g = g_mv[node]
-                weight_grad = inv_dx * ti.Vector([dw[i][0] * w[j][1] * w[k][2], w[i][0] * dw[j][1] * w[k][2],
-                                                  w[i][0] * w[j][1] * dw[k][2]], real)
+                weight_grad = inv_dx * ti.Vector([dW[i, 0] * W[j, 1] * W[k, 2], W[i, 0] * dW[j, 1] * W[k, 2],
+                                                  W[i, 0] * W[j, 1] * dW[k, 2]], real)
                 # d dpos / d x = -I; the weight moves with x
                 gx += (g.dot(momentum + A @ dpos) + g_m[node] * mass) * weight_grad \
                     - weight * (A.transpose() @ g)
@@ -307,14 +310,15 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             g_new_v = g_v[dst, p] + dt * g_x[dst, p]
             gC = g_C[dst, p]
             gx = g_x[dst, p]
-            for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
+            W, dW = ti.Matrix.rows([w[0], w[1], w[2]]), ti.Matrix.rows([dw[0], dw[1], dw[2]])
+            for i, j, k in ti.ndrange(3, 3, 3):  # run-time loop: see p2g_grad
                 offset = ti.Vector([i, j, k])
                 dpos = ti.cast(offset, real) - fx  # in cells: d dpos / d x = -inv_dx I
-                weight = w[i][0] * w[j][1] * w[k][2]
+                weight = W[i, 0] * W[j, 1] * W[k, 2]
                 node = base + offset
                 g_v_node = grid_v[node]
-                weight_grad = inv_dx * ti.Vector([dw[i][0] * w[j][1] * w[k][2], w[i][0] * dw[j][1] * w[k][2],
-                                                  w[i][0] * w[j][1] * dw[k][2]], real)
+                weight_grad = inv_dx * ti.Vector([dW[i, 0] * W[j, 1] * W[k, 2], W[i, 0] * dW[j, 1] * W[k, 2],
+                                                  W[i, 0] * W[j, 1] * dW[k, 2]], real)
                 gC_dpos = gC @ dpos
                 g_grid_v[node] += weight * g_new_v + (4.0 * inv_dx * weight) * gC_dpos
                 gx += (g_new_v.dot(g_v_node) + 4.0 * inv_dx * g_v_node.dot(gC_dpos)) \
