@@ -47,7 +47,7 @@ No kernel writes what it (or a later kernel of the same substep) reads, so the a
 reverse order are exact (DiffTaichi's rule). Backward of substep s: re-run its forward up to
 grid_update (grid and affine are not kept), zero the scratch adjoints, then
     g2p_grad        hand-written: adjoints of x, v, C [dst] -> x[src] and the grid velocities
-    grid_update.grad  Taichi's (short: the boundaries unroll, no branches)
+    grid_update_ad.grad  Taichi's, of the branch-free twin of grid_update (same values; short)
     p2g_grad        hand-written: node adjoints -> x, v [src] and affine
     particle_stress.grad / particle_stress_svd.grad  Taichi's: -> C, F, plastic [src], E, nu, aux,
                     controls (and U, sig, V)
@@ -225,22 +225,40 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                 grid_mv[node] += weight * (momentum + affine[p] @ dpos)
                 grid_m[node] += weight * mass
 
+    @ti.func
+    def node_velocity(I, grid_mv: ti.template(), grid_m: ti.template(), dt, gravity, origin, dx, wall_mode,
+                      wall_friction, colliders: ti.template(), n_colliders: ti.template(), time):
+        """Velocity of an occupied node after gravity, colliders and walls (branch-free)."""
+        shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
+        v_node = grid_mv[I] / ti.max(grid_m[I], MIN_NODE_MASS) + dt * gravity
+        pos = origin + ti.cast(I, real) * dx
+        for c in ti.static(range(n_colliders)):
+            v_node = apply_collider(v_node, pos, colliders, c, time)
+        return apply_walls(v_node, I, shape, wall_mode, wall_friction)
+
     @ti.kernel
     def grid_update(grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, dt: real,
                     gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
                     colliders: table, n_colliders: ti.template(), time: real):
+        """The solver's (forward only): empty nodes skip the boundary arithmetic."""
         for I in ti.grouped(grid_m):
-            shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
-            m = grid_m[I]
-            # branch-free: a local assigned under `if m > ...` made Taichi's reverse pass load it
-            # before any store (the "Loading variable ... before anything is stored" warnings)
-            occupied = ti.cast(m > MIN_NODE_MASS, real)
-            v_node = grid_mv[I] / ti.max(m, MIN_NODE_MASS) + dt * gravity
-            pos = origin + ti.cast(I, real) * dx
-            for c in ti.static(range(n_colliders)):
-                v_node = apply_collider(v_node, pos, colliders, c, time)
-            v_node = apply_walls(v_node, I, shape, wall_mode, wall_friction)
-            grid_v[I] = occupied * v_node
+            v_node = ti.Vector.zero(real, 3)
+            if grid_m[I] > MIN_NODE_MASS:
+                v_node = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
+                                       colliders, n_colliders, time)
+            grid_v[I] = v_node
+
+    @ti.kernel
+    def grid_update_ad(grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, dt: real,
+                       gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
+                       colliders: table, n_colliders: ti.template(), time: real):
+        """The rollout's, the same values branch-free: a local assigned under `if m > ...` made
+        Taichi's reverse pass load it before any store (the "Loading variable ... before anything
+        is stored" warnings). Its ``.grad`` is Taichi's."""
+        for I in ti.grouped(grid_m):
+            occupied = ti.cast(grid_m[I] > MIN_NODE_MASS, real)
+            grid_v[I] = occupied * node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode,
+                                                 wall_friction, colliders, n_colliders, time)
 
     @ti.kernel
     def g2p(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
@@ -326,7 +344,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             g_x[src, p] += gx
 
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, p2g=p2g,
-                           grid_update=grid_update, g2p=g2p, trial_svd=trial_svd,
+                           grid_update=grid_update, grid_update_ad=grid_update_ad, g2p=g2p, trial_svd=trial_svd,
                            particle_stress_svd=particle_stress_svd, trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad)
 
@@ -354,7 +372,7 @@ class GridSetup:
 def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constants: Mapping[str, Any],
                 grid: Tuple[Any, Any, Any], affine, control: Tuple[Any, float], setup: GridSetup,
                 dt: float, time: float = 0.0, svd: Optional[Tuple[Any, Any, Any]] = None,
-                move_particles: bool = True, svd_separation: float = 0.0) -> None:
+                move_particles: bool = True, svd_separation: float = 0.0, differentiable: bool = False) -> None:
     """The substep sequence, written once for the solver and the differentiable rollout:
     clear_grid, particle stress (with ``svd`` = (U, sig, V) buffers: trial_svd then
     particle_stress_svd, the differentiable form of the plastic models), p2g, grid_update, g2p.
@@ -363,7 +381,8 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     x, v, C, F, plastic [S, N, ...]; constants: material, E, nu, density, volume, aux [N, ...];
     grid: (grid_mv, grid_m, grid_v); control: (dFc, control_scale). ``move_particles=False`` stops
     after grid_update (a backward recomputing the grid of a substep); ``svd_separation``: see
-    trial_svd (the backward's recompute passes constitutive.svd_separation, the forward 0).
+    trial_svd (the backward's recompute passes constitutive.svd_separation, the forward 0);
+    ``differentiable``: the branch-free grid_update_ad (the rollout) instead of grid_update.
     """
     grid_mv, grid_m, grid_v = grid
     dFc, scale = control
@@ -381,7 +400,8 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
         k.particle_stress_svd(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
                               U, sig, V, affine, inv_dx, dt)
     k.p2g(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx)
-    k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
-                  setup.wall_friction, setup.colliders, setup.n_colliders, time)
+    grid_update = k.grid_update_ad if differentiable else k.grid_update
+    grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
+                setup.wall_friction, setup.colliders, setup.n_colliders, time)
     if move_particles:
         k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt)
