@@ -72,7 +72,8 @@ def test_svd_adjoint_cube_matches_exact_gradient(svd_kernels, device, case):
     """h(s) = s^3 makes U h(S) V^T = F F^T F, whose gradient is exact in torch, also where singular
     values are equal. Shown to catch: the U and V terms' sign swapped (K_ij = 1 / (s_i^2 - s_j^2));
     and, at equal singular values, the spread turned off (separation 0: the divided difference's
-    limit is lost, errors ~1)."""
+    limit is lost, errors ~1; "two equal" and "three equal" fail). Also caught: svd_grad's output
+    halved (every case fails)."""
     F = rotation(1) @ CASES[case] @ rotation(2).T
     W = torch.randn(3, 3, generator=torch.Generator().manual_seed(3), dtype=f64)
     ours = svd_adjoint(svd_kernels, device, F.to(device), lambda s: s ** 3, lambda s: 3 * s ** 2, W.to(device))
@@ -86,7 +87,8 @@ def test_svd_adjoint_cube_matches_exact_gradient(svd_kernels, device, case):
 @pytest.mark.parametrize("case", ["distinct", "two equal"])
 def test_svd_adjoint_log_matches_fd(svd_kernels, device, case):
     """h(s) = log s (the Hencky strain of von Mises and sand), against central differences of a
-    numpy SVD. Shown to catch: the gsig term dropped (diag(gsig) missing from the inner matrix)."""
+    numpy SVD. Shown to catch: the gap's sign swapped and svd_grad's output halved (both cases
+    fail); the tie spread turned off ("two equal" fails)."""
     F = rotation(4) @ CASES[case] @ rotation(5).T
     W = torch.randn(3, 3, generator=torch.Generator().manual_seed(6), dtype=f64)
     ours = svd_adjoint(svd_kernels, device, F.to(device), torch.log, lambda s: 1 / s, W.to(device))
@@ -201,10 +203,10 @@ PLASTIC_INPUTS = [("yield_stress", 0.4), ("friction_angle", 3e-4), ("hardening",
 def test_plastic_rollout_gradient_matches_fd(plastic_setup, plastic_grads, name, h):
     """Each input on its own: <dL/dp, d> against the central difference along d. The plastic
     parameters' FD is asserted non-negligible: the particles are actively yielding (a parameter of
-    an inactive yield surface would have zero effect). Shown to catch: svd_grad's output halved
-    (x0, v0, F0, E, nu, every plastic parameter fail), von Mises' max(overshoot, 0) replaced by the
-    raw overshoot (not a gradient bug, but its forward change fails the FD of yield_stress), and the
-    friction angle's sin(phi) conversion left out of the aux gradient (friction_angle fails)."""
+    an inactive yield surface would have zero effect). Shown to catch (each run, 2026-11-27):
+    svd_grad's output halved (all ten inputs fail); the plastic parameters detached in
+    aux_per_particle (the five plastic parameters fail); the tie spread turned off
+    (SVD_SEPARATION 0: F0 fails, through the particles started with equal singular values)."""
     d = plastic_setup
     analytic = (plastic_grads[name] * d["dirs"][name]).sum().item()
     fd = plastic_fd(d, name, h)

@@ -124,18 +124,24 @@ def assert_fd(analytic_dir, fd_dir):
 
 @pytest.mark.parametrize("name,h", [("x0", 1e-6), ("v0", 1e-6), ("C0", 1e-6), ("F0", 1e-6), ("controls", 1e-6)])
 def test_state_and_control_gradients_match_fd(setup, grads_body, name, h):
+    """Each state input and the controls on their own. Shown to catch (each failed all five):
+    p2g_grad's velocity adjoint halved, g2p_grad's position adjoint without dt, p2g_grad's weight
+    gradient halved, the rollout's adjoint shift between substeps halved."""
     direction = setup["dirs"][name]
     assert_fd((grads_body[name] * direction).sum().item(), fd(setup, name, direction, h))
 
 
 @pytest.mark.parametrize("name,key,h", [("E", "E_body", 1e-2), ("nu", "nu_body", 1e-6)])
 def test_per_body_material_gradients_match_fd(setup, grads_body, name, key, h):
+    """E and nu per body, each on its own. Shown to catch: the E gradient halved in the rollout's
+    backward (E fails, nu passes); p2g_grad's velocity adjoint halved (both fail)."""
     direction = setup["dirs"][key]
     assert_fd((grads_body[name] * direction).sum().item(), fd(setup, name, direction, h))
 
 
 @pytest.mark.parametrize("name,h", [("E", 1e-2), ("nu", 1e-6)])
 def test_per_particle_material_gradients_match_fd(setup, grads_particle, name, h):
+    """As the per-body test, one value per particle; caught the same two mutations."""
     direction = setup["dirs"][name]
     assert_fd((grads_particle[name] * direction).sum().item(), fd(setup, name, direction, h, True))
 
@@ -148,7 +154,8 @@ def test_per_body_gradient_is_sum_of_per_particle(setup, grads_body, grads_parti
 
 
 def test_lame_parameters_match_fd(setup):
-    """{"lam", "mu"} per body: gradient through the conversion to (E, nu), against FD."""
+    """{"lam", "mu"} per body: gradient through the conversion to (E, nu), against FD. Shown to
+    catch: the E gradient halved in the rollout's backward."""
     from taichi_mpm.materials import lame_parameters
 
     d = setup
