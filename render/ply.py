@@ -49,7 +49,7 @@ def write_ply(path: Union[str, Path], g: GaussianPly) -> None:
                              ("log_scales", g.log_scales, (N, 3)), ("quats", g.quats, (N, 4))):
         if arr.shape != shape:
             raise ValueError(f"{name} must be {shape}, got {arr.shape}")
-    rest = np.transpose(g.sh[:, 1:, :], (0, 2, 1)).reshape(N, -1)
+    rest = np.transpose(g.sh[:, 1:, :], (0, 2, 1)).reshape(N, 3 * (B - 1))  # explicit width: N may be 0
     data = np.concatenate([g.means, np.zeros((N, 3)), g.sh[:, 0, :], rest, g.opacity_logits[:, None],
                            g.log_scales, g.quats], 1).astype("<f4")
     header = "ply\nformat binary_little_endian 1.0\nelement vertex %d\n" % N
