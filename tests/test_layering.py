@@ -1,7 +1,7 @@
 """The package layers: taichi_mpm.runtime / launch / validation (the floor) -> kernels (taichi_mpm,
 render) -> bridge (torch faces) -> scenes. No package imports one above it, so no package cycle,
 and ``import render`` / ``import taichi_mpm`` work alone in a fresh interpreter.
-Shown to catch: ``from bridge.rasterization import rasterize`` added to render/binning.py."""
+Shown to catch: ``from bridge.rasterization import rasterize`` added to render/ply.py."""
 import ast
 import subprocess
 import sys
