@@ -3,8 +3,8 @@
     python bench/first_gradient.py [--before DIR] [--material elastic|von_mises|sand|snow]
                                    [--out bench/results/first_gradient_cpu.json]
 
-Each measurement runs in a fresh interpreter with its own empty Taichi offline cache
-(``TI_OFFLINE_CACHE_FILE_PATH`` in a temporary folder), so every kernel -- forward and reverse --
+Each measurement runs in a fresh interpreter with its own empty Taichi offline cache (a temporary
+folder passed as ``offline_cache_file_path`` to the runtime's init), so every kernel -- forward and reverse --
 is compiled from scratch, as on a new user's machine. Then the same script runs again on that now
 warm cache. Columns: seconds to import + build the scene, the first forward (its kernels compile),
 the first backward (the reverse-mode kernels compile) -- wall clock and this process's CPU time (the
@@ -35,6 +35,9 @@ import json, resource, sys, time
 cpu = lambda: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(resource.RUSAGE_SELF))
 t0, c0 = time.perf_counter(), cpu()
 import torch
+from taichi_mpm.runtime import init
+# the cache folder as an init argument: TI_OFFLINE_CACHE_FILE_PATH alone left the folder empty
+init(offline_cache_file_path=sys.argv[2])
 from bridge.rollout import RolloutScene, simulate
 from taichi_mpm import Elastic, MPMSolver, Sand, Snow, VonMises
 from taichi_mpm.runtime import device
@@ -63,10 +66,10 @@ print("RESULT " + json.dumps({"setup_s": t1 - t0, "forward_s": t2 - t1, "backwar
 def measure(code_dir: Path, material: str, cache: str) -> dict:
     path = os.pathsep.join([str(code_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                               if p and Path(p).resolve() != ROOT])
-    env = dict(os.environ, PYTHONPATH=path, TI_OFFLINE_CACHE_FILE_PATH=cache)
+    env = dict(os.environ, PYTHONPATH=path)
     env.setdefault("TAICHI_MPM_ARCH", "cpu")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, material], cwd=code_dir, env=env,
+    proc = subprocess.run([sys.executable, "-c", CHILD, material, cache], cwd=code_dir, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -74,6 +77,7 @@ def measure(code_dir: Path, material: str, cache: str) -> dict:
         raise RuntimeError(f"run in {code_dir} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
     result["total_s"] = wall
+    result["cache_files"] = len(os.listdir(cache))
     result["loading_variable_warnings"] = (proc.stdout + proc.stderr).count("before anything is stored")
     result["notices"] = [l for l in proc.stderr.splitlines() if "compil" in l.lower() and "taichi_mpm" in l]
     return result
