@@ -415,7 +415,8 @@ class _Rollout(torch.autograd.Function):
         ``recompute`` (grid kept or recomputed) -> ``_Substeps.backward`` -> ``shift`` (the
         adjoint of state s becomes the incoming adjoint of substep s - 1)."""
         scene, n_substeps, frames, plan = ctx.scene, ctx.n_substeps, ctx.frames, ctx.plan
-        E, nu, aux, controls = ctx.saved_tensors
+        # detached: a tensor that requires grad, passed to a kernel, has Taichi touch its .grad
+        E, nu, aux, controls = (None if t is None else t.detach() for t in ctx.saved_tensors)
         substeps = _Substeps(scene)
         n, dtype, dev = scene.n_particles, scene.dtype, E.device
         segment_length = plan.every
