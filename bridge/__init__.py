@@ -13,7 +13,8 @@ from .inria import GaussianRasterizationSettings, GaussianRasterizer
 from .modules import PhysicalParameters
 from .physics_scene import Body, PhysicsScene
 from .rasterization import rasterize
-from .rollout import CheckpointPlan, RolloutScene, Trajectory, grid_mass, material_per_particle, plan_for, simulate
+from .rollout import (CheckpointPlan, RolloutScene, Trajectory, aux_per_particle, grid_mass, material_per_particle, plan_for,
+                      simulate)
 from .splat2d import GaussianImage, splat2d
 from .surface import Gaussians, particles_to_gaussians
 from .transient import (TransientRenderer, r_range_of_bins, render_transient, transient_gaussians, transient_grid,
@@ -23,7 +24,7 @@ from .upsampling import SurfaceBinding, SurfaceConfig, SurfaceUpsampler, bind_su
 __all__ = ["ENV_VAR", "RuntimeConflictError", "arch", "device", "ensure_init", "init",
            "GaussianModel", "Splats", "advect_splats", "bind_splats", "fill_splats", "load_splats", "splats_to_ply",
            "GaussianRasterizationSettings", "GaussianRasterizer", "PhysicalParameters", "Body", "PhysicsScene",
-           "rasterize", "CheckpointPlan", "RolloutScene", "Trajectory", "grid_mass", "material_per_particle",
+           "rasterize", "CheckpointPlan", "RolloutScene", "Trajectory", "aux_per_particle", "grid_mass", "material_per_particle",
            "plan_for", "simulate", "GaussianImage", "splat2d", "Gaussians", "particles_to_gaussians",
            "TransientRenderer", "r_range_of_bins", "render_transient", "transient_gaussians", "transient_grid",
            "transient_reference", "SurfaceBinding", "SurfaceConfig", "SurfaceUpsampler", "bind_surface",
