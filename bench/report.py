@@ -67,8 +67,83 @@ def mpm_backward_table() -> str:
     return "\n".join(rows)
 
 
+def image2d_table() -> str:
+    d = load("image2d_cuda.json")
+    if d is None:
+        return ""
+    rows = [f"**2D image fitting** (`bench/image2d.py`), {d['device']}, {d['date'][:10]}: one forward+backward of "
+            f"`bridge.splat2d` (preprocess, binning, blending, both backward kernels) beside gsplat 1.5.3's "
+            f"isect_tiles + rasterize_to_pixels on the same 2D Gaussians, same run (median ms).", "",
+            "| Gaussians | image | ours alpha (ms) | ours sum (ms) | gsplat (ms) | ours alpha vs gsplat |",
+            "|---|---|---|---|---|---|"]
+    for r in d["render"]:
+        rows.append(f"| {r['n']:,} | {r['width']}x{r['height']} | {r['ours_alpha_ms']:.2f} | {r['ours_sum_ms']:.2f} | "
+                    f"{r['gsplat_ms']:.2f} | **{r['ours_alpha_vs_gsplat']:.2f}x** |")
+    for f in d.get("fit", []):
+        how = "grown from 1/4" if f["grow"] else "all from the start"
+        rows.append(f"\nFitting {f['image']} with {f['num_gaussians']:,} Gaussians ({how}, {f['loss']}, {f['mode']} mode): "
+                    f"{f['final_psnr']:.1f} dB after {f['iterations']} steps in {f['seconds']:.2f} s "
+                    f"({f['it_per_s']:.0f} it/s).")
+    return "\n".join(rows)
+
+
+def transient_table() -> str:
+    d = load("transient_cuda.json")
+    if d is None:
+        return ""
+    r, ratio = d["rows"], d["ratios"]
+    nt, nphi = d["directions"]
+    rows = [f"**NLOS transient rendering** (`bench/transient.py`), {d['device']}, {d['date'][:10]}: "
+            f"{d['gaussians']:,} Gaussians, {nt}x{nphi} directions, {d['bins']} bins, forward+backward; peer: the "
+            f"pure-torch autograd implementation of the same renderer (`bridge.transient_reference`), same run.", "",
+            "| workload | ours (ms) | ours peak MiB | pure torch (ms) | pure torch peak MiB | speed-up | memory |",
+            "|---|---|---|---|---|---|---|",
+            f"| one scan point | {r['single ours']['ms']:.1f} | {r['single ours']['peak_mib']:.0f} | "
+            f"{r['single torch']['ms']:.0f} | {r['single torch']['peak_mib']:.0f} | **{ratio['single_speedup']:.0f}x** | "
+            f"**{ratio['single_memory_ratio']:.0f}x less** |",
+            f"| 4x4 confocal scan | {r['scan 4x4 ours']['ms']:.1f} | {r['scan 4x4 ours']['peak_mib']:.0f} | "
+            f"{r['scan 4x4 torch']['ms']:.0f} | {r['scan 4x4 torch']['peak_mib']:.0f} | **{ratio['scan_sub_speedup']:.0f}x** | "
+            f"**{ratio['scan_sub_memory_ratio']:.0f}x less** |",
+            f"| {d['scan'][0]}x{d['scan'][1]} confocal scan | {r['scan 32x32 ours']['ms']:.0f} | "
+            f"{r['scan 32x32 ours']['peak_mib']:.0f} | does not fit | | | |"]
+    return "\n".join(rows)
+
+
+def first_gradient_table() -> str:
+    parts = []
+    for name in ("first_gradient_cpu.json", "first_gradient_cuda.json"):
+        d = load(name)
+        if d is None:
+            continue
+        cold = [r for r in d["runs"] if r["cache"] == "cold"]
+        if not parts:
+            parts += [f"**Time to the first gradient** (`bench/first_gradient.py`): a fresh process, empty Taichi "
+                      f"cache, {d['scene']}: set-up, first forward, first backward (wall seconds; every kernel "
+                      f"compiles inside these).", "",
+                      "| device | code | set-up (s) | forward (s) | backward (s) | total (s) | 'Loading variable' warnings |",
+                      "|---|---|---|---|---|---|---|"]
+        where = f"{d['device']} ({d['cpu_count']} cores)" if d["arch"] == "cpu" else d["device"]
+        for r in cold:
+            code = {"before": "before (2026-11-22)", "this tree": "now"}.get(r["code"], r["code"])
+            parts.append(f"| {where}, {d['date'][:10]} | {code} | {r['setup_s']:.1f} | {r['forward_s']:.1f} | "
+                         f"{r['backward_s']:.1f} | **{r['total_s']:.1f}** | {r['loading_variable_warnings']} |")
+    return "\n".join(parts)
+
+
+def demo_time_table() -> str:
+    d = load("demo_time.json")
+    if d is None:
+        return ""
+    runs = d["runs"]
+    return (f"**Demo time** (`bench/demo_time.py`, `{d['command'].strip()}` in a fresh process), {d['device']}, "
+            f"{d['date'][:10]}: {runs['cold']['seconds']:.0f} s with an empty Taichi cache (load average "
+            f"{runs['cold']['load_before']:.1f} before), {runs['warm']['seconds']:.0f} s on the next run.")
+
+
 def report() -> str:
-    return "\n\n".join(t for t in (raster_table(), mpm_forward_table(), mpm_backward_table()) if t)
+    tables = (raster_table(), image2d_table(), transient_table(), mpm_forward_table(), mpm_backward_table(),
+              first_gradient_table(), demo_time_table())
+    return "\n\n".join(t for t in tables if t)
 
 
 def main() -> None:
