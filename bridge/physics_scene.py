@@ -116,17 +116,23 @@ class PhysicsScene(nn.Module):
         E_max: stiffest E the substep must stay stable for (default 4x the largest body E).
         max_speed: fastest particle speed expected (CFL), default 2 |v0|max + 2 m/s.
         dtype: simulation precision ("float32" or "float64"); background: RGB behind the bodies.
+        materials: externally owned material modules, one per body (anything with ``E``, ``nu`` and
+            ``velocity [3]`` tensor attributes), e.g. to share one E and nu between the scenes of
+            several recordings; None: a :class:`BodyMaterial` per body from its ``Body`` fields.
     """
 
     def __init__(self, bodies: Sequence[Body], res: int = 32,
                  domain: Tuple[Sequence[float], Sequence[float]] = ((0, 0, 0), (1, 1, 1)),
                  ground: float = 0.1, friction: float = 0.5, frame_dt: float = 1 / 30,
                  particles_per_cell: float = 4, E_max: Optional[float] = None, max_speed: Optional[float] = None,
-                 dtype: str = "float32", background: Sequence[float] = (1.0, 1.0, 1.0)):
+                 dtype: str = "float32", background: Sequence[float] = (1.0, 1.0, 1.0),
+                 materials: Optional[Sequence[nn.Module]] = None):
         super().__init__()
         bodies = list(bodies)
         if not bodies:
             raise ValueError("a PhysicsScene needs at least one body")
+        if materials is not None and len(materials) != len(bodies):
+            raise ValueError(f"give one material module per body: {len(materials)} for {len(bodies)} bodies")
         if not (math.isfinite(frame_dt) and frame_dt > 0):
             raise ValueError(f"frame_dt must be > 0, got {frame_dt!r}")
         E_max = 4 * max(b.E for b in bodies) if E_max is None else float(E_max)
@@ -155,8 +161,9 @@ class PhysicsScene(nn.Module):
         self.frame_dt = float(frame_dt)
         self.register_buffer("x0", solver.positions(as_torch=True).clone())
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        self.materials = nn.ModuleList(BodyMaterial(b.E, b.nu, b.velocity, b.learn, solver.torch_dtype, solver.device)
-                                       for b in bodies)
+        if materials is None:
+            materials = [BodyMaterial(b.E, b.nu, b.velocity, b.learn, solver.torch_dtype, solver.device) for b in bodies]
+        self.materials = nn.ModuleList(materials)
         renderers = []
         for b, (kind, info), lo, hi in zip(bodies, placed, self.offsets, self.offsets[1:]):
             x_rest = self.x0[lo:hi]

@@ -9,15 +9,22 @@ random Gaussians in the scene's bounding box and trains means, scales, rotations
 with Adam, batching several cameras per step through bridge.rasterize. Writes targets.png,
 renders.png (targets above, fit below), fit.ply (3DGS PLY), an orbit of the fit (frame_*.png,
 orbit.mp4, orbit.gif), and prints PSNR.
+
+Under ``torchrun --nproc_per_node=N -m scenes.fit_gaussians`` every rank draws the same camera batch,
+renders only its share of it (bridge.distributed.shard), normalises its loss by the whole batch
+size, and the gradients are summed in one all-reduce, so each step equals the one-process step;
+progress and files come from rank 0.
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bridge import distributed
 from bridge.rasterization import rasterize
 from taichi_mpm.runtime import device as taichi_device
 from render.camera import Camera, stack_cameras
@@ -80,15 +87,25 @@ def parser():
     ap.add_argument("--sh-degree", type=int, default=1, choices=(0, 1, 2, 3), help="SH degree of the fit")
     ap.add_argument("--ssim-weight", type=float, default=0.2, help="weight of D-SSIM against L1")
     ap.add_argument("--orbit-frames", type=int, default=24, help="frames of the orbit video of the fit (0: none)")
+    ap.add_argument("--backend", choices=("nccl", "gloo"), default=None,
+                    help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)")
     return ap
 
 
 def main(argv=None) -> dict:
-    """Run the fit; returns {"psnr_initial": dB, "psnr_final": dB} over all views."""
-    return run(parser(), argv, body)
+    """Run the fit; returns {"psnr_initial": dB, "psnr_final": dB} over all views (None on ranks > 0)."""
+    ap = parser()
+    info = distributed.DistInfo()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # join the group (pins the GPU) before run() starts Taichi
+        known, _ = ap.parse_known_args(argv)
+        info = distributed.setup(known.arch, backend=known.backend)
+    try:
+        return run(ap, argv, lambda args: body(args, info))
+    finally:
+        distributed.cleanup()
 
 
-def body(args) -> dict:
+def body(args, info: distributed.DistInfo = distributed.DistInfo()) -> dict:
     from pytorch_msssim import ssim
 
     for name in ("views", "width", "height", "gaussians", "batch"):
@@ -119,6 +136,8 @@ def body(args) -> dict:
               "opacity_logits": torch.full((n,), math.log(0.1 / 0.9), device=dev),
               "sh": torch.cat([torch.randn(n, 1, 3, device=dev) * 0.1, torch.zeros(n, bases - 1, 3, device=dev)], 1)}
     for p in params.values():
+        if info.active:  # same seed on every rank already; rank 0's start makes it certain
+            torch.distributed.broadcast(p, src=0)
         p.requires_grad_(True)
     rates = {"means": 2e-3 * extent, "log_scales": 5e-3, "quats": 1e-3, "opacity_logits": 5e-2, "sh": 5e-3}
     optim = torch.optim.Adam([{"params": [params[k]], "lr": rates[k]} for k in params], eps=1e-15)
@@ -127,24 +146,33 @@ def body(args) -> dict:
         return {"means": params["means"], "quats": params["quats"], "scales": params["log_scales"].exp(),
                 "opacities": torch.sigmoid(params["opacity_logits"]), "sh": params["sh"]}
 
-    with torch.no_grad():
+    with torch.no_grad():  # every rank, so that the random stream (camera batches) stays in step
         psnr_initial = psnr(render(activated(), viewmats, Ks, args.width, args.height, args.sh_degree, background),
                             targets)
-    with progress(args.iters, "fitting") as bar:
+    with progress(args.iters, "fitting", disable=not info.is_main) as bar:
         for it in range(args.iters):
-            views = torch.randperm(args.views, device=dev)[:args.batch]
-            image = render(activated(), viewmats[views], Ks[views], args.width, args.height, args.sh_degree,
-                           background)
-            target = targets[views]
-            l1 = (image - target).abs().mean()
-            d_ssim = 1 - ssim(image.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2), data_range=1.0)
-            loss = (1 - args.ssim_weight) * l1 + args.ssim_weight * d_ssim
+            batch = torch.randperm(args.views, device=dev)[:args.batch]  # the same on every rank (same seed)
+            views = batch[distributed.shard(range(len(batch)), info)]    # this rank's share of the batch
             optim.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(views):
+                image = render(activated(), viewmats[views], Ks[views], args.width, args.height, args.sh_degree,
+                               background)
+                target = targets[views]
+                l1 = (image - target).abs().mean((1, 2, 3))
+                d_ssim = 1 - ssim(image.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2), data_range=1.0,
+                                  size_average=False)
+                # per-view losses summed over the share, / the whole batch: summed over ranks, the batch mean
+                loss = ((1 - args.ssim_weight) * l1 + args.ssim_weight * d_ssim).sum() / len(batch)
+                loss.backward()
+            distributed.sum_gradients(params.values(), info)
             optim.step()
             if it % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(image.detach(), target):.2f} dB")
+                total = distributed.all_sum(loss.detach() if len(views) else torch.zeros((), device=dev), info)
+                shown = {} if info.active else {"psnr": f"{psnr(image.detach(), target):.2f} dB"}
+                bar.set_postfix(loss=f"{total.item():.4f}", **shown)
             bar.update()
+    if not info.is_main:
+        return None
 
     with torch.no_grad():
         final = render(activated(), viewmats, Ks, args.width, args.height, args.sh_degree, background)

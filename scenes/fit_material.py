@@ -9,13 +9,26 @@ rasterizer) fits the rendered videos to the target videos (MSE over every frame 
     python -m scenes.fit_material --res 48 --ppc 8 --gaussians 60000 --size 256 192 --iters 150 \\
         --frames 24 --every 2                      # GPU size
 
-Writes to --out: curves.png (image loss and parameter errors per iteration), fit.gif (target | fit,
-camera 0 and 1, every frame), result.json (true / start / recovered values and errors).
+With ``--experiments K`` the same material is filmed in K recordings (recording 0 is the throw above;
+the others start from other heights and positions with other velocities, drawn from --seed): one
+(log E, logit nu) is shared by all of them, each recording has its own unknown initial velocity (a
+[K, 3] parameter), and the loss is the mean over recordings of each one's image MSE. Under torchrun
+the recordings are split over the ranks (bridge.distributed): each rank simulates and renders only
+its share, the gradients are summed in one all-reduce and every rank takes the same Adam step.
+
+    python -m scenes.fit_material --experiments 4
+    torchrun --nproc_per_node=2 -m scenes.fit_material --experiments 4
+
+Writes to --out (rank 0): curves.png (image loss and parameter errors per iteration), fit.gif (target | fit,
+camera 0 and 1, every frame, recording 0), result.json (true / start / recovered values and errors,
+the first step's gradients, per-step wall times ``step_ms``).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -24,6 +37,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from torch import nn
+
+from bridge import distributed
 from scenes import ASSETS
 from scenes.cli import run, scene_parser
 
@@ -39,14 +55,78 @@ def make_cameras(width: int, height: int, target=(0.5, 0.18, 0.5)):
             for eye in eyes]
 
 
-def build_scene(args, E: float, nu: float, velocity, learn):
+def recordings(args) -> list:
+    """K throws of the body: (center, true velocity) each. Recording 0 is the default throw; the
+    others are drawn from --seed (height 0.3-0.4, +-0.06 sideways, velocity +-0.4 m/s per axis)."""
+    out = [((0.5, 0.3, 0.5), tuple(float(v) for v in args.true_velocity))]
+    for k in range(1, args.experiments):
+        rng = np.random.default_rng([args.seed, k])
+        center = (0.5 + rng.uniform(-0.06, 0.06), 0.3 + rng.uniform(0.0, 0.1), 0.5 + rng.uniform(-0.06, 0.06))
+        velocity = np.asarray(args.true_velocity, float) + rng.uniform(-0.4, 0.4, 3)
+        out.append((tuple(float(c) for c in center), tuple(float(v) for v in velocity)))
+    return out
+
+
+class SharedMaterial(nn.Module):
+    """The fitted unknowns of K recordings of one material: log E and nu logit (one each, shared)
+    and the initial velocity of every recording, ``velocity [K, 3]``. Every rank holds all of them,
+    so all ranks take part in the same all-reduce even for recordings they do not simulate."""
+
+    def __init__(self, E: float, nu: float, velocities, dtype, device):
+        from bridge.physics_scene import BodyMaterial
+
+        super().__init__()
+        self.shared = BodyMaterial(E, nu, (0.0, 0.0, 0.0), learn=("E", "nu"), dtype=dtype, device=device)
+        self.velocity = nn.Parameter(torch.as_tensor(np.asarray(velocities, float), dtype=dtype, device=device))
+
+    @property
+    def log_E(self) -> nn.Parameter:
+        return self.shared.log_E
+
+    @property
+    def nu_logit(self) -> nn.Parameter:
+        return self.shared.nu_logit
+
+    @property
+    def E(self) -> torch.Tensor:
+        return self.shared.E
+
+    @property
+    def nu(self) -> torch.Tensor:
+        return self.shared.nu
+
+    def recording(self, k: int) -> nn.Module:
+        """The material module PhysicsScene of recording k reads (E, nu shared; velocity row k)."""
+        return _RecordingMaterial(self, k)
+
+
+class _RecordingMaterial(nn.Module):
+    def __init__(self, owner: SharedMaterial, k: int):
+        super().__init__()
+        self.owner, self.k = owner, k
+
+    @property
+    def E(self) -> torch.Tensor:
+        return self.owner.E
+
+    @property
+    def nu(self) -> torch.Tensor:
+        return self.owner.nu
+
+    @property
+    def velocity(self) -> torch.Tensor:
+        return self.owner.velocity[self.k]
+
+
+def build_scene(args, E: float, nu: float, velocity, learn, center=(0.5, 0.3, 0.5), material=None):
     from bridge.physics_scene import Body, PhysicsScene
     from bridge.upsampling import SurfaceConfig
 
-    body = Body(args.obj, E=E, nu=nu, velocity=tuple(velocity), size=args.body_size, center=(0.5, 0.3, 0.5),
+    body = Body(args.obj, E=E, nu=nu, velocity=tuple(velocity), size=args.body_size, center=tuple(center),
                 learn=learn, learn_surface=(), surface=SurfaceConfig(n_gaussians=args.gaussians, flatten=0.5))
     return PhysicsScene([body], res=args.res, particles_per_cell=args.ppc, frame_dt=1 / 30, ground=0.1,
-                        friction=0.5, E_max=args.E_max, max_speed=args.max_speed)
+                        friction=0.5, E_max=args.E_max, max_speed=args.max_speed,
+                        materials=None if material is None else [material])
 
 
 def plot_curves(losses, history, truth, path: Path) -> None:
@@ -77,64 +157,114 @@ def plot_curves(losses, history, truth, path: Path) -> None:
     img.save(path)
 
 
-def body(args):
+def _same_on_every_rank(params, info) -> None:
+    """Cheap check that the ranks still hold identical parameters: rank 0's, broadcast, must equal
+    each rank's own bit for bit (they get the same summed gradient and take the same Adam step)."""
+    if not info.active:
+        return
+    mine = torch.cat([p.detach().reshape(-1) for p in params])
+    ref = mine.clone()
+    torch.distributed.broadcast(ref, src=0)
+    if not torch.equal(ref, mine):
+        raise RuntimeError(f"rank {info.rank}: parameters drifted from rank 0's")
+
+
+def body(args, info=distributed.DistInfo()):
     if args.iters < 1 or args.every < 1 or args.frames < args.every:
         raise ValueError("--iters and --every must be >= 1 and --frames >= --every")
+    if args.experiments < 1 or args.sync_check < 1:
+        raise ValueError(f"--experiments and --sync-check must be >= 1, got {args.experiments}, {args.sync_check}")
     width, height = args.size
     cameras = make_cameras(width, height)
-    truth = {"E": args.true_E, "nu": args.true_nu, "v0": np.asarray(args.true_velocity, float)}
     frames = list(range(args.every, args.frames + 1, args.every))
-    target_scene = build_scene(args, args.true_E, args.true_nu, args.true_velocity, learn=())
-    with torch.no_grad():
-        target, _, _ = target_scene(cameras, frames)
-    fit = build_scene(args, args.start_E, args.start_nu, args.start_velocity, learn=("E", "nu", "velocity"))
-    material = fit.materials[0]
-    print(f"{fit.n_particles} particles, {fit.renderers[0].binding.n_gaussians} Gaussians, "
-          f"{fit.substeps_per_frame} substeps/frame, frames {frames}, {len(cameras)} cameras {width}x{height}")
-    optimizer = torch.optim.Adam([{"params": [material.log_E, material.nu_logit], "lr": args.lr},
-                                  {"params": [material.velocity], "lr": args.lr}])
+    throws = recordings(args)
+    K, single = len(throws), len(throws) == 1
+    mine = distributed.shard(list(range(K)), info)  # contiguous: rank 0 always owns recording 0
+    targets, scenes = {}, {}
+    from taichi_mpm.runtime import device
+
+    # float32: PhysicsScene's default simulation dtype, which the scenes below read these in
+    material = SharedMaterial(args.start_E, args.start_nu, [args.start_velocity] * K, torch.float32, device())
+    for k in mine:
+        center, velocity = throws[k]
+        target_scene = build_scene(args, args.true_E, args.true_nu, velocity, learn=(), center=center)
+        with torch.no_grad():
+            targets[k] = (target_scene(cameras, frames)[0], target_scene if k == 0 else None)  # 0: for fit.gif
+        scenes[k] = build_scene(args, args.start_E, args.start_nu, args.start_velocity, learn=(), center=center,
+                                material=material.recording(k))
+    truth_v0 = np.asarray([v for _, v in throws], float)
+    truth = {"E": args.true_E, "nu": args.true_nu, "v0": truth_v0[0] if single else truth_v0}
+    probe = scenes[mine[0]] if mine else None
+    if probe is not None and info.is_main:
+        print(f"{probe.n_particles} particles, {probe.renderers[0].binding.n_gaussians} Gaussians, "
+              f"{probe.substeps_per_frame} substeps/frame, frames {frames}, {len(cameras)} cameras "
+              f"{width}x{height}, {K} recording(s) over {info.world_size} process(es)")
+    params = [material.log_E, material.nu_logit, material.velocity]
+    optimizer = torch.optim.Adam([{"params": params[:2], "lr": args.lr}, {"params": params[2:], "lr": args.lr}])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.iters, eta_min=args.lr / 20)
-    losses, history = [], {"E": [], "nu": [], "v0": []}
-    for _ in (bar := tqdm(range(args.iters), desc="fit E, nu, v0 from video")):
+    losses, history, step_ms, gradient = [], {"E": [], "nu": [], "v0": []}, [], None
+    for it in (bar := tqdm(range(args.iters), desc="fit E, nu, v0 from video", disable=not info.is_main)):
+        start = time.perf_counter()
         optimizer.zero_grad()
-        images, _, _ = fit(cameras, frames)
-        loss = (images - target).square().mean()
-        loss.backward()
+        loss = torch.zeros((), dtype=torch.float64, device=device())
+        for k in mine:  # each recording's MSE / K: summed over ranks this is the mean over all K
+            images, _, _ = scenes[k](cameras, frames)
+            loss = loss + (images - targets[k][0]).square().mean().double() / K
+        if mine:
+            loss.backward()
+        distributed.sum_gradients(params, info)
+        total = distributed.all_sum(loss, info).item()
+        if gradient is None:
+            gradient = {"log_E": material.log_E.grad.item(), "nu_logit": material.nu_logit.grad.item(),
+                        "velocity": material.velocity.grad.cpu().double().tolist()}
         optimizer.step()
         schedule.step()
         with torch.no_grad():  # keep E under the E_max the substep was chosen for
-            material.log_E.clamp_(max=math.log(fit.E_max))
-        losses.append(loss.item())
+            material.log_E.clamp_(max=math.log(args.E_max))
+        if (it + 1) % args.sync_check == 0 or it + 1 == args.iters:
+            _same_on_every_rank(params, info)
+        step_ms.append(1e3 * (time.perf_counter() - start))
+        losses.append(total)
         history["E"].append(material.E.item())
         history["nu"].append(material.nu.item())
-        history["v0"].append(material.velocity.detach().cpu().double().numpy().tolist())
+        v0 = material.velocity.detach().cpu().double().numpy()
+        history["v0"].append((v0[0] if single else v0).tolist())
         bar.set_postfix(loss=f"{losses[-1]:.2e}", E=f"{history['E'][-1]:.4g}", nu=f"{history['nu'][-1]:.3f}",
                         v0=np.round(history["v0"][-1], 3).tolist())
+    if not info.is_main:
+        return None
 
+    true_v0 = truth["v0"].tolist()
+    start_v0 = list(args.start_velocity) if single else [list(args.start_velocity)] * K
     result = {"E": {"true": args.true_E, "start": args.start_E, "fit": history["E"][-1]},
               "nu": {"true": args.true_nu, "start": args.start_nu, "fit": history["nu"][-1]},
-              "v0": {"true": list(args.true_velocity), "start": list(args.start_velocity), "fit": history["v0"][-1]},
-              "loss": {"first": losses[0], "last": losses[-1]}}
+              "v0": {"true": true_v0, "start": start_v0, "fit": history["v0"][-1]},
+              "loss": {"first": losses[0], "last": losses[-1]},
+              "experiments": K, "world_size": info.world_size, "gradient": gradient, "step_ms": step_ms}
     result["E"]["error"] = abs(result["E"]["fit"] / args.true_E - 1)
     result["nu"]["error"] = abs(result["nu"]["fit"] / args.true_nu - 1)
-    result["v0"]["error"] = float(np.linalg.norm(np.asarray(history["v0"][-1]) - truth["v0"]) / np.linalg.norm(truth["v0"]))
+    fit_v0 = np.asarray(history["v0"][-1]).reshape(K, 3)
+    result["v0"]["error"] = float(np.mean(np.linalg.norm(fit_v0 - truth_v0, axis=1) / np.linalg.norm(truth_v0, axis=1)))
     for name in ("E", "nu", "v0"):
         r = result[name]
-        print(f"{name}: true {r['true']}, start {r['start']}, recovered {np.round(r['fit'], 4).tolist()} "
-              f"(error {r['error']:.1%})")
-    print(f"image loss {losses[0]:.3e} -> {losses[-1]:.3e}")
+        print(f"{name}: true {np.round(r['true'], 4).tolist()}, start {r['start']}, "
+              f"recovered {np.round(r['fit'], 4).tolist()} (error {r['error']:.1%})")
+    print(f"image loss {losses[0]:.3e} -> {losses[-1]:.3e}; {np.median(step_ms):.0f} ms per step (median)")
 
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
     plot_curves(losses, history, truth, args.out / "curves.png")
+    if args.no_video:
+        print(f"wrote {args.out}/curves.png, {args.out}/result.json")
+        return result
     every_frame = list(range(0, args.frames + 1))
     with torch.no_grad():
-        t_video, _, _ = target_scene(cameras[:2], every_frame)
-        f_video, _, _ = fit(cameras[:2], every_frame)
+        t_video, _, _ = targets[0][1](cameras[:2], every_frame)
+        f_video, _, _ = scenes[0](cameras[:2], every_frame)
     sides = torch.cat([torch.cat([t_video[:, c], f_video[:, c]], dim=2) for c in range(2)], dim=1)  # (T, 2H, 2W, 3)
     video = (sides.clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
     imageio.mimsave(args.out / "fit.gif", list(video), duration=1 / 15, loop=0)
-    print(f"wrote {args.out}/curves.png, {args.out}/fit.gif (left: target, right: fit; rows: cameras 0, 1), "
-          f"{args.out}/result.json")
+    print(f"wrote {args.out}/curves.png, {args.out}/fit.gif (left: target, right: fit; rows: cameras 0, 1; "
+          f"recording 0), {args.out}/result.json")
     return result
 
 
@@ -156,7 +286,22 @@ def main(argv=None):
     parser.add_argument("--start-velocity", type=float, nargs=3, default=(0.0, 0.0, 0.0))
     parser.add_argument("--E-max", type=float, default=8e4, help="stiffest E the substep stays stable for")
     parser.add_argument("--max-speed", type=float, default=4.0, help="fastest speed the CFL substep allows for")
-    return run(parser, argv, body)
+    parser.add_argument("--experiments", type=int, default=1,
+                        help="recordings of the same material (split over the ranks under torchrun)")
+    parser.add_argument("--backend", choices=("nccl", "gloo"), default=None,
+                        help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)")
+    parser.add_argument("--sync-check", type=int, default=10,
+                        help="under torchrun, check every N steps that all ranks hold the same parameters")
+    parser.add_argument("--no-video", action="store_true", help="skip fit.gif (benchmarks)")
+    # under torchrun, join the process group (which pins this rank's GPU) before run() starts Taichi
+    info = distributed.DistInfo()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        known, _ = parser.parse_known_args(argv)
+        info = distributed.setup(known.arch, backend=known.backend)
+    try:
+        return run(parser, argv, lambda args: body(args, info))
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":

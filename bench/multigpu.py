@@ -1,0 +1,118 @@
+"""Data-parallel scaling: time per optimisation step of the K = 8 recording material fit on 1, 2, 4 GPUs.
+
+    python bench/multigpu.py [--gpus 1 2 4] [--out bench/results/multigpu.json]   (a 4-GPU host, NCCL)
+    python bench/multigpu.py --quick --backend gloo                               (CPU check: 1 and 2 processes)
+
+For each process count N it launches ``torchrun --nproc_per_node=N -m scenes.fit_material
+--experiments 8 ...`` on the same workload (same recordings, sizes and steps), reads the per-step wall
+times rank 0 writes to its result.json (``step_ms``: the whole step, i.e. forward + backward of the
+rank's share, the gradient all-reduce and the Adam step; rank 0 waits for the slowest rank in the
+all-reduce) and reports the median over the steps after the first ``--warmup`` (Taichi compiles
+kernels on the first ones). ``speedup`` is the 1-process step time over the N-process one, measured
+in the same run. Prints a table and writes JSON rows with ``gpus``, ``step_ms``, ``speedup``, the
+device name and the date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+# the GPU workload: the GPU size of scenes.fit_material's docstring, 8 recordings
+FULL = ["--res", "48", "--ppc", "8", "--gaussians", "60000", "--size", "256", "192", "--frames", "24", "--every", "2"]
+QUICK = ["--res", "16", "--ppc", "1", "--gaussians", "300", "--size", "16", "12", "--frames", "2", "--every", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device_name(arch: str) -> str:
+    if arch == "cpu":
+        return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def time_steps(n: int, args, scene_args: list, out: Path) -> dict:
+    """Run the fit on n processes; return rank 0's result.json."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--master_port={_free_port()}",
+           f"--nproc_per_node={n}", "-m", "scenes.fit_material", *scene_args, "--experiments", str(args.experiments),
+           "--iters", str(args.iters), "--no-video", "--arch", args.arch, "--out", str(out)]
+    if args.backend:
+        cmd += ["--backend", args.backend]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    if args.arch == "cpu":  # split the host's cores between the ranks instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{n} process(es) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads((out / "result.json").read_text())
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, nargs="+", default=None, help="process counts (default 1 2 4; --quick 1 2)")
+    parser.add_argument("--experiments", type=int, default=8, help="recordings K of the fit")
+    parser.add_argument("--iters", type=int, default=None, help="steps per run (default 8; --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="first steps left out (default 2; --quick 1)")
+    parser.add_argument("--backend", choices=("nccl", "gloo"), default=None,
+                        help="torch.distributed backend (default: nccl on GPUs); gloo alone runs on the CPU")
+    parser.add_argument("--arch", choices=("cpu", "cuda"), default=None,
+                        help="Taichi arch of the ranks (default: cpu with --backend gloo, else cuda)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 and 2 processes (checks the script)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default bench/results/multigpu.json, multigpu_cpu_quick.json with --quick)")
+    args = parser.parse_args(argv)
+    args.arch = args.arch or ("cpu" if args.backend == "gloo" else "cuda")
+    gpus = args.gpus or ([1, 2] if args.quick else [1, 2, 4])
+    args.iters = args.iters or (3 if args.quick else 8)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    if not 0 <= warmup < args.iters:
+        parser.error("--warmup must be >= 0 and below --iters")
+    if 1 not in gpus:
+        parser.error("--gpus must include 1: speedups are over one process measured in the same run")
+    scene_args = QUICK if args.quick else FULL
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sorted(set(gpus)):
+            result = time_steps(n, args, scene_args, Path(tmp) / f"n{n}")
+            steps = result["step_ms"][warmup:]
+            rows.append({"gpus": n, "step_ms": float(np.median(steps)), "step_ms_all": result["step_ms"],
+                         "loss_first": result["loss"]["first"]})
+            print(f"{n} process(es): {rows[-1]['step_ms']:.1f} ms/step (median of {len(steps)})", flush=True)
+    base = rows[0]["step_ms"]
+    for r in rows:
+        r["speedup"] = base / r["step_ms"]
+    print(f"\n{'gpus':>5} {'step ms':>10} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['gpus']:>5} {r['step_ms']:>10.1f} {r['speedup']:>7.2f}x")
+    report = {"benchmark": "multigpu", "device": device_name(args.arch), "arch": args.arch,
+              "backend": args.backend or ("gloo" if args.arch == "cpu" else "nccl"),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "experiments": args.experiments, "iters": args.iters, "warmup": warmup, "quick": args.quick,
+              "scene_args": scene_args, "rows": rows,
+              "note": "step_ms: median wall time of one optimisation step on rank 0 (forward + backward of "
+                      "its share of the recordings, gradient all-reduce, Adam); speedup over 1 process, same run"}
+    out = args.out or ROOT / "bench" / "results" / ("multigpu_cpu_quick.json" if args.quick else "multigpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
