@@ -22,7 +22,8 @@ images. Measured: every parameter within 4.6%; tolerance 12%.
 Breakages this test was shown to catch (2026-11-27): F detached in the upsampler's
 ``deform_points`` -> log E off by 28%, nu by 48% (both fail); log E's gradient halved by a hook
 -> log_E fails and only log_E (any parameter: its 4.6% margin becomes >= 47%); sigma0's gradient
-through Sigma0 halved inside ``synthesize_surface`` -> log_sigma0 off by 48%, only it fails.
+through Sigma0 halved inside ``synthesize_surface`` -> log_sigma0 off by 48%, only it fails; the conic gradients zeroed in the CPU blending
+backward (render/blending.py) -> 6 of the 7 parameters fail.
 Runtime: 15 s with Taichi's kernel cache warm, ~30 s cold, on the 2-core CPU.
 """
 import numpy as np
