@@ -114,7 +114,6 @@ class LiveScene:
         self.E = float(s.state["E"][first].mean()) if first.any() else 1e4
         self.nu = float(s.state["nu"][first].mean()) if first.any() else 0.3
         self.gravity = float(s.gravity[1])
-        self.base_wave_speed = s.max_wave_speed
         self.substeps_per_second = 0.0
 
     @property
@@ -133,26 +132,13 @@ class LiveScene:
 
     def set_parameters(self, E: float, nu: float, gravity: float) -> None:
         """E and nu of the first body (the mesh), and gravity along y, acting from the next substep."""
-        from taichi_mpm.validation import NU_LIMITS
-
-        if not (E > 0 and NU_LIMITS[0] < nu < NU_LIMITS[1] and math.isfinite(gravity)):
-            raise ValueError(f"E must be > 0, nu in {NU_LIMITS}, gravity finite; got {E}, {nu}, {gravity}")
         s = self.solver
         if (E, nu) != (self.E, self.nu):
-            ids = s.particle_ids(as_torch=True).long()
-            first = self.body_of_id[ids] == 0
-            s.state["E"][first] = E
-            s.state["nu"][first] = nu
-            # the CFL substep follows the stiffest body: never below the scene's initial wave speed
-            lam, mu = E * nu / ((1 + nu) * (1 - 2 * nu)), E / (2 * (1 + nu))
-            density = float(s.state["density"][first].max()) if first.any() else 1000.0
-            s.max_wave_speed = max(self.base_wave_speed, math.sqrt((lam + 2 * mu) / density))
+            first = self.body_of_id[s.particle_ids(as_torch=True).long()] == 0
+            s.set_elastic_parameters(first, E, nu)
             self.E, self.nu = E, nu
         if gravity != self.gravity:
-            import taichi as ti
-
-            s.gravity = np.array([0.0, gravity, 0.0])
-            s._gravity_vec = ti.Vector(s.gravity.tolist(), s.real)  # read by every substep
+            s.set_gravity((0.0, gravity, 0.0))
             self.gravity = gravity
 
     def positions(self) -> np.ndarray:

@@ -31,7 +31,7 @@ from .boundary import (BOUNDARY_MODES, COLLIDER_WIDTH, MAX_COLLIDERS, WALL_CELLS
                        Sphere, pack_colliders, _friction)
 from .ply import write_particles_ply
 from .substep import GridSetup, run_substep, substep_kernels
-from .validation import check_nu
+from .validation import check_nu, check_positive
 
 ArrayLike = Union[np.ndarray, Sequence[float], torch.Tensor]
 
@@ -425,6 +425,32 @@ class MPMSolver:
             f"The time step is probably too large for the material (stable dt here ~ {self.stable_dt(0.0):.3g} s).")
         self.last_max_speed = math.sqrt(max_speed2)
         return self.last_max_speed
+
+    def set_gravity(self, gravity: Sequence[float]) -> None:
+        """Gravity (3,) in m/s^2, acting from the next substep on."""
+        g = np.asarray(gravity, dtype=np.float64)
+        if g.shape != (3,) or not np.isfinite(g).all():
+            raise ValueError(f"gravity must be 3 finite numbers, got {gravity!r}")
+        self.gravity = g
+        self._gravity_vec = ti.Vector(g.tolist(), self.real)
+
+    def set_elastic_parameters(self, particles: torch.Tensor, E: float, nu: float) -> None:
+        """E and nu of the selected particles (a bool mask [N] in storage order, as ``state`` holds
+        them), acting from the next substep. The CFL wave speed is recomputed over all particles,
+        so a softer material also gets longer substeps."""
+        check_positive("E", E)
+        check_nu("nu", nu)
+        mask = torch.as_tensor(particles, device=self.device)
+        if mask.dtype != torch.bool or mask.shape != (self.n_particles,):
+            raise ValueError(f"particles must be a bool mask of shape ({self.n_particles},), "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        self.state["E"][mask] = E
+        self.state["nu"][mask] = nu
+        host = {k: self.state[k].cpu().numpy() for k in ("material", "E", "nu", "density")}
+        self.max_wave_speed = max((float(mat.wave_speed(int(m), host["E"][host["material"] == m],
+                                                         host["nu"][host["material"] == m],
+                                                         host["density"][host["material"] == m]).max())
+                                   for m in np.unique(host["material"])), default=0.0)
 
     def stable_dt(self, max_speed: Optional[float] = None) -> float:
         """Largest dt the CFL condition allows: cfl * dx / (max particle speed + max wave speed)."""
