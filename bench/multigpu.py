@@ -9,8 +9,10 @@ times rank 0 writes to its result.json (``step_ms``: the whole step, i.e. forwar
 rank's share, the gradient all-reduce and the Adam step; rank 0 waits for the slowest rank in the
 all-reduce) and reports the median over the steps after the first ``--warmup`` (Taichi compiles
 kernels on the first ones). ``speedup`` is the 1-process step time over the N-process one, measured
-in the same run. Prints a table and writes JSON rows with ``gpus``, ``step_ms``, ``speedup``, the
-device name and the date.
+in the same run; the 1-process run is torchrun with WORLD_SIZE=1, which the scene runs as a plain
+process (no process group, no all-reduce): the one-GPU fit as users run it. The runs must agree on
+the first step's loss (the same K recordings), else the script stops. Prints a table and writes
+JSON rows with ``gpus``, ``step_ms``, ``speedup``, the device name and the date.
 """
 from __future__ import annotations
 
@@ -94,6 +96,9 @@ def main(argv=None) -> dict:
             rows.append({"gpus": n, "step_ms": float(np.median(steps)), "step_ms_all": result["step_ms"],
                          "loss_first": result["loss"]["first"]})
             print(f"{n} process(es): {rows[-1]['step_ms']:.1f} ms/step (median of {len(steps)})", flush=True)
+    losses = [r["loss_first"] for r in rows]  # the same workload: the same first loss up to float32 sums
+    if max(losses) - min(losses) > 1e-5 * abs(losses[0]):
+        sys.exit(f"the runs disagree on the first loss ({losses}): not the same workload")
     base = rows[0]["step_ms"]
     for r in rows:
         r["speedup"] = base / r["step_ms"]
