@@ -95,3 +95,32 @@ def test_bad_input_is_a_clear_error(scene, tmp_path, ti_arch):
     sheet.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
     with pytest.raises(ValueError, match="no volume"):
         PhysicsScene([Body(sheet, size=0.2)], res=16)
+
+
+def test_externally_owned_material_is_shared_between_scenes(ti_arch):
+    """Two scenes (two throws) reading one BodyMaterial: their losses' gradients on the shared E, nu
+    and v0 add up, as in a multi-recording fit; the sum is checked against the two gradients taken
+    one scene at a time (same float32 kernels, so only the final addition's rounding differs).
+    Shown to catch: PhysicsScene ignoring ``materials`` (the shared module then gets no gradient)."""
+    from bridge.physics_scene import BodyMaterial
+    from taichi_mpm.runtime import device
+
+    shared = BodyMaterial(2e4, 0.3, (0.4, -0.5, 0.0), ("E", "nu", "velocity"), torch.float32, device())
+    scenes = [PhysicsScene([Body(ASSETS / "checker_cube.obj", size=0.2, center=c, learn=(),
+                                 surface=SurfaceConfig(n_gaussians=800, flatten=0.5))],
+                           res=16, particles_per_cell=2, E_max=8e4, max_speed=3.0, materials=[shared])
+              for c in ((0.45, 0.25, 0.5), (0.5, 0.3, 0.45))]
+    assert all(s.materials[0] is shared for s in scenes)
+    alone = []
+    for s in scenes:
+        shared.zero_grad()
+        s([camera()], [2])[0].mean().backward()
+        alone.append({n: p.grad.clone() for n, p in shared.named_parameters()})
+    shared.zero_grad()
+    sum(s([camera()], [2])[0].mean() for s in scenes).backward()
+    for name, p in shared.named_parameters():
+        expected = alone[0][name] + alone[1][name]
+        assert float(expected.abs().max()) > 0, name
+        assert torch.allclose(p.grad, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max())), name
+    with pytest.raises(ValueError, match="one material module per body"):
+        PhysicsScene([Body(ASSETS / "checker_cube.obj")], res=16, materials=[shared, shared])
