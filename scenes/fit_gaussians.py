@@ -146,7 +146,7 @@ def body(args, info: distributed.DistInfo = distributed.DistInfo()) -> dict:
         return {"means": params["means"], "quats": params["quats"], "scales": params["log_scales"].exp(),
                 "opacities": torch.sigmoid(params["opacity_logits"]), "sh": params["sh"]}
 
-    with torch.no_grad():  # every rank, so that the random stream (camera batches) stays in step
+    with torch.no_grad():
         psnr_initial = psnr(render(activated(), viewmats, Ks, args.width, args.height, args.sh_degree, background),
                             targets)
     with progress(args.iters, "fitting", disable=not info.is_main) as bar:
