@@ -31,11 +31,11 @@ from taichi_mpm import Elastic, MPMSolver, Plane
 from taichi_mpm.sampling import sample_mesh
 
 from .gaussian_sim import Splats, advect_splats, bind_splats, fill_splats, load_splats
+from .modules import NU_MAX
 from .rasterization import rasterize
 from .rollout import RolloutScene, simulate
 from .upsampling import SurfaceConfig, SurfaceUpsampler, bind_surface
 
-NU_MAX = 0.49
 
 
 @dataclass
