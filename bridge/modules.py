@@ -42,7 +42,22 @@ def _init(scene: RolloutScene, name: str, value: Value, per_particle: bool, tail
     return t
 
 
-class PhysicalParameters(nn.Module):
+class LogElasticity:
+    """The parameterisation every learnable material uses: ``log_E`` and ``nu_logit`` are stored
+    (parameters or buffers of the module), E = exp(log_E) and nu = NU_MAX * sigmoid(nu_logit)."""
+
+    @property
+    def E(self) -> torch.Tensor:
+        """Young's modulus (the shape of log_E: per body, per particle or a scalar)."""
+        return self.log_E.exp()
+
+    @property
+    def nu(self) -> torch.Tensor:
+        """Poisson's ratio in (0, NU_MAX)."""
+        return NU_MAX * torch.sigmoid(self.nu_logit)
+
+
+class PhysicalParameters(LogElasticity, nn.Module):
     """Learnable E, nu, initial velocity and (optionally) F controls of a scene.
 
     Args:
@@ -100,16 +115,6 @@ class PhysicalParameters(nn.Module):
             self.register_parameter(name, nn.Parameter(value))
         else:
             self.register_buffer(name, value)
-
-    @property
-    def E(self) -> torch.Tensor:
-        """Young's modulus, per body [n_bodies] or per particle [N]."""
-        return self.log_E.exp()
-
-    @property
-    def nu(self) -> torch.Tensor:
-        """Poisson's ratio in (0, NU_MAX), per body or per particle."""
-        return NU_MAX * torch.sigmoid(self.nu_logit)
 
     def material(self) -> dict:
         """{"E", "nu"} and the plastic parameters, as :func:`bridge.simulate` takes them."""

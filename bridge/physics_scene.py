@@ -31,7 +31,7 @@ from taichi_mpm import Elastic, MPMSolver, Plane
 from taichi_mpm.sampling import sample_mesh
 
 from .gaussian_sim import Splats, advect_splats, bind_splats, fill_splats, load_splats
-from .modules import NU_MAX
+from .modules import NU_MAX, LogElasticity
 from .rasterization import rasterize
 from .rollout import RolloutScene, simulate
 from .upsampling import SurfaceConfig, SurfaceUpsampler, bind_surface
@@ -60,7 +60,7 @@ class Body:
     learn_surface: Sequence[str] = ("sigma0", "thickness")
 
 
-class BodyMaterial(nn.Module):
+class BodyMaterial(LogElasticity, nn.Module):
     """log E, logit(nu / NU_MAX) and velocity of one body, each a parameter or a buffer."""
 
     def __init__(self, E: float, nu: float, velocity: Sequence[float], learn: Sequence[str], dtype, device):
@@ -83,14 +83,6 @@ class BodyMaterial(nn.Module):
                 self.register_parameter(name, nn.Parameter(values[name]))
             else:
                 self.register_buffer(name, values[name])
-
-    @property
-    def E(self) -> torch.Tensor:
-        return self.log_E.exp()
-
-    @property
-    def nu(self) -> torch.Tensor:
-        return NU_MAX * torch.sigmoid(self.nu_logit)
 
 
 class SplatRenderer(nn.Module):
