@@ -36,12 +36,14 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def scene_parser(name: str, doc: Optional[str], *, frames: Optional[int] = None,
-                 obj: Optional[Path] = None, fit_size: Optional[float] = None) -> argparse.ArgumentParser:
+                 obj: Optional[Path] = None, fit_size: Optional[float] = None,
+                 distributed: bool = False) -> argparse.ArgumentParser:
     """The parser every scene starts from; ``--help`` shows defaults.
 
     frames / obj: add ``--frames`` / ``--obj`` with these defaults. fit_size: add ``--size`` (the
     mesh's largest side in the scene, default ``fit_size``) and ``--scale`` (use the mesh's own
-    units times this instead); read them back with :func:`mesh_fit`.
+    units times this instead); read them back with :func:`mesh_fit`. distributed: add ``--backend``
+    for scenes run through :func:`run_distributed`.
     """
     parser = argparse.ArgumentParser(prog=f"python -m scenes.{name}", description=doc, formatter_class=_Formatter)
     common = parser.add_argument_group("common options")
@@ -60,6 +62,9 @@ def scene_parser(name: str, doc: Optional[str], *, frames: Optional[int] = None,
                            help="largest side of the mesh in the scene [m], whatever its units and origin")
         place.add_argument("--scale", type=float, default=None,
                            help="instead of --size: keep the mesh's own units times this factor (still centred)")
+    if distributed:
+        common.add_argument("--backend", choices=("nccl", "gloo"), default=None,
+                            help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)")
     return parser
 
 
@@ -145,6 +150,26 @@ def run(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], body: Ca
             warnings.showwarning = lambda message, *_, **__: print(f"{parser.prog}: warning: {message}",
                                                                    file=sys.stderr)
         return _run_body(parser, args, body)
+
+
+def run_distributed(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                    body: Callable[[argparse.Namespace, Any], Any]) -> Any:
+    """:func:`run` for scenes that split their work over torchrun ranks: ``body(args, info)`` gets
+    the ``bridge.distributed.DistInfo`` of this process (a world of one without torchrun).
+
+    Under torchrun the process joins the group first, which pins this rank's GPU before
+    :func:`run` starts Taichi (Taichi takes no device index); the group is left at the end.
+    """
+    from bridge import distributed
+
+    info = distributed.DistInfo()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        known, _ = parser.parse_known_args(argv)
+        info = distributed.setup(known.arch, backend=known.backend)
+    try:
+        return run(parser, argv, lambda args: body(args, info))
+    finally:
+        distributed.cleanup()
 
 
 def _run_body(parser: argparse.ArgumentParser, args: argparse.Namespace, body) -> Any:

@@ -18,7 +18,6 @@ progress and files come from rank 0.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from taichi_mpm.runtime import device as taichi_device
 from render.camera import Camera, stack_cameras
 from render.ply import GaussianPly, read_ply, write_ply
 from render.sh import C0
-from scenes.cli import check_readable_file, progress, run, scene_parser
+from scenes.cli import check_readable_file, progress, run_distributed, scene_parser
 from scenes.media import write_animation
 
 
@@ -76,7 +75,7 @@ def save_grid(path: Path, rows: list[torch.Tensor]) -> None:
 
 
 def parser():
-    ap = scene_parser("fit_gaussians", __doc__)
+    ap = scene_parser("fit_gaussians", __doc__, distributed=True)
     ap.add_argument("--gt", type=Path, help="ground-truth 3DGS PLY (default: built-in torus and sphere)")
     ap.add_argument("--views", type=int, default=12, help="target cameras on an orbit")
     ap.add_argument("--width", type=int, default=128, help="image width [px]")
@@ -87,22 +86,12 @@ def parser():
     ap.add_argument("--sh-degree", type=int, default=1, choices=(0, 1, 2, 3), help="SH degree of the fit")
     ap.add_argument("--ssim-weight", type=float, default=0.2, help="weight of D-SSIM against L1")
     ap.add_argument("--orbit-frames", type=int, default=24, help="frames of the orbit video of the fit (0: none)")
-    ap.add_argument("--backend", choices=("nccl", "gloo"), default=None,
-                    help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)")
     return ap
 
 
 def main(argv=None) -> dict:
     """Run the fit; returns {"psnr_initial": dB, "psnr_final": dB} over all views (None on ranks > 0)."""
-    ap = parser()
-    info = distributed.DistInfo()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # join the group (pins the GPU) before run() starts Taichi
-        known, _ = ap.parse_known_args(argv)
-        info = distributed.setup(known.arch, backend=known.backend)
-    try:
-        return run(ap, argv, lambda args: body(args, info))
-    finally:
-        distributed.cleanup()
+    return run_distributed(parser(), argv, body)
 
 
 def body(args, info: distributed.DistInfo = distributed.DistInfo()) -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from torch import nn
 
 from bridge import distributed
 from scenes import ASSETS
-from scenes.cli import run, scene_parser
+from scenes.cli import run_distributed, scene_parser
 
 CURVE_COLORS = {"E": (200, 40, 40), "nu": (40, 140, 40), "v0": (40, 60, 200)}
 
@@ -269,7 +268,7 @@ def body(args, info=distributed.DistInfo()):
 
 
 def main(argv=None):
-    parser = scene_parser("fit_material", __doc__, frames=12, obj=ASSETS / "checker_cube.obj")
+    parser = scene_parser("fit_material", __doc__, frames=12, obj=ASSETS / "checker_cube.obj", distributed=True)
     parser.add_argument("--res", type=int, default=20, help="grid cells along the domain side")
     parser.add_argument("--ppc", type=float, default=2.0, help="particles per grid cell")
     parser.add_argument("--gaussians", type=int, default=4000, help="surface Gaussians (M)")
@@ -288,20 +287,10 @@ def main(argv=None):
     parser.add_argument("--max-speed", type=float, default=4.0, help="fastest speed the CFL substep allows for")
     parser.add_argument("--experiments", type=int, default=1,
                         help="recordings of the same material (split over the ranks under torchrun)")
-    parser.add_argument("--backend", choices=("nccl", "gloo"), default=None,
-                        help="torch.distributed backend under torchrun (default: nccl on CUDA, gloo on CPU)")
     parser.add_argument("--sync-check", type=int, default=10,
                         help="under torchrun, check every N steps that all ranks hold the same parameters")
     parser.add_argument("--no-video", action="store_true", help="skip fit.gif (benchmarks)")
-    # under torchrun, join the process group (which pins this rank's GPU) before run() starts Taichi
-    info = distributed.DistInfo()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        known, _ = parser.parse_known_args(argv)
-        info = distributed.setup(known.arch, backend=known.backend)
-    try:
-        return run(parser, argv, lambda args: body(args, info))
-    finally:
-        distributed.cleanup()
+    return run_distributed(parser, argv, body)
 
 
 if __name__ == "__main__":
