@@ -75,6 +75,8 @@ def main(argv=None) -> dict:
                         help="torch.distributed backend (default: nccl on GPUs); gloo alone runs on the CPU")
     parser.add_argument("--arch", choices=("cpu", "cuda"), default=None,
                         help="Taichi arch of the ranks (default: cpu with --backend gloo, else cuda)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames per recording (default: the workload's, 24 on a GPU): fewer for a short run")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 and 2 processes (checks the script)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default bench/results/multigpu.json, multigpu_cpu_quick.json with --quick)")
@@ -87,7 +89,9 @@ def main(argv=None) -> dict:
         parser.error("--warmup must be >= 0 and below --iters")
     if 1 not in gpus:
         parser.error("--gpus must include 1: speedups are over one process measured in the same run")
-    scene_args = QUICK if args.quick else FULL
+    scene_args = list(QUICK if args.quick else FULL)
+    if args.frames is not None:
+        scene_args[scene_args.index("--frames") + 1] = str(args.frames)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sorted(set(gpus)):

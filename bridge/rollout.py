@@ -14,7 +14,7 @@ segments of K. The forward keeps only the particle state at each segment start (
 x, v, C, F, plastic = 25 reals a particle), on the device or in pinned host memory. The backward
 walks the segments in reverse: it copies the checkpoint into a (K + 1)-slot buffer, runs the K
 substeps forward again to refill the slots, then for each substep s (last first) runs its adjoint
-on the two slots (s, s + 1): g2p_grad, grid_update_ad.grad, p2g_grad, the stress's .grad and, for
+on the two slots (s, s + 1): g2p_grad, grid_update_grad, p2g_grad, the stress's .grad and, for
 plastic particles, the hand-written SVD adjoint (``_Substeps.backward``; taichi_mpm.substep). The grid
 of substep s is either kept from the refill pass (``store_grids``: K grids on the device, only
 the per-particle stress is recomputed) or recomputed (clear_grid, particle_stress, p2g,
@@ -287,7 +287,7 @@ class _Substeps:
 
         run_substep(self.k, j, j + 1, self.scene.n_particles, state, constants, grid or self.grid, self.affine,
                     control, self.setup, self.scene.dt, svd=self.svd, move_particles=move_particles,
-                    svd_separation=self.separation if for_adjoint else 0.0, differentiable=True)
+                    svd_separation=self.separation if for_adjoint else 0.0)
 
     def recompute_stress(self, state: dict, constants: dict, control):
         """The per-particle stage of substep 0 -> 1 of ``state`` again (affine, SVD scratch), for
@@ -312,7 +312,7 @@ class _Substeps:
         ``pair`` (slots 0 -> 1) and ``grid``. ``adjoint`` holds the state adjoints [2, N, ...]
         (slot 1 in, slot 0 accumulated), ``constants`` E/nu/aux are leaves whose .grad the
         stress adjoint accumulates into; control_grad: [N, 3, 3] adjoint of the control or None.
-        Steps: g2p (hand-written) -> grid_update (Taichi) -> p2g (hand-written) -> stress
+        Steps: g2p (hand-written) -> grid_update (hand-written) -> p2g (hand-written) -> stress
         (Taichi) -> SVD (hand-written)."""
         sc, k, setup = self.scene, self.k, self.setup
         n, inv_dx = sc.n_particles, 1.0 / sc.dx
@@ -321,9 +321,9 @@ class _Substeps:
             g.zero_()
         k.g2p_grad(0, 1, n, pair["x"], grid[2], adjoint["x"], adjoint["v"], adjoint["C"], self.grid_grads[2],
                    setup.origin, inv_dx, sc.dt)
-        grid_leaves = [_leaf(t, g) for t, g in zip(grid, self.grid_grads)]
-        k.grid_update_ad.grad(*grid_leaves, sc.dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
-                           setup.wall_friction, setup.colliders, setup.n_colliders, 0.0)
+        k.grid_update_grad(grid[0], grid[1], self.grid_grads[2], self.grid_grads[0], self.grid_grads[1], sc.dt,
+                           setup.gravity, setup.origin, setup.dx, setup.wall_mode, setup.wall_friction,
+                           setup.colliders, setup.n_colliders, 0.0)
         k.p2g_grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, self.affine, self.grid_grads[0],
                    self.grid_grads[1], adjoint["x"], adjoint["v"], self.affine_grad, setup.origin, inv_dx)
         leaves = {key: _leaf(pair[key], adjoint[key]) for key in ("C", "F", "plastic")}

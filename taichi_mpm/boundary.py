@@ -8,8 +8,7 @@ velocity, with one of three conditions:
 Coulomb friction shrinks the tangential velocity by friction * |normal velocity removed|.
 
 Colliders are packed into a small array of rows (``COLLIDER_WIDTH`` reals each) that the grid
-kernel reads, at most ``MAX_COLLIDERS`` of them (the kernel unrolls over that many, so the loop
-stays static and Taichi's autodiff stays exact).
+kernel reads, at most ``MAX_COLLIDERS`` of them (the kernel unrolls over the colliders in use).
 """
 
 import math
@@ -124,11 +123,14 @@ def pack_colliders(colliders: Sequence[Collider]) -> np.ndarray:
 def boundary_funcs(real):
     """ti.funcs for the grid update, specialised to the float type ``real``.
 
-    Branch-free (every case evaluated, the result picked with ti.select): locals assigned under an
-    ``if`` made Taichi's reverse pass of grid_update load them before any store (the "Loading
-    variable ... before anything is stored" warnings) and lengthen its compile. Every case stays
-    finite (norms carry an epsilon), so the unpicked ones put no NaN into the gradient."""
+    Each boundary maps (v, J) to (v', J'): the node velocity after it and the Jacobian of the
+    chain so far, J' = (dv'/dv) J. The grid update's adjoint (substep.grid_update_grad) transposes
+    J; it is written by hand because Taichi 1.7's reverse pass of this code came out as all zeros in
+    float32 on CUDA (right on the CPU and in float64). ti.funcs are inlined, so a kernel that reads
+    only v' (the forward grid update) has the Jacobian arithmetic removed by the compiler.
+    Every case is evaluated and one picked with ti.select, each finite (norms carry an epsilon)."""
     vec3 = ti.types.vector(3, real)
+    mat3 = ti.types.matrix(3, 3, real)
 
     @ti.func
     def pick(condition, a, b):
@@ -136,29 +138,45 @@ def boundary_funcs(real):
                     ti.select(condition, a[2], b[2]))
 
     @ti.func
-    def respond(v, normal, mode, friction):
-        """Velocity v (relative to the boundary) after contact with a boundary of outward normal."""
-        vn = v.dot(normal)
-        tangential = v - vn * normal
-        # norm with an epsilon inside the sqrt keeps the autodiff finite at zero tangential speed
-        t_norm = tangential.norm(1e-12)
-        scale = ti.max(0.0, 1.0 - friction * ti.max(-vn, 0.0) / t_norm)
-        slid = pick(mode == SLIP or vn < 0, tangential * scale, v)
-        return pick(mode == STICKY, ti.Vector.zero(real, 3), slid)
+    def pick_matrix(condition, a, b):
+        return mat3([[ti.select(condition, a[i, j], b[i, j]) for j in ti.static(range(3))]
+                     for i in ti.static(range(3))])
 
     @ti.func
-    def apply_walls(v, node, shape, mode, friction):
+    def respond(v, J, normal, mode, friction):
+        """Velocity v (relative to the boundary, unit outward ``normal``) after contact, and J
+        carried through: the Coulomb slide v_t * max(0, 1 - friction * max(-v.n, 0) / |v_t|)."""
+        zero = ti.Vector.zero(real, 3)
+        vn = v.dot(normal)
+        tangential = v - vn * normal
+        project = ti.Matrix.identity(real, 3) - normal.outer_product(normal)  # d tangential / dv
+        t_norm = tangential.norm(1e-12)  # d t_norm / dv = tangential / t_norm
+        pushed = ti.max(-vn, 0.0)
+        raw = 1.0 - friction * pushed / t_norm
+        scale = ti.max(0.0, raw)
+        d_pushed = pick(vn < 0, -normal, zero)
+        d_scale = pick(raw > 0, -friction * (d_pushed / t_norm - (pushed / t_norm ** 3) * tangential), zero)
+        slides = mode == SLIP or vn < 0
+        sticks = mode == STICKY
+        v_out = pick(sticks, zero, pick(slides, tangential * scale, v))
+        local = pick_matrix(sticks, ti.Matrix.zero(real, 3, 3),
+                            pick_matrix(slides, scale * project + tangential.outer_product(d_scale),
+                                        ti.Matrix.identity(real, 3)))
+        return v_out, local @ J
+
+    @ti.func
+    def apply_walls(v, J, node, shape, mode, friction):
         for d in ti.static(range(3)):
             low = node[d] < WALL_CELLS
             high = node[d] > shape[d] - 1 - WALL_CELLS
             sign = ti.select(low, 1.0, -1.0)
-            # built whole: an element store into a local vector also drew the reverse-pass warning
             normal = vec3(sign * float(d == 0), sign * float(d == 1), sign * float(d == 2))
-            v = pick(low or high, respond(v, normal, mode, friction), v)
-        return v
+            v_wall, J_wall = respond(v, J, normal, mode, friction)
+            v, J = pick(low or high, v_wall, v), pick_matrix(low or high, J_wall, J)
+        return v, J
 
     @ti.func
-    def apply_collider(v, pos, colliders: ti.template(), c: ti.template(), time):
+    def apply_collider(v, J, pos, colliders: ti.template(), c: ti.template(), time):
         kind = ti.cast(colliders[c, 0], ti.i32)
         mode = ti.cast(colliders[c, 1], ti.i32)
         friction = colliders[c, 2]
@@ -181,6 +199,8 @@ def boundary_funcs(real):
                     ti.select(pos[2] >= origin[2], 1.0, -1.0))
         normal = pick(kind == PLANE, shape, pick(kind == SPHERE, offset / length, face * side))
         distance = ti.select(kind == PLANE, plane_distance, ti.select(kind == SPHERE, sphere_distance, box_distance))
-        return pick(distance < 0, respond(v - velocity, normal, mode, friction) + velocity, v)
+        v_rel, J_hit = respond(v - velocity, J, normal, mode, friction)
+        inside = distance < 0
+        return pick(inside, v_rel + velocity, v), pick_matrix(inside, J_hit, J)
 
     return apply_walls, apply_collider

@@ -40,21 +40,22 @@ One substep from local step ``src`` to ``dst``:
                 colliders, n_colliders, time)
         grid_v = mv / m + dt g, then domain walls and colliders (boundary.py); writes every node.
         n_colliders is a compile-time constant (ti.template: one compile per collider count; the
-        colliders unroll, which keeps reverse mode exact and its compile short).
+        colliders unroll).
     g2p(src, dst, n, x, v, C, grid_v, origin, inv_dx, dt)
         reads x[src] and grid_v; writes v[dst], C[dst], x[dst] = x[src] + dt v[dst].
 No kernel writes what it (or a later kernel of the same substep) reads, so the adjoints called in
 reverse order are exact (DiffTaichi's rule). Backward of substep s: re-run its forward up to
 grid_update (grid and affine are not kept), zero the scratch adjoints, then
     g2p_grad        hand-written: adjoints of x, v, C [dst] -> x[src] and the grid velocities
-    grid_update_ad.grad  Taichi's, of the branch-free twin of grid_update (same values; short)
+    grid_update_grad  hand-written: grid velocity adjoints -> momentum and mass adjoints
     p2g_grad        hand-written: node adjoints -> x, v [src] and affine
     particle_stress.grad / particle_stress_svd.grad  Taichi's: -> C, F, plastic [src], E, nu, aux,
                     controls (and U, sig, V)
     trial_svd_grad  hand-written SVD adjoint (plastic scenes): -> C, F [src], controls
 The transfers' adjoints are written by hand because Taichi's took the longest to compile (on the
-2-core CPU in float64, cold cache: p2g.grad 64 s, g2p.grad 25 s, particle_stress.grad 57 s,
-grid_update.grad 1.5 s); what the hand-written ones cost is in bench/first_gradient.py's table.
+2-core CPU in float64, cold cache: p2g.grad 64 s, g2p.grad 25 s, particle_stress.grad 57 s);
+what the hand-written ones cost is in bench/first_gradient.py's table. The grid update's is
+because Taichi's reverse pass of it gave all-zero adjoints in float32 on CUDA (2026-11-27, H200).
 Their arguments name the adjoint arrays explicitly (``g_*``: [S, N, ...] like the state, [N, ...]
 or grid-shaped) and accumulate into them.
 The forward solver ping-pongs between S = 2 slots (src, dst) = (0, 1), (1, 0), ...; a
@@ -75,9 +76,9 @@ from .boundary import boundary_funcs
 from .constitutive import constitutive_funcs, svd_grad_funcs
 from .materials import SAND_ID, VON_MISES_ID
 
-# Grid nodes lighter than this [kg] count as empty. The reverse pass of v = mv / m scales by
-# 1 / m^2, which overflows float32 (inf * 0 = NaN in the gradient) for the near-zero masses that
-# a particle's outermost stencil weights leave on a node; such nodes carry no momentum worth keeping.
+# Grid nodes lighter than this [kg] count as empty. The adjoint of v = mv / m scales by 1 / m^2,
+# which overflows float32 (inf * 0 = NaN in the gradient) for the near-zero masses that a
+# particle's outermost stencil weights leave on a node; such nodes carry no momentum worth keeping.
 MIN_NODE_MASS = 1e-15
 
 @lru_cache(maxsize=None)
@@ -228,37 +229,41 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     @ti.func
     def node_velocity(I, grid_mv: ti.template(), grid_m: ti.template(), dt, gravity, origin, dx, wall_mode,
                       wall_friction, colliders: ti.template(), n_colliders: ti.template(), time):
-        """Velocity of an occupied node after gravity, colliders and walls (branch-free)."""
+        """Velocity of an occupied node after gravity, colliders and walls, and its Jacobian with
+        respect to mv / m (see boundary_funcs)."""
         shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
-        v_node = grid_mv[I] / ti.max(grid_m[I], MIN_NODE_MASS) + dt * gravity
+        v_node = grid_mv[I] / grid_m[I] + dt * gravity
+        J = ti.Matrix.identity(real, 3)
         pos = origin + ti.cast(I, real) * dx
         for c in ti.static(range(n_colliders)):
-            v_node = apply_collider(v_node, pos, colliders, c, time)
-        return apply_walls(v_node, I, shape, wall_mode, wall_friction)
+            v_node, J = apply_collider(v_node, J, pos, colliders, c, time)
+        return apply_walls(v_node, J, I, shape, wall_mode, wall_friction)
 
     @ti.kernel
     def grid_update(grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, dt: real,
                     gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
                     colliders: table, n_colliders: ti.template(), time: real):
-        """The solver's (forward only): empty nodes skip the boundary arithmetic."""
         for I in ti.grouped(grid_m):
             v_node = ti.Vector.zero(real, 3)
             if grid_m[I] > MIN_NODE_MASS:
-                v_node = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
-                                       colliders, n_colliders, time)
+                v_node, _ = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
+                                          colliders, n_colliders, time)
             grid_v[I] = v_node
 
     @ti.kernel
-    def grid_update_ad(grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, dt: real,
-                       gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
-                       colliders: table, n_colliders: ti.template(), time: real):
-        """The rollout's, the same values branch-free: a local assigned under `if m > ...` made
-        Taichi's reverse pass load it before any store (the "Loading variable ... before anything
-        is stored" warnings). Its ``.grad`` is Taichi's."""
+    def grid_update_grad(grid_mv: grid_vec, grid_m: grid_scalar, g_grid_v: grid_vec, g_mv: grid_vec,
+                         g_m: grid_scalar, dt: real, gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32,
+                         wall_friction: real, colliders: table, n_colliders: ti.template(), time: real):
+        """Adjoint of grid_update (hand-written): g_grid_v -> g_mv, g_m of the occupied nodes
+        (v = J-chain of mv / m: d/dmv = J / m, d/dm = -J mv / m^2). Empty nodes pass nothing."""
         for I in ti.grouped(grid_m):
-            occupied = ti.cast(grid_m[I] > MIN_NODE_MASS, real)
-            grid_v[I] = occupied * node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode,
-                                                 wall_friction, colliders, n_colliders, time)
+            if grid_m[I] > MIN_NODE_MASS:
+                _, J = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
+                                     colliders, n_colliders, time)
+                g_in = J.transpose() @ g_grid_v[I]
+                inv_m = 1.0 / grid_m[I]
+                g_mv[I] += inv_m * g_in
+                g_m[I] -= inv_m * inv_m * g_in.dot(grid_mv[I])
 
     @ti.kernel
     def g2p(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
@@ -344,7 +349,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             g_x[src, p] += gx
 
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, p2g=p2g,
-                           grid_update=grid_update, grid_update_ad=grid_update_ad, g2p=g2p, trial_svd=trial_svd,
+                           grid_update=grid_update, grid_update_grad=grid_update_grad, g2p=g2p, trial_svd=trial_svd,
                            particle_stress_svd=particle_stress_svd, trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad)
 
@@ -372,7 +377,7 @@ class GridSetup:
 def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constants: Mapping[str, Any],
                 grid: Tuple[Any, Any, Any], affine, control: Tuple[Any, float], setup: GridSetup,
                 dt: float, time: float = 0.0, svd: Optional[Tuple[Any, Any, Any]] = None,
-                move_particles: bool = True, svd_separation: float = 0.0, differentiable: bool = False) -> None:
+                move_particles: bool = True, svd_separation: float = 0.0) -> None:
     """The substep sequence, written once for the solver and the differentiable rollout:
     clear_grid, particle stress (with ``svd`` = (U, sig, V) buffers: trial_svd then
     particle_stress_svd, the differentiable form of the plastic models), p2g, grid_update, g2p.
@@ -381,8 +386,7 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     x, v, C, F, plastic [S, N, ...]; constants: material, E, nu, density, volume, aux [N, ...];
     grid: (grid_mv, grid_m, grid_v); control: (dFc, control_scale). ``move_particles=False`` stops
     after grid_update (a backward recomputing the grid of a substep); ``svd_separation``: see
-    trial_svd (the backward's recompute passes constitutive.svd_separation, the forward 0);
-    ``differentiable``: the branch-free grid_update_ad (the rollout) instead of grid_update.
+    trial_svd (the backward's recompute passes constitutive.svd_separation, the forward 0).
     """
     grid_mv, grid_m, grid_v = grid
     dFc, scale = control
@@ -400,8 +404,7 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
         k.particle_stress_svd(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
                               U, sig, V, affine, inv_dx, dt)
     k.p2g(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx)
-    grid_update = k.grid_update_ad if differentiable else k.grid_update
-    grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
+    k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
                 setup.wall_friction, setup.colliders, setup.n_colliders, time)
     if move_particles:
         k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt)

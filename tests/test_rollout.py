@@ -239,7 +239,9 @@ def test_frames_hold_the_forward_states(setup):
     torch.testing.assert_close(traj.x[0], d["x0"], rtol=0, atol=0)
     torch.testing.assert_close(traj.F[0], torch.eye(3, dtype=f64, device=traj.F.device).expand_as(traj.F[0]),
                                rtol=0, atol=0)
-    torch.testing.assert_close(traj.x[-1], last.x[0], rtol=0, atol=0)
+    # bit for bit on the CPU; CUDA's atomic P2G adds in a varying order (a few float64 roundings)
+    exact = traj.x.device.type == "cpu"
+    torch.testing.assert_close(traj.x[-1], last.x[0], rtol=0, atol=0 if exact else 1e-13)
     assert (traj.x[-1] - traj.x[0]).abs().max() > 1e-3  # it moved
 
 
@@ -292,17 +294,28 @@ def test_bad_input_raises_before_any_kernel(setup):
 
 
 def test_physical_parameters_module(setup):
-    """The nn.Module's forward is simulate() with its parameters; log E gets E * dL/dE."""
+    """The nn.Module's forward is simulate() with its parameters; log E gets E * dL/dE.
+
+    The bodies start deformed (F0, C0 of the setup) so that E matters to the loss: with F0 = I and
+    a uniform v0 the cubes fly rigidly and dL/dE is rounding noise, which no comparison can judge.
+    Atomic P2G adds in a different order on CUDA, so there the two rollouts agree to float64
+    roundings summed over the substeps (1e-9 relative), not bit for bit.
+    Shown to catch: log E's gradient not multiplied by E (chain rule of the log parameterisation).
+    """
     from bridge.modules import PhysicalParameters
 
     d = setup
     module = PhysicalParameters(d["scene"], E=d["E_body"], nu=d["nu_body"], velocity=(0.1, 0.0, 0.0))
     torch.testing.assert_close(module.E, d["E_body"])
     torch.testing.assert_close(module.nu, d["nu_body"])
-    traj = module(d["x0"], T, [T], checkpoint_every=K)
-    (traj.x[-1] ** 2).sum().backward()
+    deformed = dict(C0=d["C0"], F0=d["F0"])
+    traj = module(d["x0"], T, [T], checkpoint_every=K, **deformed)
+    ((traj.x[-1] * d["w_x"][-1]).sum() + (traj.F[-1] * d["w_F"][-1]).sum()).backward()
     E = d["E_body"].clone().requires_grad_()
     v0 = torch.tensor([0.1, 0.0, 0.0], dtype=f64, device=d["x0"].device).expand(d["scene"].n_particles, 3)
-    (run(d, d["x0"], v0, {"E": E, "nu": d["nu_body"]}, checkpoint_every=K).x[-1] ** 2).sum().backward()
-    torch.testing.assert_close(module.log_E.grad, E.grad * d["E_body"], rtol=1e-10, atol=0)
+    traj = run(d, d["x0"], v0, {"E": E, "nu": d["nu_body"]}, checkpoint_every=K, **deformed)
+    ((traj.x[-1] * d["w_x"][-1]).sum() + (traj.F[-1] * d["w_F"][-1]).sum()).backward()
+    assert float(E.grad.abs().min() * d["E_body"].min()) > 1e-6  # E matters: the comparison can fail
+    rtol = 1e-10 if d["x0"].device.type == "cpu" else 1e-9
+    torch.testing.assert_close(module.log_E.grad, E.grad * d["E_body"], rtol=rtol, atol=0)
     assert module.velocity.grad.shape == (2, 3) and torch.isfinite(module.velocity.grad).all()

@@ -53,12 +53,12 @@ def test_float64_particles_give_float32_gaussians():
     assert all(t.dtype == torch.float32 for t in (g.means, g.covars, g.opacities, g.colors))
 
 
-def test_image_loss_reaches_positions_and_deformation(ti_arch):
+def test_image_loss_reaches_positions_and_deformation(device):
     """A torch loss on a rendered image gives the finite-difference gradient on particle state."""
     camera = Camera.look_at(eye=(0.0, -1.5, 0.3), target=(0.0, 0.0, 0.0), width=40, height=30)
-    viewmats, Ks = stack_cameras([camera])
-    x, F = random_particles(6, dtype=torch.float32, seed=1)
-    weights = torch.rand(1, 30, 40, 3, generator=torch.Generator().manual_seed(2))
+    viewmats, Ks = stack_cameras([camera], device)
+    x, F = (t.to(device) for t in random_particles(6, dtype=torch.float32, seed=1))
+    weights = torch.rand(1, 30, 40, 3, generator=torch.Generator().manual_seed(2)).to(device)
 
     def loss_of(x, F):
         g = particles_to_gaussians(x, F, radius=0.08, colors=(0.9, 0.4, 0.2), opacity=0.7)
