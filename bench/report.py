@@ -140,9 +140,43 @@ def demo_time_table() -> str:
             f"{runs['cold']['load_before']:.1f} before), {runs['warm']['seconds']:.0f} s on the next run.")
 
 
+def e2e_table() -> str:
+    d = load("e2e_step_cuda.json")
+    if d is None:
+        return ""
+    w = d["workload"]
+    rows = [f"**One optimisation step of the whole chain** (`bench/e2e_step.py`), {d['device']}, {d['date'][:10]}: "
+            f"{w['particles']:,} particles, {w['substeps']} substeps, {w['frames']} frames x {w['views']} views at "
+            f"{w['size']}x{w['size']}, full backward; median of {w['repeats']}"
+            + (f"; code: {d['code']}" if "code" in d else "") + ".", "",
+            "| Gaussians | step (ms) | sim forward | upsampling | rendering | render+upsample backward | "
+            "sim backward | peak GB |", "|---|---|---|---|---|---|---|---|"]
+    names = {"surface": f"{w['gaussians']:,} surface (synthesize_surface)", "per_particle": "one per particle"}
+    for r in d["rows"]:
+        rows.append(f"| {names.get(r['variant'], r['variant'])} | **{r['step_ms']:.0f}** | {r['sim_fwd_ms']:.0f} | "
+                    f"{r['upsample_fwd_ms']:.1f} | {r['render_fwd_ms']:.1f} | {r['render_upsample_bwd_ms']:.1f} | "
+                    f"{r['sim_bwd_ms']:.0f} | {r['peak_GB']:.2f} |")
+    return "\n".join(rows)
+
+
+def multigpu_table() -> str:
+    d = load("multigpu.json")
+    if d is None:
+        return ""
+    args = " ".join(d["scene_args"])
+    rows = [f"**Multi-GPU material fit** (`bench/multigpu.py`), {len(d['rows'])} runs on {d['device']} x "
+            f"{max(r['gpus'] for r in d['rows'])}, {d['backend']}, {d['date'][:10]}: one optimisation step of "
+            f"`scenes.fit_material --experiments {d['experiments']} {args}` under torchrun, median over steps "
+            f"{d['warmup'] + 1}-{d['iters']}; speedup over one process in the same run.", "",
+            "| GPUs | step (ms) | speedup |", "|---|---|---|"]
+    for r in d["rows"]:
+        rows.append(f"| {r['gpus']} | {r['step_ms']:.0f} | **{r['speedup']:.2f}x** |")
+    return "\n".join(rows)
+
+
 def report() -> str:
     tables = (raster_table(), image2d_table(), transient_table(), mpm_forward_table(), mpm_backward_table(),
-              first_gradient_table(), demo_time_table())
+              e2e_table(), multigpu_table(), first_gradient_table(), demo_time_table())
     return "\n\n".join(t for t in tables if t)
 
 

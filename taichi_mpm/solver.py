@@ -14,23 +14,20 @@ zero-copy torch views.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import taichi as ti
 import torch
 
-from .launch import TorchKernel
 from .runtime import device, ensure_init
 
 from . import materials as mat
 from .boundary import (BOUNDARY_MODES, COLLIDER_WIDTH, MAX_COLLIDERS, WALL_CELLS, Box, Plane,
                        Sphere, pack_colliders, _friction)
 from .ply import write_particles_ply
-from .substep import GridSetup, run_substep, substep_kernels
+from .substep import GridSetup, run_substep, substep_launchers
 from .validation import check_nu, check_positive
 
 ArrayLike = Union[np.ndarray, Sequence[float], torch.Tensor]
@@ -55,14 +52,6 @@ def _as_dtype(dtype) -> Tuple[torch.dtype, object]:
     if dtype in ("float64", torch.float64, np.float64, ti.f64):
         return torch.float64, ti.f64
     raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-
-
-@lru_cache(maxsize=None)
-def _forward_kernels(real, plastic_models: bool) -> SimpleNamespace:
-    """The substep kernels behind TorchKernel launchers (~2 us of host time per tensor argument
-    instead of ~20 us); forward only: the differentiable rollout calls substep_kernels' .grad."""
-    kernels = substep_kernels(real, plastic_models)
-    return SimpleNamespace(**{name: TorchKernel(kernel) for name, kernel in vars(kernels).items()})
 
 
 def _finite_array(name: str, value, shape_tail: Tuple[int, ...]) -> np.ndarray:
@@ -179,7 +168,7 @@ class MPMSolver:
             raise ValueError(f"sort_every must be >= 0, got {sort_every!r}")
         self.sort_every = int(sort_every)
 
-        self.kernels = _forward_kernels(self.real, plastic_models=False)
+        self.kernels = substep_launchers(self.real, plastic_models=False)
         self._origin_vec = ti.Vector(self.lower.tolist(), self.real)
         self._gravity_vec = ti.Vector(self.gravity.tolist(), self.real)
         zeros = dict(dtype=self.torch_dtype, device=self.device)
@@ -290,7 +279,7 @@ class MPMSolver:
         """Switch to the kernels with the SVD-based return maps once a plastic material is in the
         scene (they compile slower and, in Taichi 1.7, cannot be differentiated)."""
         if np.isin(material_ids, mat.PLASTIC_IDS).any():
-            self.kernels = _forward_kernels(self.real, plastic_models=True)
+            self.kernels = substep_launchers(self.real, plastic_models=True)
 
     @staticmethod
     def _per_particle(name: str, value, n: int) -> np.ndarray:
@@ -583,7 +572,7 @@ class MPMSolver:
             t = torch.as_tensor(value, dtype=dtype, device=self.device)
             new[key] = t.unsqueeze(0).repeat((2,) + (1,) * t.dim()).contiguous() if key in STATE_KEYS else t
         self.state, self.n_particles, self.src = new, n, 0
-        self.kernels = _forward_kernels(self.real, plastic_models=False)
+        self.kernels = substep_launchers(self.real, plastic_models=False)
         self._use_plastic_kernels(arrays["material"])
         self.time, self.substep_count = time, count
         self.max_wave_speed = 0.0

@@ -11,9 +11,13 @@ Helpers (import them with ``from conftest import ...``; tests/ is on sys.path un
     assert_grads_close(ours, ref, rtol)
         each named input's gradient on its own against a reference, the message naming the input
         and its worst element.
+    assert_mp4(path)                 an MP4 was written where imageio-ffmpeg is installed (a declared
+                                     dependency the GPU machine lacks), none where it is not
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Mapping, Optional
 
 import pytest
@@ -39,6 +43,14 @@ def device(ti_arch) -> torch.device:
 def float_eps(dtype: torch.dtype) -> float:
     """Machine epsilon: 1.19e-7 for float32, 2.22e-16 for float64."""
     return torch.finfo(dtype).eps
+
+
+def assert_mp4(path: Path) -> None:
+    """The scenes write MP4 through imageio-ffmpeg and print a note instead when it is missing."""
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        assert Path(path).stat().st_size > 0, f"{path} is empty"
+    else:
+        assert not Path(path).exists(), f"{path} written without imageio-ffmpeg"
 
 
 def tolerance(dtype: torch.dtype, ulps: float) -> float:

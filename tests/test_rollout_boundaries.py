@@ -15,7 +15,6 @@ does not hide it). Shown to catch: the friction term of d scale / dv dropped, th
 (I - n n^T) replaced by I, the 1 / m^2 mass adjoint's sign flipped, the colliders' Jacobian not
 carried into the walls (J reset to I per boundary).
 """
-import numpy as np
 import pytest
 import torch
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from scenes.media import gif_delay_ms, gif_durations_ms
+from conftest import assert_mp4
 
 TINY_DEMO = ["--frames", "2", "--res", "20", "--width", "64", "--height", "48", "--fps", "24"]
 
@@ -20,7 +21,7 @@ def assert_picture(image: np.ndarray, shape=None) -> None:
 def assert_video(folder, name: str, fps: float, n_frames: int) -> None:
     durations = gif_durations_ms(folder / f"{name}.gif")  # Pillow merges identical frames, adding delays
     assert all(d > 0 for d in durations) and sum(durations) == n_frames * gif_delay_ms(fps)
-    assert (folder / f"{name}.mp4").stat().st_size > 0
+    assert_mp4(folder / f"{name}.mp4")
 
 
 @pytest.fixture(scope="module")

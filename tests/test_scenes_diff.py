@@ -1,10 +1,10 @@
 """Smoke tests of the differentiable scenes at tiny sizes (CPU, float64): they run end to end,
 write their outputs, and their optimisation lowers the loss."""
-import importlib.util
 import json
 
 import numpy as np
 import pytest
+from conftest import assert_mp4
 
 
 @pytest.mark.parametrize("material,name", [("jelly", "E"), ("sand", "friction_angle"),
@@ -44,9 +44,7 @@ def test_shape_morph_moves_towards_the_target(ti_arch, tmp_path, optimizer):
     assert all(np.isfinite(losses)) and min(losses[1:]) < losses[0]
     assert 0.0 <= result["iou_final"] <= 1.0
     # file names as shape_morph writes them since its move to the shared CLI / media helper
-    names = ["loss.png", "morph.gif", "morph.mp4", "episode_0000.png", "episode_0002.png", "particles_0000.ply",
-             "final_particles.ply", "final_particles.npy", "result.json"]
-    if importlib.util.find_spec("imageio_ffmpeg") is None:  # a declared dependency, absent on the GPU machine
-        names.remove("morph.mp4")
-    for name in names:
+    assert_mp4(tmp_path / "morph.mp4")
+    for name in ("loss.png", "morph.gif", "episode_0000.png", "episode_0002.png", "particles_0000.ply",
+                 "final_particles.ply", "final_particles.npy", "result.json"):
         assert (tmp_path / name).stat().st_size > 0

@@ -17,6 +17,7 @@ import pytest
 
 from scenes import ASSETS, viewer
 from scenes.media import gif_delay_ms, gif_durations_ms
+from conftest import assert_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--res", "20", "--width", "96", "--height", "72", "--frames", "2"]
@@ -35,7 +36,7 @@ def assert_offscreen_output(out: Path, result: dict, frames: int = 2) -> None:
         assert_picture(iio.imread(png))
     durations = gif_durations_ms(out / "viewer.gif")
     assert all(d > 0 for d in durations) and sum(durations) == frames * gif_delay_ms(24)
-    assert (out / "viewer.mp4").stat().st_size > 0
+    assert_mp4(out / "viewer.mp4")
 
 
 @pytest.mark.skipif(not HAS_VULKAN_ICD, reason="no Vulkan driver: install mesa-vulkan-drivers (lavapipe)")
