@@ -2,11 +2,19 @@
 
     python bench/raster.py [--iters 10] [--out bench/results/raster.json]
     python bench/raster.py --host-overhead     (any arch: host time of a tiny render, outside kernel launches)
+    python bench/raster.py --grid [--quick]    (the camera-batch grid below; --quick: tiny, any arch, no gsplat)
 
 Scenes at 1920x1080, SH degree 3: random 100k and 1M Gaussians, and a trained-scene-like set
 (clustered on surfaces, log-normal scales, mostly opaque) written to and read back from a 3DGS PLY.
 Before timing it checks the CUDA kernels against the float64 dense reference on a small scene, and
 for every scene compares our image with gsplat's. Prints a table and writes JSON (device, date).
+
+``--grid`` times the workloads people run, each row beside gsplat in the same run: 1, 4 and 8
+cameras (a ring around the scene, one batched call) x 256x256, 640x480, 1920x1080 x 10k, 100k, 1M, 3M
+Gaussians x random and trained-like x RGB and RGB+ED; forward+backward (median of --iters).
+``gpu_ms`` is CUDA-event time; ``wall_ms`` is perf_counter time of a call followed by a sync;
+``host_ms`` is the time until the call returns to Python without a sync (the Python, launches and
+whatever waiting on the GPU the call itself forces). Writes raster_grid.json.
 """
 from __future__ import annotations
 
@@ -210,6 +218,98 @@ def host_overhead(repeats: int = 5, calls: int = 100) -> dict:
     return out
 
 
+GRID_CAMERAS = (1, 4, 8)
+GRID_SIZES = ((256, 256), (640, 480), (1920, 1080))
+GRID_GAUSSIANS = (10_000, 100_000, 1_000_000, 3_000_000)
+GRID_MODES = ("RGB", "RGB+ED")
+
+
+def ring_cameras(count: int, width: int, height: int, dev):
+    """``count`` cameras on a ring around the origin, looking at it (z up), stacked for one call."""
+    cams = [Camera.look_at((3.2 * math.sin(a), -3.2 * math.cos(a), 0.8), (0, 0, 0), (0, 0, 1), width, height, 60)
+            for a in np.linspace(0, 2 * math.pi, count, endpoint=False)]
+    return tuple(t.to(dev) for t in stack_cameras(cams))
+
+
+def time_call(fn, iters: int, dev) -> dict:
+    """Median gpu_ms / wall_ms / host_ms of fn() (see the module docstring)."""
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        fn()
+    sync()
+    gpu, wall, host = [], [], []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        if dev.type == "cuda":
+            end.record()
+        sync()
+        t2 = time.perf_counter()
+        host.append((t1 - t0) * 1e3)
+        wall.append((t2 - t0) * 1e3)
+        gpu.append(start.elapsed_time(end) if dev.type == "cuda" else (t2 - t0) * 1e3)
+    return {"gpu_ms": float(np.median(gpu)), "wall_ms": float(np.median(wall)), "host_ms": float(np.median(host))}
+
+
+def grid_rows(args, dev) -> list:
+    """Every row of the grid, ours and (unless --no-gsplat) gsplat's, forward+backward."""
+    renderers = {"ours": rasterize}
+    if not args.no_gsplat:
+        import gsplat  # fails here, before any timing, when the peer is missing
+
+        renderers["gsplat"] = gsplat.rasterization
+    cameras, sizes, counts = GRID_CAMERAS, GRID_SIZES, GRID_GAUSSIANS
+    if args.quick:
+        cameras, sizes, counts = (1, 4), ((64, 48),), (1_000,)
+    rows = []
+    for n in counts:
+        for dist in ("random", "trained_like"):
+            if dist == "trained_like":
+                with tempfile.TemporaryDirectory() as tmp:
+                    trained_like_ply(Path(tmp) / "scene.ply", n)
+                    scene = scene_from_ply(Path(tmp) / "scene.ply")
+            else:
+                scene = random_scene(n)
+            leaves = {k: v.to(dev).requires_grad_(True) for k, v in scene.items()}
+            for count in cameras:
+                for width, height in sizes:
+                    for mode in GRID_MODES:
+                        rows.append(grid_row(renderers, leaves, dist, count, width, height, mode, args.iters, dev))
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def grid_row(renderers: dict, leaves: dict, dist: str, count: int, width: int, height: int, mode: str,
+             iters: int, dev) -> dict:
+    viewmats, Ks = ring_cameras(count, width, height, dev)
+    n = leaves["means"].shape[0]
+    row = {"gaussians": n, "distribution": dist, "cameras": count, "width": width, "height": height, "mode": mode}
+    weights = torch.randn(count, height, width, 4 if mode == "RGB+ED" else 3, device=dev)
+    for name, render in renderers.items():
+        def step(render=render):
+            img = render(leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"], leaves["sh"],
+                         viewmats, Ks, width, height, sh_degree=3, render_mode=mode)[0]
+            (img * weights).sum().backward()
+        row[name] = time_call(step, iters, dev)
+    if "gsplat" in row:
+        row["ratio"] = row["ours"]["gpu_ms"] / row["gsplat"]["gpu_ms"]
+        row["ratio_wall"] = row["ours"]["wall_ms"] / row["gsplat"]["wall_ms"]
+    o, g = row["ours"], row.get("gsplat", {})
+    nan = float("nan")
+    print(f"{n:>9,} {dist:<12} {count} cam {width}x{height} {mode:<6} | ours gpu {o['gpu_ms']:7.2f} wall "
+          f"{o['wall_ms']:7.2f} host {o['host_ms']:6.2f} | gsplat gpu {g.get('gpu_ms', nan):7.2f} wall "
+          f"{g.get('wall_ms', nan):7.2f} | {row.get('ratio', nan):5.2f}x", flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=10)
@@ -217,6 +317,8 @@ def main() -> None:
                                   "raster_host_overhead_<arch>.json with --host-overhead)")
     ap.add_argument("--scenes", default="random_100k,random_1M,trained_like")
     ap.add_argument("--no-gsplat", action="store_true")
+    ap.add_argument("--grid", action="store_true", help="the camera-batch grid (see the module docstring)")
+    ap.add_argument("--quick", action="store_true", help="with --grid: tiny sizes, any arch (checks the script)")
     ap.add_argument("--host-overhead", action="store_true",
                     help="only time the host glue of a tiny render (any arch) and write raster_host_overhead_<arch>.json")
     args = ap.parse_args()
@@ -225,6 +327,19 @@ def main() -> None:
         print(json.dumps(result))
         out = Path(args.out or Path(__file__).parent / "results" / f"raster_host_overhead_{result['arch']}.json")
         out.write_text(json.dumps(result, indent=1))
+        print("wrote", out)
+        return
+    if args.grid:
+        arch = ensure_init()
+        if arch != "cuda" and not args.quick:
+            raise SystemExit("the grid needs CUDA (or --quick)")
+        dev = torch.device(arch)
+        report = {"benchmark": "raster_grid", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                  "device": torch.cuda.get_device_name(0) if arch == "cuda" else "cpu", "iters": args.iters,
+                  "sh_degree": 3, "quick": args.quick, "rows": grid_rows(args, dev)}
+        out = Path(args.out or Path(__file__).parent / "results" /
+                   ("raster_grid_quick.json" if args.quick else "raster_grid.json"))
+        out.write_text(json.dumps(report, indent=1))
         print("wrote", out)
         return
     if ensure_init() != "cuda":

@@ -36,6 +36,25 @@ def raster_table() -> str:
     return "\n".join(rows)
 
 
+def raster_grid_table() -> str:
+    d = load("raster_grid.json")
+    if d is None or d.get("quick"):
+        return ""
+    rows = [f"**Rasterization, camera batches** (`bench/raster.py --grid`), {d['device']}, {d['date'][:10]}: "
+            f"forward+backward of one batched call, SH degree {d['sh_degree']}, median of {d['iters']}; peer: "
+            f"gsplat 1.5.3's `rasterization` on the same inputs, same run. GPU time from CUDA events; host: time "
+            f"until the call returns (ours).", "",
+            "| Gaussians | scene | cameras | image | mode | ours (ms) | gsplat (ms) | ours vs gsplat | ours host (ms) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        o, g = r["ours"], r.get("gsplat")
+        rows.append(f"| {r['gaussians']:,} | {r['distribution']} | {r['cameras']} | {r['width']}x{r['height']} | "
+                    f"{r['mode']} | {o['gpu_ms']:.2f} | {g['gpu_ms']:.2f} | **{r['ratio']:.2f}x** | {o['host_ms']:.2f} |"
+                    if g else f"| {r['gaussians']:,} | {r['distribution']} | {r['cameras']} | {r['width']}x{r['height']} "
+                              f"| {r['mode']} | {o['gpu_ms']:.2f} | | | {o['host_ms']:.2f} |")
+    return "\n".join(rows)
+
+
 def mpm_forward_table() -> str:
     d = load("mpm_forward_cuda.json")
     if d is None:
@@ -175,7 +194,7 @@ def multigpu_table() -> str:
 
 
 def report() -> str:
-    tables = (raster_table(), image2d_table(), transient_table(), mpm_forward_table(), mpm_backward_table(),
+    tables = (raster_table(), raster_grid_table(), image2d_table(), transient_table(), mpm_forward_table(), mpm_backward_table(),
               e2e_table(), multigpu_table(), first_gradient_table(), demo_time_table())
     return "\n\n".join(t for t in tables if t)
 
