@@ -3,6 +3,8 @@
 # under its own timeout (see shared/device/README.md for the carried wheels in .whl/):
 #     . .whl/env.sh && bash bench/gpu_session.sh [mpm_forward] [mpm_backward] [raster] [tests] [demo] [-- PYTEST_ARGS...]
 # With no step it runs mpm_forward, tests and demo. JSON goes to $OUT (or bench/results).
+# mpm_forward's second peer, taichi_elements, runs where .peers/taichi_elements/engine exists: name
+# .peers in the device call's carry (see bench/mpm_peer_taichi_elements.py).
 #
 # tests: the WHOLE pytest suite (tests/) with TAICHI_MPM_ARCH=cuda, so every test builds its tensors
 #   on the GPU and the CUDA-only kernels (the tile-per-block blending) run; arguments after "--"

@@ -6,7 +6,10 @@ For each size it times, at the same fixed dt:
   - taichi_mpm: ``MPMSolver.step`` (state checks every 8 substeps included) and a per-stage
     profile (each stage timed alone);
   - taichi_mpm on randomly shuffled particles, unsorted and with ``sort_every=16`` (1M only);
-  - the plain reference (bench/mpm_reference.py): Taichi fields, one kernel per stage.
+  - the plain reference (bench/mpm_reference.py): Taichi fields, one kernel per stage;
+  - taichi_elements' solver (bench/mpm_peer_taichi_elements.py, in its own process) where its
+    engine/ folder is found (``--taichi-elements DIR``, default .peers/taichi_elements); the
+    JSON says why when it was not run.
 Prints a table and writes JSON with the device name and date.
 
     python bench/mpm_forward.py [--quick] [--out bench/results/mpm_forward_<arch>.json]
@@ -17,6 +20,7 @@ import argparse
 import datetime
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,7 +101,24 @@ def stage_profile(solver: MPMSolver, dt: float, reps: int) -> dict:
     return profile
 
 
-def bench_size(res: int, side: int, substeps: int, shuffled_too: bool) -> dict:
+def time_taichi_elements(engine: Path, res: int, side: int, substeps: int, dt: float, arch: str):
+    """(seconds per substep, None) of the taichi_elements peer, or (None, why it did not run)."""
+    script = Path(__file__).resolve().parent / "mpm_peer_taichi_elements.py"
+    cmd = [sys.executable, str(script), "--engine", str(engine), "--res", str(res), "--side", str(side),
+           "--substeps", str(substeps), "--dt", repr(dt), "--arch", arch]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return None, "timed out after 600 s"
+    if proc.returncode != 0:
+        return None, (proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode])[-1]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not result["finite"]:
+        return None, "its particles left the domain (unstable at this dt)"
+    return result["ms_per_substep"] / 1e3, None
+
+
+def bench_size(res: int, side: int, substeps: int, shuffled_too: bool, engine: Path, arch: str) -> dict:
     positions, spacing = cube(res, side)
     n = len(positions)
     rows = {}
@@ -129,7 +150,13 @@ def bench_size(res: int, side: int, substeps: int, shuffled_too: bool) -> dict:
 
     rows["plain reference"] = timed(run_reference, substeps)
     reference.destroy()
-    return {"res": res, "particles": n, "dt": dt, "substeps_timed": substeps,
+    peers_not_run = {}
+    seconds, why = time_taichi_elements(engine, res, side, substeps, dt, arch)
+    if seconds is None:
+        peers_not_run["taichi_elements"] = why
+    else:
+        rows["taichi_elements"] = seconds
+    return {"res": res, "particles": n, "dt": dt, "substeps_timed": substeps, "peers_not_run": peers_not_run,
             "ms_per_substep": {k: 1e3 * v for k, v in rows.items()},
             "particle_steps_per_s": {k: n / v for k, v in rows.items()},
             "stage_ms": profile}
@@ -139,10 +166,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--taichi-elements", type=Path, default=Path(__file__).resolve().parents[1] / ".peers" /
+                        "taichi_elements", help="folder holding taichi_elements' engine/ (the second peer)")
     args = parser.parse_args()
     arch = ensure_init()
     sizes = [(32, 24, 20, True)] if args.quick else [(128, 100, 100, True), (256, 200, 40, False)]
-    results = [bench_size(*size) for size in sizes]
+    results = [bench_size(*size, engine=args.taichi_elements, arch=arch) for size in sizes]
     device = torch.cuda.get_device_name() if arch == "cuda" else (platform.processor() or platform.machine())
     report = {"benchmark": "mpm_forward", "device": device, "arch": arch,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -159,6 +188,8 @@ def main():
             print(f"{r['res']:>5}^3 {r['particles']:>10}  {name:<36} {ms:>10.3f} "
                   f"{r['particle_steps_per_s'][name] / 1e9:>19.3f}")
         print("       stage profile (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in r["stage_ms"].items()))
+        for peer, why in r["peers_not_run"].items():
+            print(f"       {peer} not run: {why}")
     print(f"wrote {out}")
 
 

@@ -59,9 +59,13 @@ def mpm_forward_table() -> str:
     d = load("mpm_forward_cuda.json")
     if d is None:
         return ""
+    peers = "the plain reference substep in `bench/mpm_reference.py`"
+    if any("taichi_elements" in r["ms_per_substep"] for r in d["results"]):
+        peers += " and taichi_elements' solver (`bench/mpm_peer_taichi_elements.py`)"
+    not_run = sorted({f"{p}: {why}" for r in d["results"] for p, why in r.get("peers_not_run", {}).items()})
     rows = [f"**MPM forward** (`bench/mpm_forward.py`), {d['device']}, {d['date'][:10]}, {d['material']}; "
-            f"peer: the plain reference substep in `bench/mpm_reference.py`, same run. Particles in lattice "
-            f"order as sampled, or shuffled.",
+            f"peers: {peers}, same run. Particles in lattice order as sampled, or shuffled."
+            + (f" Not run: {'; '.join(not_run)}." if not_run else ""),
             "", "| grid | particles | variant | ms / substep | G particle-steps/s |", "|---|---|---|---|---|"]
     for r in d["results"]:
         for variant, ms in r["ms_per_substep"].items():
