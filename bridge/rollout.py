@@ -251,12 +251,11 @@ class _Substeps:
 
     def __init__(self, scene: RolloutScene):
         from taichi_mpm.constitutive import svd_separation
-        from taichi_mpm.substep import GridSetup, substep_kernels, substep_launchers
+        from taichi_mpm.substep import GridSetup, substep_launchers
 
         self.scene = scene
         real = ti.f64 if scene.dtype == torch.float64 else ti.f32
-        self.k = substep_launchers(real, plastic_models=False)  # forward kernels, hand-written adjoints
-        self.taichi_grad = substep_kernels(real, plastic_models=False)  # whose .grad is Taichi's
+        self.k = substep_launchers(real, plastic_models=False)
         self.separation = svd_separation(real)
         self.has_plastic = bool(torch.isin(scene.material, torch.tensor(PLASTIC_IDS, device=scene.material.device)).any())
         self.setup = GridSetup(origin=ti.Vector(list(scene.origin), real), dx=scene.dx,
@@ -331,17 +330,16 @@ class _Substeps:
         affine = _leaf(self.affine, self.affine_grad)
         dFc_leaf = dFc if control_grad is None else _leaf(dFc, control_grad)
         c = constants
-        stress = self.taichi_grad
         with _stress_grad_build():
             if self.svd is None:
-                stress.particle_stress.grad(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"],
-                                            c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc_leaf, scale,
-                                            affine, inv_dx, sc.dt)
+                k.particle_stress_reverse(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"],
+                                          c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc_leaf, scale,
+                                          affine, inv_dx, sc.dt)
             else:
                 svd = [_leaf(t, g) for t, g in zip(self.svd, self.svd_grads)]
-                stress.particle_stress_svd.grad(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"],
-                                                c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc_leaf,
-                                                scale, *svd, affine, inv_dx, sc.dt)
+                k.particle_stress_svd_reverse(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"],
+                                              c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc_leaf,
+                                              scale, *svd, affine, inv_dx, sc.dt)
         if self.svd is not None:
             k.trial_svd_grad(0, n, pair["C"], pair["F"], c["material"], dFc, scale, *self.svd, *self.svd_grads,
                              adjoint["C"], adjoint["F"], self.no_control if control_grad is None else control_grad,

@@ -11,8 +11,11 @@ dtype, full shape rank (element dims included) and element shape, contiguity and
 Supported parameters: ``ti.types.ndarray`` with a dtype (scalar, vector or matrix) and ndim; int and
 float scalars; vector/matrix scalars (``ti.types.vector/matrix``; pass a ti.Vector/ti.Matrix or a
 nested sequence); ``ti.template()`` values, which Taichi compiles into the instance, so instances
-are kept per tuple of template values. Only forward kernels: no gradient pointers are passed, so do
-not wrap ``kernel.grad``. It relies on Taichi 1.7's launch internals (Kernel.compiled_kernels,
+are kept per tuple of template values. ``TorchKernel(kernel, reverse=True)`` launches Taichi's
+reverse-mode ``kernel.grad``: each tensor that requires grad passes its ``.grad`` (same shape, dtype
+and device, contiguous) as the adjoint Taichi accumulates into, and instances are also kept per
+pattern of which tensors require grad (Taichi specialises on it). Forward launchers pass no
+gradient pointers. It relies on Taichi 1.7's launch internals (Kernel.compiled_kernels,
 launch contexts; the argument layout of Kernel.launch_kernel: template parameters take no slot,
 an ndarray of vector/matrix elements gets its shape without the element dims, a vector/matrix
 scalar is set element by element at index (slot, row * m + col)).
@@ -38,18 +41,22 @@ _UNSIGNED_IDS = {id(ti.u8), id(ti.u16), id(ti.u32), id(ti.u64)}
 class TorchKernel:
     """Wraps a forward ti.kernel; call it with the kernel's own arguments (torch tensors for ndarrays)."""
 
-    def __init__(self, kernel) -> None:
-        self._kernel = kernel
-        self._primal = kernel._primal
-        self._name = self._primal.func.__name__
+    def __init__(self, kernel, reverse: bool = False) -> None:
+        self._kernel = kernel.grad if reverse else kernel
+        self._primal = kernel._adjoint if reverse else kernel._primal
+        self._reverse = reverse
+        self._name = self._primal.func.__name__ + (".grad" if reverse else "")
         self._template_positions: List[int] = []
+        self._array_positions: List[int] = []
         self._setters: List[Tuple[int, Callable]] = []  # (argument position, setter(ctx, slot, value))
         for position, arg in enumerate(self._primal.arguments):
             anno = arg.annotation
             if isinstance(anno, template):
                 self._template_positions.append(position)
-            else:
-                self._setters.append((position, self._setter(arg.name, anno)))
+                continue
+            if isinstance(anno, ndarray_type.NdarrayType):
+                self._array_positions.append(position)
+            self._setters.append((position, self._setter(arg.name, anno)))
         self._compiled: Dict[tuple, object] = {}  # template values -> compiled kernel instance
         self._device_type = None  # torch device type matching the Taichi arch, read on first call
 
@@ -96,9 +103,17 @@ class TorchKernel:
             if value.device.type != self._device_type:
                 raise ValueError(f"{self._name}: {name} is on {value.device}, the Taichi runtime runs on "
                                  f"{self._device_type}")
+            grad_pointer = 0
+            if self._reverse and value.requires_grad:
+                grad = value.grad
+                if (grad is None or grad.shape != value.shape or grad.dtype != value.dtype
+                        or grad.device != value.device or not grad.is_contiguous()):
+                    raise ValueError(f"{self._name}: {name} requires grad, so its .grad must be a contiguous "
+                                     f"tensor like it (the adjoint Taichi accumulates into)")
+                grad_pointer = grad.data_ptr()
             if ctx is not None:  # Kernel.launch_kernel strips the element dims from the shape
                 ctx.set_arg_external_array_with_shape((slot,), value.data_ptr(), value.nbytes,
-                                                      value.shape[:ndim], 0)
+                                                      value.shape[:ndim], grad_pointer)
         return set_array
 
     def _matrix_setter(self, name: str, shape: tuple) -> Callable:
@@ -119,6 +134,8 @@ class TorchKernel:
         if self._device_type is None:
             self._device_type = "cuda" if impl.current_cfg().arch == _ti_core.Arch.cuda else "cpu"
         key = tuple(args[p] for p in self._template_positions)
+        if self._reverse:  # Taichi compiles one reverse kernel per pattern of arrays needing grad
+            key += tuple(bool(getattr(args[p], "requires_grad", False)) for p in self._array_positions)
         compiled = self._compiled.get(key)
         ctx = None if compiled is None else compiled.make_launch_context()
         for slot, (position, setter) in enumerate(self._setters):  # template parameters take no slot

@@ -361,10 +361,14 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
 def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
     """substep_kernels behind TorchKernel launchers (~2 us of host time per tensor argument instead
     of ~20 us: an MPM substep passes ~40 over five launches, so this is the difference between a
-    host-bound and a GPU-bound substep at 100k particles). For the forward kernels and the
-    hand-written adjoints; Taichi's own ``.grad`` kernels are called on substep_kernels."""
+    host-bound and a GPU-bound substep at 100k particles): every kernel under its own name, and
+    Taichi's reverse-mode stress kernels as ``particle_stress_reverse`` and
+    ``particle_stress_svd_reverse`` (pass tensors whose .grad holds the adjoints)."""
     kernels = substep_kernels(real, plastic_models)
-    return SimpleNamespace(**{name: TorchKernel(kernel) for name, kernel in vars(kernels).items()})
+    launchers = {name: TorchKernel(kernel) for name, kernel in vars(kernels).items()}
+    launchers.update(particle_stress_reverse=TorchKernel(kernels.particle_stress, reverse=True),
+                     particle_stress_svd_reverse=TorchKernel(kernels.particle_stress_svd, reverse=True))
+    return SimpleNamespace(**launchers)
 
 
 @dataclass(frozen=True)

@@ -82,3 +82,43 @@ def test_bad_input_raises_before_launch(wrapped, device, case, compiled):
 def test_wrong_argument_count(wrapped, device):
     with pytest.raises(TypeError, match="takes 9 arguments"):
         wrapped(*random_args(0, 1, device)[:-1])
+
+
+def grad_args(seed: int, repeats: int, dev: torch.device, needs=("x", "A", "w")):
+    """random_args as leaves whose .grad holds the adjoint Taichi accumulates into (x, A, w as
+    named in ``needs``), with a random adjoint on ``out``."""
+    args = random_args(seed, repeats, dev)
+    g = torch.Generator().manual_seed(100 + seed)
+    for i, name in ((0, "x"), (1, "A"), (2, "w")):
+        if name in needs:
+            args[i] = args[i].requires_grad_()
+            args[i].grad = torch.zeros_like(args[i])
+    out = args[-1].requires_grad_()
+    out.grad = torch.randn(out.shape, generator=g).to(dev)
+    return args
+
+
+def test_reverse_launcher_matches_taichi_grad(device):
+    """TorchKernel(kernel, reverse=True) gives the adjoints of kernel.grad bit for bit, on every
+    call (the fast path too) and for each pattern of arrays needing grad, one launcher serving both
+    (Taichi compiles one reverse kernel per pattern). Shown to catch: the gradient pointer left at
+    0 (a crash or zero adjoints), and instances keyed on template values alone (the all-arrays call
+    reusing the A-only instance leaves x's and w's adjoints at zero)."""
+    reverse = TorchKernel(mix, reverse=True)
+    for needs in (("A",), ("x", "A", "w")):
+        for seed in range(3):
+            ours, theirs = grad_args(seed, 2, device, needs), grad_args(seed, 2, device, needs)
+            mix.grad(*theirs)
+            reverse(*ours)
+            for i in range(3):
+                assert (ours[i].grad is None) == (theirs[i].grad is None)
+                if theirs[i].grad is not None:
+                    assert ours[i].grad.abs().sum() > 0 and torch.equal(ours[i].grad, theirs[i].grad), (needs, i)
+
+
+def test_reverse_launcher_needs_a_matching_grad(device):
+    reverse = TorchKernel(mix, reverse=True)
+    args = grad_args(7, 1, device)
+    args[1].grad = None
+    with pytest.raises(ValueError, match=r"A requires grad, so its \.grad must be"):
+        reverse(*args)
