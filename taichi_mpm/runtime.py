@@ -7,6 +7,7 @@ then ``auto`` (CUDA when torch sees a GPU and Taichi can start on it, else CPU).
 """
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Optional
 
@@ -80,7 +81,20 @@ def init(arch: Optional[str] = None, debug: bool = False, **ti_kwargs) -> str:
             raise RuntimeError("Taichi could not start on CUDA although torch sees a GPU")
         chosen = "cpu"
     _arch, _debug = chosen, debug
+    atexit.register(_write_offline_cache)
     return chosen
+
+
+def _write_offline_cache() -> None:
+    """Finalise Taichi at exit, which writes the kernels compiled in this process to its offline
+    cache. Taichi writes them when its program object is destroyed, and at interpreter exit that
+    did not happen once a differentiable rollout had run (something still held the program): the
+    next process compiled every kernel again (19 s to the first gradient on a 2-core CPU instead
+    of ~4 s)."""
+    try:
+        ti.reset()
+    except Exception:  # the interpreter is going down; a failed cache write costs only speed
+        pass
 
 
 def ensure_init() -> str:
