@@ -128,3 +128,26 @@ def test_a_process_that_ran_a_rollout_leaves_its_kernels_in_the_offline_cache(tm
     """, TAICHI_MPM_ARCH="cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert cache.is_dir() and any(p.suffix == ".tic" for p in cache.iterdir())
+
+
+def test_cpu_arch_runs_torch_on_one_thread_unless_told_otherwise():
+    """Taichi's CPU kernels own the cores; torch ops between them ran 5 ms a zero_ on 2 cores with
+    torch's own pool (the rollout's backward 6x slower). Shown to catch: the thread setting dropped."""
+    proc = run_python("""
+        import torch
+        torch.set_num_threads(2)
+        from taichi_mpm.runtime import init
+        init(arch="cpu")
+        print("threads", torch.get_num_threads())
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "threads 1" in proc.stdout
+    proc = run_python("""
+        import torch
+        torch.set_num_threads(2)
+        from taichi_mpm.runtime import init
+        init(arch="cpu", torch_threads=None)
+        print("threads", torch.get_num_threads())
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "threads 2" in proc.stdout
