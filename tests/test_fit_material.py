@@ -30,3 +30,13 @@ def test_missing_mesh_is_one_line_and_exit_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mesh not found" in err[0]
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "0"), ("--lr-velocity", "-0.1"), ("--lr-end", "0"),
+                                         ("--lr-end", "2")])
+def test_bad_step_sizes_are_one_line_and_exit_2(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        fit_material.main([flag, value, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0]
