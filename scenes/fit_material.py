@@ -6,12 +6,12 @@ through the whole differentiable chain (bridge.PhysicsScene: MPM rollout -> surf
 rasterizer) fits the rendered videos to the target videos (MSE over every frame and view). Adam's
 step (--lr on log E and logit nu, --lr-velocity on v0) decays along a cosine to --lr-end of itself.
 
-    python -m scenes.fit_material                  # CPU size: about 3.5 minutes on 2 cores
+    python -m scenes.fit_material                  # CPU size: about 3 minutes on 2 cores
     python -m scenes.fit_material --res 48 --ppc 8 --gaussians 60000 --size 256 192 --iters 150 \\
         --frames 24 --every 2                      # GPU size
 
-Measured on the 2-core CPU machine (no GPU), the default command: 100 steps, 1.8 s a step, 194 s
-and 203 s wall in two runs; recovered E 15042 (true 15000, start 40000: 0.3% error), nu 0.2988
+Measured on the 2-core CPU machine (no GPU), the default command: 100 steps, 1.7-1.8 s a step, 183 s
+wall on an idle machine (194 s and 203 s beside other jobs); recovered E 15042 (true 15000, start 40000: 0.3% error), nu 0.2988
 (true 0.3, start 0.2: 0.4%), v0 (0.600, -0.798, 0.300) (true (0.6, -0.8, 0.3), start 0: 0.2%);
 image MSE 2.6e-2 -> 8.6e-7. Errors (E / nu / v0) below are from result.json the same way.
 The slow part is a valley of nearly constant p-wave modulus E (1 - nu) / ((1 + nu)(1 - 2 nu)): E and

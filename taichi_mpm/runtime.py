@@ -49,11 +49,11 @@ def init(arch: Optional[str] = None, debug: bool = False, torch_threads: Optiona
         arch: "auto" | "cpu" | "cuda"; None reads ``TAICHI_MPM_ARCH`` and falls back to "auto".
         debug: Taichi's debug mode (bounds checks in kernels; slow).
         torch_threads: on the CPU arch, torch's intra-op thread count (``torch.set_num_threads``);
-            None leaves it alone. Default 1: Taichi's CPU kernels keep their worker threads busy on
-            every core, and a large torch op between two kernels (zeroing or copying adjoints, a
-            loss over an image) then waits milliseconds for torch's own pool to get cores (measured
-            2026-11-27 on 2 cores: 5 ms a ``zero_``; the rollout's backward 86 ms a substep at 4k
-            particles, 14 ms with torch on one thread). Ignored on CUDA.
+            None leaves it alone. Default 1: Taichi's CPU kernels use every core, and a large torch
+            op between two kernels (zeroing or copying adjoints, a loss over an image) then waits
+            for torch's own pool to get cores. Measured 2026-11-27 on 2 cores, the rollout's
+            backward at 4k particles: 10.9 -> 8.3 ms a substep on an idle machine, 86 -> 14 ms
+            with another process busy on one core (5 ms a ``zero_`` there). Ignored on CUDA.
         **ti_kwargs: passed on to ``ti.init`` (e.g. ``device_memory_fraction``).
 
     Calling it again with the same arch (and debug flag) does nothing; asking for another arch

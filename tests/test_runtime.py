@@ -131,8 +131,9 @@ def test_a_process_that_ran_a_rollout_leaves_its_kernels_in_the_offline_cache(tm
 
 
 def test_cpu_arch_runs_torch_on_one_thread_unless_told_otherwise():
-    """Taichi's CPU kernels own the cores; torch ops between them ran 5 ms a zero_ on 2 cores with
-    torch's own pool (the rollout's backward 6x slower). Shown to catch: the thread setting dropped."""
+    """Taichi's CPU kernels use every core; torch ops between them waited for cores with torch's own
+    pool (the rollout's backward 1.3x slower on an idle 2-core machine, 6x beside a busy process).
+    Shown to catch: the thread setting dropped."""
     proc = run_python("""
         import torch
         torch.set_num_threads(2)
