@@ -2,7 +2,8 @@
 
 taichi_elements (github.com/taichi-dev/taichi_elements, MIT) is not on PyPI: copy its ``engine/``
 folder from a checkout into ``.peers/taichi_elements/`` (git-ignored; carry it to the GPU machine)
-or pass ``--engine DIR``. Its solver keeps particles in a dynamic SNode, a sparse pointer grid with
+or pass ``--engine DIR``; from a clone or snapshot REPO:
+``mkdir -p .peers/taichi_elements && git -C REPO archive HEAD engine LICENSE | tar -x -C .peers/taichi_elements``. Its solver keeps particles in a dynamic SNode, a sparse pointer grid with
 block-local storage (``use_bls``), and takes the SVD of F for every material. It runs in a separate
 process because it allocates Taichi fields in its own runtime.
 
