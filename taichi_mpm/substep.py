@@ -135,6 +135,16 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def is_plastic(material_id):
         return material_id >= VON_MISES_ID and material_id <= SAND_ID
 
+    @ti.func
+    def store_stress(p, src, dst, F_new, plastic_new, tau, C: ti.template(), F: ti.template(),
+                     plastic: ti.template(), density: ti.template(), volume: ti.template(),
+                     affine: ti.template(), inv_dx, dt):
+        """Write the return-mapped F and plastic state to slot dst, and the particle's APIC/MLS
+        momentum matrix affine = -dt vol 4/dx^2 tau + m C[src] that p2g scatters."""
+        F[dst, p] = F_new
+        plastic[dst, p] = plastic_new
+        affine[p] = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * tau + density[p] * volume[p] * C[src, p]
+
     @ti.kernel
     def particle_stress(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat,
                         plastic: steps_scalar, material: per_particle_int, E: per_particle,
@@ -146,9 +156,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             F_new, plastic_new, tau = update_and_stress(
                 material[p], F_trial, plastic[src, p], E[p], nu[p],
                 ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
-            F[dst, p] = F_new
-            plastic[dst, p] = plastic_new
-            affine[p] = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * tau + density[p] * volume[p] * C[src, p]
+            store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, affine, inv_dx, dt)
 
     # ---- the differentiable stress of plastic materials: SVD outside, return maps inside -------
     @ti.kernel
@@ -187,9 +195,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             F_new, plastic_new, tau = plastic_update(
                 material[p], F_trial, U[p], sig[p], V[p], plastic[src, p], E[p], nu[p],
                 ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
-            F[dst, p] = F_new
-            plastic[dst, p] = plastic_new
-            affine[p] = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * tau + density[p] * volume[p] * C[src, p]
+            store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, affine, inv_dx, dt)
 
     @ti.kernel
     def trial_svd_grad(src: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat, material: per_particle_int,
