@@ -2,6 +2,7 @@
 
     python bench/image2d.py [--out bench/results/image2d.json]     (GPU: the full table)
     python bench/image2d.py --quick                                 (any arch: tiny sizes, no gsplat)
+    python bench/image2d.py --host-overhead    (any arch: host time of a tiny render outside kernel launches)
 
 1. Forward+backward time of one render for 10k and 100k random 2D Gaussians at 512x512 and 1920x1080:
    ours (bridge.splat2d: preprocess from Cholesky factors, binning, blending, both backward kernels)
@@ -27,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.host_overhead import host_overhead as measure_host  # noqa: E402
 from bridge.splat2d import GaussianImage, splat2d  # noqa: E402
 from scenes.fit_image import fit, load_image  # noqa: E402
 from taichi_mpm.runtime import device, ensure_init  # noqa: E402
@@ -121,6 +123,26 @@ def bench_render(n: int, width: int, height: int, iters: int, with_gsplat: bool)
     return row
 
 
+def host_overhead(repeats: int = 5, calls: int = 100) -> dict:
+    """Host time of one alpha-mode render of 200 Gaussians at 32x32 outside Taichi's launch calls,
+    forward and forward+backward, with its torch-op and launch counts (bench/host_overhead.py)."""
+    n, w, h = 200, 32, 32
+    dev = device()
+    leaves = {k: v.to(dev).requires_grad_(True) for k, v in random_gaussians(n, w, h).items()}
+    weights = torch.rand(h, w, 3, generator=torch.Generator().manual_seed(1)).to(dev)
+
+    def forward():
+        return splat2d(leaves["means"], leaves["chol"], leaves["colors"], w, h, leaves["opacities"],
+                       mode="alpha", validate=False)[0]
+
+    def fwd_bwd():
+        (forward() * weights).sum().backward()
+
+    fwd_bwd()
+    return {"arch": dev.type, "scene": f"{n} Gaussians, {w}x{h}, alpha mode",
+            **measure_host({"forward": forward, "fwd_bwd": fwd_bwd}, repeats, calls)}
+
+
 def bench_fit(num: int, max_iters: int, target_psnr: float, size: int, grow: bool) -> dict:
     """Seconds to reach target_psnr (checked every 10 steps); with grow, start from num / 4 Gaussians
     and add the rest where the error is largest in 20 batches over the first half of max_iters."""
@@ -148,8 +170,17 @@ def main() -> None:
     ap.add_argument("--fit-iters", type=int, default=2000, help="fitting steps (the cosine schedule's length)")
     ap.add_argument("--no-gsplat", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--host-overhead", action="store_true",
+                    help="only time the host glue of a tiny render (any arch) and write image2d_host_overhead_<arch>.json")
     args = ap.parse_args()
     arch = ensure_init()
+    if args.host_overhead:
+        result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), **host_overhead()}
+        print(json.dumps(result))
+        out = args.out or Path(__file__).parent / "results" / f"image2d_host_overhead_{arch}.json"
+        out.write_text(json.dumps(result, indent=1))
+        print("wrote", out)
+        return
     with_gsplat = arch == "cuda" and not args.no_gsplat and not args.quick
     sizes = [(200, 64, 48)] if args.quick else [(n, w, h) for w, h in ((512, 512), (1920, 1080))
                                                   for n in (10_000, 100_000)]

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.host_overhead import host_overhead as measure_host  # noqa: E402
 from bridge.rasterization import rasterize  # noqa: E402
 from taichi_mpm.runtime import ensure_init  # noqa: E402
 from render.camera import Camera, stack_cameras  # noqa: E402
@@ -160,14 +161,9 @@ def gsplat_render(leaves, viewmats, Ks):
 
 
 def host_overhead(repeats: int = 5, calls: int = 100) -> dict:
-    """Host time of one render of a tiny scene (200 Gaussians, 32x32) outside Taichi's C++ launch calls.
-
-    On CPU those calls run the kernels, so this is the Python/torch glue around them; on CUDA they
-    only enqueue, so it is everything but the launch calls themselves. Median of `repeats` runs of
-    `calls` renders, in microseconds.
-    """
-    from taichi.lang import impl
-
+    """Host time of one render of a tiny scene (200 Gaussians, 32x32, SH3) outside Taichi's launch
+    calls, forward and forward+backward, with its torch-op and launch counts (bench/host_overhead.py).
+    Median of `repeats` runs of `calls` renders, in microseconds."""
     g = torch.Generator().manual_seed(0)
     n, w, h = 200, 32, 32
     dev = torch.device("cuda" if ensure_init() == "cuda" else "cpu")
@@ -185,37 +181,9 @@ def host_overhead(repeats: int = 5, calls: int = 100) -> dict:
     def fwd_bwd():
         (forward() * weights).sum().backward()
 
-    runtime = impl.get_runtime()
-    program = runtime.prog
-    inside = [0.0]
-
-    class TimedProgram:  # the Taichi program with its kernel launches timed
-        def __getattr__(self, name):
-            return getattr(program, name)
-
-        def launch_kernel(self, *a):
-            t0 = time.perf_counter()
-            program.launch_kernel(*a)
-            inside[0] += time.perf_counter() - t0
-
-    out = {"arch": dev.type, "scene": f"{n} Gaussians, {w}x{h}, SH3"}
     fwd_bwd()
-    runtime.prog = TimedProgram()
-    try:
-        for name, fn in (("forward_us", forward), ("fwd_bwd_us", fwd_bwd)):
-            runs = []
-            for _ in range(repeats):
-                inside[0] = 0.0
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                runs.append((time.perf_counter() - t0 - inside[0]) / calls * 1e6)
-            out[name] = float(np.median(runs))
-    finally:
-        runtime.prog = program
-    return out
+    return {"arch": dev.type, "scene": f"{n} Gaussians, {w}x{h}, SH3",
+            **measure_host({"forward": forward, "fwd_bwd": fwd_bwd}, repeats, calls)}
 
 
 GRID_CAMERAS = (1, 4, 8)
