@@ -106,9 +106,13 @@ def main(argv=None) -> dict:
         for n in sorted(set(gpus)):
             result = time_steps(n, args, scene_args, Path(tmp) / f"n{n}")
             steps = result["step_ms"][warmup:]
+            # each rank's own share (before the all-reduce): grows with n under host contention,
+            # differs between ranks under load imbalance
+            compute = [float(np.median(ms[warmup:])) for ms in result["rank_compute_ms"]]
             rows.append({"gpus": n, "step_ms": float(np.median(steps)), "step_ms_all": result["step_ms"],
-                         "loss_first": result["loss"]["first"]})
-            print(f"{n} process(es): {rows[-1]['step_ms']:.1f} ms/step (median of {len(steps)})", flush=True)
+                         "rank_compute_ms": compute, "loss_first": result["loss"]["first"]})
+            print(f"{n} process(es): {rows[-1]['step_ms']:.1f} ms/step (median of {len(steps)}); ranks' own "
+                  f"share {min(compute):.1f} .. {max(compute):.1f} ms", flush=True)
     losses = [r["loss_first"] for r in rows]  # the same workload: the same first loss up to float32 sums
     if max(losses) - min(losses) > 1e-5 * abs(losses[0]):
         sys.exit(f"the runs disagree on the first loss ({losses}): not the same workload")

@@ -226,8 +226,9 @@ def time_call(fn, iters: int, dev) -> dict:
     return {"gpu_ms": float(np.median(gpu)), "wall_ms": float(np.median(wall)), "host_ms": float(np.median(host))}
 
 
-def grid_rows(args, dev) -> list:
-    """Every row of the grid, ours and (unless --no-gsplat) gsplat's, forward+backward."""
+def grid_rows(args, dev, save) -> list:
+    """Every row of the grid, ours and (unless --no-gsplat) gsplat's, forward+backward; save(rows)
+    after each row, so that a run cut short by a time limit keeps what it measured."""
     renderers = {"ours": rasterize}
     if not args.no_gsplat:
         import gsplat  # fails here, before any timing, when the peer is missing
@@ -250,6 +251,7 @@ def grid_rows(args, dev) -> list:
                 for width, height in sizes:
                     for mode in GRID_MODES:
                         rows.append(grid_row(renderers, leaves, dist, count, width, height, mode, args.iters, dev))
+                        save(rows)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -304,10 +306,13 @@ def main() -> None:
         dev = torch.device(arch)
         report = {"benchmark": "raster_grid", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   "device": torch.cuda.get_device_name(0) if arch == "cuda" else "cpu", "iters": args.iters,
-                  "sh_degree": 3, "quick": args.quick, "rows": grid_rows(args, dev)}
+                  "sh_degree": 3, "quick": args.quick, "rows": []}
         out = Path(args.out or Path(__file__).parent / "results" /
                    ("raster_grid_quick.json" if args.quick else "raster_grid.json"))
-        out.write_text(json.dumps(report, indent=1))
+
+        def save(rows):
+            out.write_text(json.dumps(dict(report, rows=rows), indent=1))
+        grid_rows(args, dev, save)
         print("wrote", out)
         return
     if ensure_init() != "cuda":

@@ -153,6 +153,16 @@ def all_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return total
 
 
+def gather_object(value: T, info: DistInfo) -> List[T]:
+    """Every rank's value (any picklable object), in rank order, on every rank; [value] when not
+    distributed. A collective: every rank must call it."""
+    if not info.active:
+        return [value]
+    out: List[T] = [None] * info.world_size  # type: ignore[list-item]
+    dist.all_gather_object(out, value)
+    return out
+
+
 def print0(info: DistInfo, *args, **kwargs) -> None:
     """print on rank 0 only."""
     if info.is_main:

@@ -1,4 +1,4 @@
-"""Differentiable MPM rollout: checkpointed forward, segment recompute + kernel.grad backward.
+"""Differentiable MPM rollout: checkpointed forward, segment recompute + adjoint-kernel backward.
 
     scene = RolloutScene.from_solver(solver, dt=2e-4)
     traj = simulate(scene, x0, v0, {"E": E, "nu": nu}, n_substeps=400, frames=[100, 400])
@@ -14,8 +14,9 @@ segments of K. The forward keeps only the particle state at each segment start (
 x, v, C, F, plastic = 25 reals a particle), on the device or in pinned host memory. The backward
 walks the segments in reverse: it copies the checkpoint into a (K + 1)-slot buffer, runs the K
 substeps forward again to refill the slots, then for each substep s (last first) runs its adjoint
-on the two slots (s, s + 1): g2p_grad, grid_update_grad, p2g_grad, the stress's .grad and, for
-plastic particles, the hand-written SVD adjoint (``_Substeps.backward``; taichi_mpm.substep). The grid
+on the two slots (s, s + 1): g2p_grad, grid_update_grad, p2g_grad and the stress's adjoint
+(hand-written; with plastic particles Taichi's particle_stress_svd.grad and the hand-written SVD
+adjoint) (``_Substeps.backward``; taichi_mpm.substep). The grid
 of substep s is either kept from the refill pass (``store_grids``: K grids on the device, only
 the per-particle stress is recomputed) or recomputed (clear_grid, particle_stress, p2g,
 grid_update). Particle memory: N * (T / K + K + 2) states instead of N * T; K defaults to
@@ -176,11 +177,11 @@ def _compile_notice(stage: str, dtype: torch.dtype):
 
 @contextmanager
 def _stress_grad_build():
-    """Scope for calls of particle_stress.grad (the first one compiles it) with Taichi's advanced
-    IR optimisation off: on the reverse of the stress (polar decomposition unrolled) its passes
-    cost 76 s of build against 19 s without (CPU, f64, measured 2026-11-22 beside another job;
-    over 15 minutes when stress and scatter were one kernel). Only this kernel's build is affected.
-    """
+    """Scope for calls of particle_stress_svd.grad (the first one compiles it) with Taichi's
+    advanced IR optimisation off: on the reverse of the stress (polar decomposition unrolled) its
+    passes cost 76 s of build against 19 s without (CPU, f64, measured 2026-11-22 beside another
+    job; over 15 minutes when stress and scatter were one kernel). Only this kernel's build is
+    affected."""
     cfg = ti.lang.impl.current_cfg()
     original = cfg.advanced_optimization
     cfg.advanced_optimization = False
@@ -269,7 +270,8 @@ class _Substeps:
         self.affine = zeros(n, 3, 3)  # per-substep scratch of the stress -> p2g
         # the plastic particles' SVD of F_trial (U, sig, V): scratch, recomputed in the backward
         self.svd = (zeros(n, 3, 3), zeros(n, 3), zeros(n, 3, 3)) if self.has_plastic else None
-        # adjoints of the scratch (zeroed for every substep of the backward)
+        # adjoints of the scratch: grid_update_grad writes g_mv, g_m and resets g_v (g2p_grad's atomics)
+        # after reading it, p2g_grad writes affine's; the SVD's are zeroed for every substep
         self.grid_grads = tuple(torch.zeros_like(t) for t in self.grid)
         self.affine_grad = torch.zeros_like(self.affine)
         self.svd_grads = None if self.svd is None else tuple(torch.zeros_like(t) for t in self.svd)
@@ -307,17 +309,19 @@ class _Substeps:
                                   c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc, scale, U, sig, V,
                                   self.affine, inv_dx, sc.dt)
 
-    def backward(self, pair: dict, adjoint: dict, grid, constants: dict, control, control_grad) -> None:
+    def backward(self, pair: dict, adjoint: dict, grid, constants: dict, parameter_grads: dict, control,
+                 control_grad) -> None:
         """Reverse of one substep whose forward (up to grid_update) was just recomputed on
         ``pair`` (slots 0 -> 1) and ``grid``. ``adjoint`` holds the state adjoints [2, N, ...]
-        (slot 1 in, slot 0 accumulated), ``constants`` E/nu/aux are leaves whose .grad the
-        stress adjoint accumulates into; control_grad: [N, 3, 3] adjoint of the control or None.
-        Steps: g2p (hand-written) -> grid_update (hand-written) -> p2g (hand-written) -> stress
-        (Taichi) -> SVD (hand-written)."""
+        (slot 1 in, slot 0 accumulated); the adjoints of E, nu, aux accumulate into
+        ``parameter_grads``; control_grad: [N, 3, 3] adjoint of the control or None.
+        Steps: g2p, grid_update, p2g, then the stress: particle_stress_grad (all hand-written) or,
+        with plastic particles, Taichi's particle_stress_svd.grad and the hand-written SVD adjoint."""
         sc, k, setup = self.scene, self.k, self.setup
         n, inv_dx = sc.n_particles, 1.0 / sc.dx
         dFc, scale = control
-        for g in self.grid_grads + (self.affine_grad,) + (self.svd_grads or ()):
+        c = constants
+        for g in self.svd_grads or ():
             g.zero_()
         k.g2p_grad(0, 1, n, pair["x"], grid[2], adjoint["x"], adjoint["v"], adjoint["C"], self.grid_grads[2],
                    setup.origin, inv_dx, sc.dt)
@@ -326,24 +330,25 @@ class _Substeps:
                            setup.colliders, setup.n_colliders, 0.0)
         k.p2g_grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, self.affine, self.grid_grads[0],
                    self.grid_grads[1], adjoint["x"], adjoint["v"], self.affine_grad, setup.origin, inv_dx)
+        g_dFc = self.no_control if control_grad is None else control_grad
+        if self.svd is None:
+            k.particle_stress_grad(0, 1, n, pair["C"], pair["F"], c["material"], c["E"], c["nu"], c["density"],
+                                   c["volume"], dFc, scale, self.affine_grad, adjoint["C"], adjoint["F"],
+                                   adjoint["plastic"], parameter_grads["E"], parameter_grads["nu"], g_dFc,
+                                   inv_dx, sc.dt)
+            return
+        # Taichi's reverse kernel: fresh leaves whose .grad are the adjoint buffers it accumulates into
         leaves = {key: _leaf(pair[key], adjoint[key]) for key in ("C", "F", "plastic")}
+        E, nu, aux = (_leaf(c[key], parameter_grads[key]) for key in ("E", "nu", "aux"))
         affine = _leaf(self.affine, self.affine_grad)
         dFc_leaf = dFc if control_grad is None else _leaf(dFc, control_grad)
-        c = constants
+        svd = [_leaf(t, g) for t, g in zip(self.svd, self.svd_grads)]
         with _stress_grad_build():
-            if self.svd is None:
-                k.particle_stress_reverse(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"],
-                                          c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc_leaf, scale,
-                                          affine, inv_dx, sc.dt)
-            else:
-                svd = [_leaf(t, g) for t, g in zip(self.svd, self.svd_grads)]
-                k.particle_stress_svd_reverse(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"],
-                                              c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc_leaf,
-                                              scale, *svd, affine, inv_dx, sc.dt)
-        if self.svd is not None:
-            k.trial_svd_grad(0, n, pair["C"], pair["F"], c["material"], dFc, scale, *self.svd, *self.svd_grads,
-                             adjoint["C"], adjoint["F"], self.no_control if control_grad is None else control_grad,
-                             sc.dt)
+            k.particle_stress_svd_reverse(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"],
+                                          E, nu, c["density"], c["volume"], aux, dFc_leaf, scale, *svd, affine,
+                                          inv_dx, sc.dt)
+        k.trial_svd_grad(0, n, pair["C"], pair["F"], c["material"], dFc, scale, *self.svd, *self.svd_grads,
+                         adjoint["C"], adjoint["F"], g_dFc, sc.dt)
 
     def check(self, state: dict, j: int, substep: int):
         """Raise SimulationError if slot j holds NaN/Inf or particles outside the valid domain."""
@@ -425,7 +430,6 @@ class _Rollout(torch.autograd.Function):
         adjoint = _alloc_state(2, n, dtype, dev)  # [0]: state before the substep, [1]: after it
         parameter_grads = {"E": torch.zeros_like(E), "nu": torch.zeros_like(nu), "aux": torch.zeros_like(aux)}
         constants = substeps.constants(E, nu, aux)
-        leaf_constants = dict(constants, **{key: _leaf(constants[key], g) for key, g in parameter_grads.items()})
         controls_grad = None if controls is None else torch.zeros_like(controls)
         stored_grids = [torch.empty((segment_length,) + tuple(t.shape), dtype=dtype, device=dev)
                         for t in substeps.grid] if plan.store_grids else None
@@ -459,9 +463,7 @@ class _Rollout(torch.autograd.Function):
             return substeps.grid
 
         def shift():
-            for key in STATE_KEYS:
-                adjoint[key][1].copy_(adjoint[key][0])
-                adjoint[key][0].zero_()
+            substeps.k.advance_adjoint(n, *(adjoint[key] for key in STATE_KEYS))
 
         starts = list(range(0, n_substeps, segment_length))
         for start in reversed(starts):
@@ -475,7 +477,7 @@ class _Rollout(torch.autograd.Function):
                 control_grad = None if controls_grad is None or control[1] == 0.0 \
                     else controls_grad[s // scene.control_stride]
                 grid = recompute(pair, j, control)
-                substeps.backward(pair, adjoint, grid, leaf_constants, control, control_grad)
+                substeps.backward(pair, adjoint, grid, constants, parameter_grads, control, control_grad)
                 shift()
         add_output_grads(0)
         ctx.checkpoints = None

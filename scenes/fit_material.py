@@ -33,7 +33,8 @@ its share, the gradients are summed in one all-reduce and every rank takes the s
 
 Writes to --out (rank 0): curves.png (image loss and parameter errors per iteration), fit.gif (target | fit,
 camera 0 and 1, every frame, recording 0), result.json (true / start / recovered values and errors,
-the first step's gradients, per-step wall times ``step_ms``).
+the first step's gradients, per-step wall times ``step_ms`` and, per rank, the time of its own
+share before the all-reduce ``rank_compute_ms``).
 """
 from __future__ import annotations
 
@@ -218,7 +219,7 @@ def body(args, info=distributed.DistInfo()):
                                   {"params": params[2:], "lr": args.lr_velocity}])
     schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine from 1 down to --lr-end times each group's step
         optimizer, lambda it: args.lr_end + (1 - args.lr_end) * 0.5 * (1 + math.cos(math.pi * it / args.iters)))
-    losses, history, step_ms, gradient = [], {"E": [], "nu": [], "v0": []}, [], None
+    losses, history, step_ms, compute_ms, gradient = [], {"E": [], "nu": [], "v0": []}, [], [], None
     for it in (bar := tqdm(range(args.iters), desc="fit E, nu, v0 from video", disable=not info.is_main)):
         start = time.perf_counter()
         optimizer.zero_grad()
@@ -228,6 +229,9 @@ def body(args, info=distributed.DistInfo()):
             loss = loss + (images - targets[k][0]).square().mean().double() / K
         if mine:
             loss.backward()
+        if device().type == "cuda":
+            torch.cuda.synchronize()
+        compute_ms.append(1e3 * (time.perf_counter() - start))  # this rank's own share, before waiting
         distributed.sum_gradients(params, info)
         total = distributed.all_sum(loss, info).item()
         if gradient is None:
@@ -247,6 +251,7 @@ def body(args, info=distributed.DistInfo()):
         history["v0"].append((v0[0] if single else v0).tolist())
         bar.set_postfix(loss=f"{losses[-1]:.2e}", E=f"{history['E'][-1]:.4g}", nu=f"{history['nu'][-1]:.3f}",
                         v0=np.round(history["v0"][-1], 3).tolist())
+    rank_compute_ms = distributed.gather_object(compute_ms, info)
     if not info.is_main:
         return None
 
@@ -256,7 +261,8 @@ def body(args, info=distributed.DistInfo()):
               "nu": {"true": args.true_nu, "start": args.start_nu, "fit": history["nu"][-1]},
               "v0": {"true": true_v0, "start": start_v0, "fit": history["v0"][-1]},
               "loss": {"first": losses[0], "last": losses[-1]},
-              "experiments": K, "world_size": info.world_size, "gradient": gradient, "step_ms": step_ms}
+              "experiments": K, "world_size": info.world_size, "gradient": gradient, "step_ms": step_ms,
+              "rank_compute_ms": rank_compute_ms}
     result["E"]["error"] = abs(result["E"]["fit"] / args.true_E - 1)
     result["nu"]["error"] = abs(result["nu"]["fit"] / args.true_nu - 1)
     fit_v0 = np.asarray(history["v0"][-1]).reshape(K, 3)

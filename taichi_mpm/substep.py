@@ -49,13 +49,17 @@ grid_update (grid and affine are not kept), zero the scratch adjoints, then
     g2p_grad        hand-written: adjoints of x, v, C [dst] -> x[src] and the grid velocities
     grid_update_grad  hand-written: grid velocity adjoints -> momentum and mass adjoints
     p2g_grad        hand-written: node adjoints -> x, v [src] and affine
-    particle_stress.grad / particle_stress_svd.grad  Taichi's: -> C, F, plastic [src], E, nu, aux,
-                    controls (and U, sig, V)
+    particle_stress_grad  hand-written (scenes without plastic particles): -> C, F, plastic [src],
+                    E, nu, controls
+    particle_stress_svd.grad  Taichi's (plastic scenes): -> C, F, plastic [src], E, nu, aux,
+                    controls, U, sig, V
     trial_svd_grad  hand-written SVD adjoint (plastic scenes): -> C, F [src], controls
 The transfers' adjoints are written by hand because Taichi's took the longest to compile (on the
 2-core CPU in float64, cold cache: p2g.grad 64 s, g2p.grad 25 s, particle_stress.grad 57 s);
 what the hand-written ones cost is in bench/first_gradient.py's table. The grid update's is
-because Taichi's reverse pass of it gave all-zero adjoints in float32 on CUDA (2026-11-27, H200).
+because Taichi's reverse pass of it gave all-zero adjoints in float32 on CUDA (2026-11-27, H200),
+the elastic stress's because Taichi's ran 19x slower than the forward stress on an H200
+(constitutive.py).
 Their arguments name the adjoint arrays explicitly (``g_*``: [S, N, ...] like the state, [N, ...]
 or grid-shaped) and accumulate into them.
 The forward solver ping-pongs between S = 2 slots (src, dst) = (0, 1), (1, 0), ...; a
@@ -97,7 +101,9 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     grid_vec = ti.types.ndarray(dtype=vec3, ndim=3)
     grid_scalar = ti.types.ndarray(dtype=real, ndim=3)
 
-    update_and_stress, plastic_update, _ = constitutive_funcs(real, plastic_models)
+    models = constitutive_funcs(real, plastic_models)
+    update_and_stress, plastic_update = models.update_and_stress, models.plastic_update
+    elastic_update_grad = constitutive_funcs(real, False).elastic_update_grad
     svd_grad = svd_grad_funcs(real)
     apply_walls, apply_collider = boundary_funcs(real)
 
@@ -157,6 +163,30 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                 material[p], F_trial, plastic[src, p], E[p], nu[p],
                 ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
             store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, affine, inv_dx, dt)
+
+    @ti.kernel
+    def particle_stress_grad(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat,
+                             material: per_particle_int, E: per_particle, nu: per_particle,
+                             density: per_particle, volume: per_particle, dFc: per_particle_mat,
+                             control_scale: real, g_affine: per_particle_mat, g_C: steps_mat, g_F: steps_mat,
+                             g_plastic: steps_scalar, g_E: per_particle, g_nu: per_particle,
+                             g_dFc: per_particle_mat, inv_dx: real, dt: real):
+        """Adjoint of particle_stress without the plastic models (hand-written): the adjoints of
+        affine, F[dst] and plastic[dst] -> C, F, plastic [src], E, nu and dFc (g_dFc: [N, 3, 3], or
+        [1, 3, 3] ignored when control_scale is 0)."""
+        for p in range(n):
+            F_trial, A, F_base = trial_gradient(p, src, C, F, dFc, control_scale, dt)
+            g_aff = g_affine[p]
+            g_tau = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * g_aff
+            g_trial, gE, gnu = elastic_update_grad(material[p], F_trial, E[p], nu[p], g_tau, g_F[dst, p])
+            g_C[src, p] += (density[p] * volume[p]) * g_aff + dt * g_trial @ F_base.transpose()
+            g_base = A.transpose() @ g_trial
+            g_F[src, p] += g_base
+            g_plastic[src, p] += g_plastic[dst, p]
+            g_E[p] += gE
+            g_nu[p] += gnu
+            if control_scale != 0.0:
+                g_dFc[p] += control_scale * g_base
 
     # ---- the differentiable stress of plastic materials: SVD outside, return maps inside -------
     @ti.kernel
@@ -262,15 +292,21 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                          g_m: grid_scalar, dt: real, gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32,
                          wall_friction: real, colliders: table, n_colliders: ti.template(), time: real):
         """Adjoint of grid_update (hand-written): g_grid_v -> g_mv, g_m of the occupied nodes
-        (v = J-chain of mv / m: d/dmv = J / m, d/dm = -J mv / m^2). Empty nodes pass nothing."""
+        (v = J-chain of mv / m: d/dmv = J / m, d/dm = -J mv / m^2); empty nodes pass nothing.
+        Writes every node of g_mv and g_m (no zeroing needed) and resets g_grid_v to zero once read,
+        ready for the next substep's g2p_grad atomics."""
         for I in ti.grouped(grid_m):
+            g_mv_node, g_m_node = ti.Vector.zero(real, 3), ti.cast(0.0, real)
             if grid_m[I] > MIN_NODE_MASS:
                 _, J = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
                                      colliders, n_colliders, time)
                 g_in = J.transpose() @ g_grid_v[I]
                 inv_m = 1.0 / grid_m[I]
-                g_mv[I] += inv_m * g_in
-                g_m[I] -= inv_m * inv_m * g_in.dot(grid_mv[I])
+                g_mv_node = inv_m * g_in
+                g_m_node = -inv_m * inv_m * g_in.dot(grid_mv[I])
+            g_mv[I] = g_mv_node
+            g_m[I] = g_m_node
+            g_grid_v[I] = ti.Vector.zero(real, 3)
 
     @ti.kernel
     def g2p(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
@@ -296,8 +332,9 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def p2g_grad(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
                  volume: per_particle, affine: per_particle_mat, g_mv: grid_vec, g_m: grid_scalar,
                  g_x: steps_vec, g_v: steps_vec, g_affine: per_particle_mat, origin: vec3, inv_dx: real):
-        """Adjoint of p2g: node adjoints (g_mv, g_m) gathered into g_x[src], g_v[src], g_affine
-        (density and volume are constants of the rollout: no adjoint)."""
+        """Adjoint of p2g: node adjoints (g_mv, g_m) gathered into g_x[src], g_v[src] (added) and
+        g_affine (written: p2g is affine's only reader). Density and volume are constants of the
+        rollout: no adjoint."""
         for p in range(n):
             shape = ti.Vector([g_m.shape[0], g_m.shape[1], g_m.shape[2]])
             base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
@@ -326,7 +363,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                 gA += weight * g.outer_product(dpos)
             g_x[src, p] += gx
             g_v[src, p] += gv
-            g_affine[p] += gA
+            g_affine[p] = gA
 
     @ti.kernel
     def g2p_grad(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, grid_v: grid_vec, g_x: steps_vec,
@@ -355,7 +392,21 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                     * weight_grad - (4.0 * inv_dx * inv_dx * weight) * (gC.transpose() @ g_v_node)
             g_x[src, p] += gx
 
-    return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, p2g=p2g,
+    @ti.kernel
+    def advance_adjoint(n: ti.i32, g_x: steps_vec, g_v: steps_vec, g_C: steps_mat, g_F: steps_mat,
+                        g_plastic: steps_scalar):
+        """A backward's step to the previous substep: the state adjoints of slot 0 (accumulated)
+        become slot 1's (the next adjoint's input) and slot 0 is zeroed. One launch for the ten
+        copies and fills."""
+        for p in range(n):
+            g_x[1, p], g_v[1, p], g_C[1, p], g_F[1, p] = g_x[0, p], g_v[0, p], g_C[0, p], g_F[0, p]
+            g_plastic[1, p] = g_plastic[0, p]
+            g_x[0, p], g_v[0, p] = ti.Vector.zero(real, 3), ti.Vector.zero(real, 3)
+            g_C[0, p], g_F[0, p] = ti.Matrix.zero(real, 3, 3), ti.Matrix.zero(real, 3, 3)
+            g_plastic[0, p] = 0.0
+
+    return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, advance_adjoint=advance_adjoint,
+                           particle_stress_grad=particle_stress_grad, p2g=p2g,
                            grid_update=grid_update, grid_update_grad=grid_update_grad, g2p=g2p, trial_svd=trial_svd,
                            particle_stress_svd=particle_stress_svd, trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad)
@@ -368,12 +419,11 @@ def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
     """substep_kernels behind TorchKernel launchers (~2 us of host time per tensor argument instead
     of ~20 us: an MPM substep passes ~40 over five launches, so this is the difference between a
     host-bound and a GPU-bound substep at 100k particles): every kernel under its own name, and
-    Taichi's reverse-mode stress kernels as ``particle_stress_reverse`` and
-    ``particle_stress_svd_reverse`` (pass tensors whose .grad holds the adjoints)."""
+    Taichi's reverse-mode kernel of the plastic stress as ``particle_stress_svd_reverse`` (pass
+    tensors whose .grad holds the adjoints)."""
     kernels = substep_kernels(real, plastic_models)
     launchers = {name: TorchKernel(kernel) for name, kernel in vars(kernels).items()}
-    launchers.update(particle_stress_reverse=TorchKernel(kernels.particle_stress, reverse=True),
-                     particle_stress_svd_reverse=TorchKernel(kernels.particle_stress_svd, reverse=True))
+    launchers.update(particle_stress_svd_reverse=TorchKernel(kernels.particle_stress_svd, reverse=True))
     return SimpleNamespace(**launchers)
 
 

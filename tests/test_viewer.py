@@ -1,6 +1,7 @@
 """The viewer: offscreen GGUI frames (Mesa lavapipe on CPU machines), the rasterizer fallback with no
 Vulkan, every input kind (scene, mesh, saved state, 3DGS PLY), live parameters, and the web view
 loaded by headless Chromium."""
+import ctypes.util
 import glob
 import os
 import shutil
@@ -21,7 +22,9 @@ from conftest import assert_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--res", "20", "--width", "96", "--height", "72", "--frames", "2"]
-HAS_VULKAN_ICD = bool(glob.glob("/usr/share/vulkan/icd.d/*.json") or glob.glob("/etc/vulkan/icd.d/*.json"))
+# GGUI needs a Vulkan driver (an ICD) and the loader (libvulkan): GPU machines may ship the first alone
+HAS_VULKAN = bool(glob.glob("/usr/share/vulkan/icd.d/*.json") or glob.glob("/etc/vulkan/icd.d/*.json")) \
+    and ctypes.util.find_library("vulkan") is not None
 
 
 def assert_picture(image: np.ndarray) -> None:
@@ -39,7 +42,7 @@ def assert_offscreen_output(out: Path, result: dict, frames: int = 2) -> None:
     assert_mp4(out / "viewer.mp4")
 
 
-@pytest.mark.skipif(not HAS_VULKAN_ICD, reason="no Vulkan driver: install mesa-vulkan-drivers (lavapipe)")
+@pytest.mark.skipif(not HAS_VULKAN, reason="no Vulkan driver and loader: install mesa-vulkan-drivers (lavapipe)")
 def test_offscreen_ggui_writes_frames_and_videos(tmp_path, ti_arch, monkeypatch):
     """Shown to catch: the GGUI frame buffer read back transposed (96 x 72 instead of 72 x 96)."""
     monkeypatch.chdir(tmp_path)  # GGUI's imgui.ini must not be left behind
@@ -50,7 +53,7 @@ def test_offscreen_ggui_writes_frames_and_videos(tmp_path, ti_arch, monkeypatch)
     assert not (tmp_path / "imgui.ini").exists()
 
 
-@pytest.mark.skipif(not HAS_VULKAN_ICD, reason="no Vulkan driver: install mesa-vulkan-drivers (lavapipe)")
+@pytest.mark.skipif(not HAS_VULKAN, reason="no Vulkan driver and loader: install mesa-vulkan-drivers (lavapipe)")
 def test_offscreen_ggui_shows_a_3dgs_ply_and_a_saved_state(tmp_path, ti_arch):
     import torch
 
@@ -91,7 +94,7 @@ def test_without_vulkan_offscreen_falls_back_to_the_rasterizer(tmp_path):
     assert not (tmp_path / "imgui.ini").exists()
 
 
-@pytest.mark.skipif(shutil.which("xvfb-run") is None or not HAS_VULKAN_ICD,
+@pytest.mark.skipif(shutil.which("xvfb-run") is None or not HAS_VULKAN,
                     reason="needs xvfb-run (Debian: xvfb) and a Vulkan driver (mesa-vulkan-drivers)")
 def test_window_runs_under_a_virtual_display(tmp_path):
     """The interactive path (events, cursor, panel, sliders, splat toggle) in a real GGUI window."""
