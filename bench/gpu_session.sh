@@ -2,7 +2,8 @@
 # One call on the GPU machine that checks the CUDA path and re-times the benchmarks, each step
 # under its own timeout (see shared/device/README.md for the carried wheels in .whl/):
 #     . .whl/env.sh && bash bench/gpu_session.sh [mpm_forward] [mpm_backward] [raster] [raster_grid] [image2d] [e2e]
-#                                             [multigpu] [profile] [tests] [demo] [-- PYTEST_ARGS...]
+#                                             [multigpu] [profile] [fit_material]
+#                                             [first_gradient] [tests] [demo] [-- PYTEST_ARGS...]
 # With no step it runs mpm_forward, tests and demo. JSON goes to $OUT (or bench/results).
 # mpm_forward's second peer, taichi_elements, runs where .peers/taichi_elements/engine exists: name
 # .peers in the device call's carry (see bench/mpm_peer_taichi_elements.py).
@@ -39,6 +40,9 @@ for step in "${steps[@]}"; do
     raster)       MAX_JOBS=16 timeout 400 python3 bench/raster.py --out "$out/raster.json" ;;
     raster_grid)  MAX_JOBS=16 timeout 540 python3 bench/raster.py --grid --iters 5 --out "$out/raster_grid.json" ;;
     image2d)      MAX_JOBS=16 timeout 300 python3 bench/image2d.py --out "$out/image2d_cuda.json" ;;
+    fit_material) timeout 540 python3 -m scenes.fit_material --res 48 --ppc 8 --gaussians 60000 --size 256 192 \
+                    --iters 100 --frames 16 --every 2 --out "$out/fit_material" ;;  # the GPU-size recovery
+    first_gradient) TAICHI_MPM_ARCH=cuda timeout 300 python3 bench/first_gradient.py --out "$out/first_gradient_cuda.json" ;;
     profile)      timeout 300 python3 bench/profile_gpu.py --out "$out/profile.txt" ;;
     e2e)          timeout 300 python3 bench/e2e_step.py --out "$out/e2e_step_cuda.json" ;;
     multigpu)     timeout 540 python3 bench/multigpu.py --out "$out/multigpu.json" ;;  # on a 2- or 4-GPU kind
