@@ -8,7 +8,7 @@ Backgrounds, render modes and expected depth are plain torch on top, so autograd
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
 from enum import Enum
 from typing import Any, Optional
 
@@ -28,94 +28,97 @@ TILE_THREADS = 256  # one CUDA thread per pixel of a 16x16 tile
 MAX_CHANNELS = 32  # features per splat held in shared memory by the CUDA blending kernels
 
 
-@dataclass(frozen=True)
-class ImagePlane:
-    """Run-time projection settings shared by every camera of one call (kernel arguments, not keys)."""
-    width: int
-    height: int
-    near: float = 0.01
-    far: float = 1e10
+@functools.cache
+def _projection(sh_degree: int, given_cov: bool, antialiased: bool, several_cameras: bool):
+    """(forward kernel, backward kernel, which of means, quats, scales, covars, opacities, sh the
+    kernels use), looked up once per call on plain arguments. With one camera the backward writes
+    every gradient element (no zeroing, no atomics); several cameras accumulate into zeroed arrays."""
+    used = (True, not given_cov, not given_cov, given_cov, True, sh_degree >= 0)
+    return (*projection_kernels(ProjectionConfig(sh_degree, given_cov, antialiased, accumulate=several_cameras)),
+            used)
+
+
+@functools.cache
+def _placeholder(shape: tuple, device: torch.device) -> torch.Tensor:
+    """A tiny array standing in for an input (and its gradient) the compiled kernels never touch
+    (quats/scales when cov3D is given, or the reverse; SH when colours are given): one per process."""
+    return torch.empty(shape, device=device)
 
 
 class _Project(torch.autograd.Function):
-    """Gaussians -> (means2d, conics, depths, rgb, opacities, radii, rects, pair counts), each (C, N, ...)."""
+    """Gaussians -> (means2d, conics, depths, rgb, opacities, radii) (C, N, ...) and, flat over the
+    C*N items, the tile rectangles (C*N, 4) and pair counts (C*N,) that binning reads."""
 
     @staticmethod
-    def forward(ctx, means, quats, scales, covars, opacities, sh, viewmats, Ks, plane: ImagePlane,
-                config: ProjectionConfig):
-        # detached: Taichi would otherwise allocate .grad on every input that requires grad
-        means, quats, scales, covars, opacities, sh, viewmats, Ks = (
-            t.detach() for t in (means, quats, scales, covars, opacities, sh, viewmats, Ks))
+    def forward(ctx, means, quats, scales, covars, opacities, sh, viewmats, Ks, plane: tuple, kernels: tuple):
+        # inputs pass as they are: TorchKernel's forward launch gives Taichi no gradient pointers
         C, N, dev = viewmats.shape[0], means.shape[0], means.device
-        forward_kernel, _ = projection_kernels(config)
+        width, height, near, far = plane
         means2d, conics = torch.empty(C, N, 2, device=dev), torch.empty(C, N, 3, device=dev)
         depths, opac = torch.empty(C, N, device=dev), torch.empty(C, N, device=dev)
-        rgb = torch.empty(C, N if config.sh_degree >= 0 else 1, 3, device=dev)
+        rgb = torch.empty(C, N if kernels[2][5] else 1, 3, device=dev)
         radii = torch.empty(C, N, 2, dtype=torch.int32, device=dev)
-        rects = torch.empty(C, N, 4, dtype=torch.int32, device=dev)
-        pair_counts = torch.empty(C, N, dtype=torch.int32, device=dev)
-        forward_kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, plane.width, plane.height,
-                       plane.near, plane.far, means2d, conics, depths, rgb, opac, radii, rects, pair_counts)
+        rects = torch.empty(C * N, 4, dtype=torch.int32, device=dev)
+        pair_counts = torch.empty(C * N, dtype=torch.int32, device=dev)
+        kernels[0](means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
+                   means2d, conics, depths, rgb, opac, radii, rects, pair_counts)
         ctx.save_for_backward(means, quats, scales, covars, opacities, sh, viewmats, Ks, rects)
-        ctx.plane, ctx.config = plane, config
+        ctx.plane, ctx.kernel, ctx.used = plane, kernels[1], kernels[2]
         ctx.mark_non_differentiable(radii, rects, pair_counts)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for outputs the loss does not use
         return means2d, conics, depths, rgb, opac, radii, rects, pair_counts
 
     @staticmethod
     def backward(ctx, v_means2d, v_conics, v_depths, v_rgb, v_opac, _v_radii, _v_rects, _v_pair_counts):
-        means, quats, scales, covars, opacities, sh, viewmats, Ks, rects = ctx.saved_tensors
-        plane, config = ctx.plane, ctx.config
-        C, N = rects.shape[:2]
-        # one camera: the kernel writes every gradient element (no zeroing, no atomics)
-        config = replace(config, accumulate=C > 1)
-        _, backward_kernel = projection_kernels(config)
-        given_cov = config.given_cov
-        used = (True, not given_cov, not given_cov, given_cov, True, config.sh_degree >= 0)
-        grads = [torch.zeros_like(t) if config.accumulate and u else torch.empty_like(t)
-                 for t, u in zip((means, quats, scales, covars, opacities, sh), used)]
+        inputs = ctx.saved_tensors
+        means, quats, scales, covars, opacities, sh, viewmats, Ks, rects = inputs
+        C, N = viewmats.shape[0], means.shape[0]
+        # gradients accumulate over cameras; one camera writes every element. An unused input is a
+        # placeholder the kernel never touches: it stands in for its own gradient array
+        new = torch.zeros_like if C > 1 else torch.empty_like
+        grads = [new(t) if u else t for t, u in zip(inputs, ctx.used)]
 
         def dense(g, *shape):  # outputs unused by the loss come back as None
-            return torch.zeros(shape, device=rects.device) if g is None else g.contiguous()
+            return torch.zeros(shape, device=means.device) if g is None else g.contiguous()
 
         v_means2d, v_conics = dense(v_means2d, C, N, 2), dense(v_conics, C, N, 3)
         v_depths, v_opac = dense(v_depths, C, N), dense(v_opac, C, N)
-        v_rgb = dense(v_rgb, C, N if config.sh_degree >= 0 else 1, 3)
-        backward_kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, plane.width, plane.height,
-                        rects, v_means2d, v_conics, v_depths, v_rgb, v_opac, *grads)
-        return (*(g if u else None for g, u in zip(grads, used)), None, None, None, None)
+        v_rgb = dense(v_rgb, C, N if ctx.used[5] else 1, 3)
+        ctx.kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, ctx.plane[0], ctx.plane[1], rects,
+                   v_means2d, v_conics, v_depths, v_rgb, v_opac, *grads)
+        return (*(g if u else None for g, u in zip(grads, ctx.used)), None, None, None, None)
 
 
 class _Blend(torch.autograd.Function):
-    """Screen-space splats + sorted tile pairs -> (features (C, H, W, K), alphas (C, H, W))."""
+    """Screen-space splats + sorted tile pairs -> (features (C, H, W, K), alphas (C, H, W, 1))."""
 
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, features, item_ids, tile_ranges, width, height, variant):
-        means2d, conics, opacities, features = (t.detach() for t in (means2d, conics, opacities, features))
-        C, K = means2d.shape[0], features.shape[-1]
-        forward_kernel, _ = blend_kernels(variant, K)
-        dev = means2d.device
+    def forward(ctx, means2d, conics, opacities, features, item_ids, tile_ranges, width, height, kernels):
+        C, K, dev = means2d.shape[0], features.shape[-1], means2d.device
         image = torch.empty(C, height, width, K, device=dev)
+        alpha = torch.empty(C, height, width, 1, device=dev)
         final_T = torch.empty(C, height, width, device=dev)
         last = torch.empty(C, height, width, dtype=torch.int32, device=dev)
         tile_walked = torch.zeros(tile_ranges.shape[:3], dtype=torch.int32, device=dev)
-        forward_kernel(means2d, conics, opacities, features, item_ids, tile_ranges, width, height,
-                       image, final_T, last, tile_walked)
+        kernels[0](means2d, conics, opacities, features, item_ids, tile_ranges, width, height,
+                   image, alpha, final_T, last, tile_walked)
         ctx.save_for_backward(means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last,
                               tile_walked)
-        ctx.config = (width, height, variant)
-        return image, 1.0 - final_T
+        ctx.size, ctx.kernel = (width, height), kernels[1]
+        ctx.set_materialize_grads(False)  # backward zero-fills only a missing gradient the kernel reads
+        return image, alpha
 
     @staticmethod
     def backward(ctx, v_image, v_alpha):
         means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last, tile_walked = ctx.saved_tensors
-        width, height, variant = ctx.config
-        _, backward_kernel = blend_kernels(variant, features.shape[-1])
+        width, height = ctx.size
+        dev = features.device
         C, K = features.shape[0], features.shape[-1]
-        v_image = torch.zeros(C, height, width, K, device=features.device) if v_image is None else v_image.contiguous()
-        v_alpha = torch.zeros_like(final_T) if v_alpha is None else v_alpha.contiguous()
+        v_image = torch.zeros(C, height, width, K, device=dev) if v_image is None else v_image.contiguous()
+        v_alpha = torch.zeros(C, height, width, 1, device=dev) if v_alpha is None else v_alpha.contiguous()
         grads = [torch.zeros_like(t) for t in (means2d, conics, opacities, features)]
-        backward_kernel(means2d, conics, opacities, features, item_ids, tile_ranges, width, height, final_T,
-                        last, tile_walked, v_image, v_alpha, *grads)
+        ctx.kernel(means2d, conics, opacities, features, item_ids, tile_ranges, width, height, final_T,
+                   last, tile_walked, v_image, v_alpha, *grads)
         return (*grads, None, None, None, None, None)
 
 
@@ -289,12 +292,11 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
         Gradients reach means, quats, scales (or covars), opacities, colors and backgrounds;
         viewmats and Ks get none.
     """
-    _check_gsplat_options(dict(
-        radius_clip=radius_clip, eps2d=eps2d, packed=packed, tile_size=tile_size, sparse_grad=sparse_grad,
-        absgrad=absgrad, distributed=distributed, camera_model=camera_model, with_ut=with_ut,
-        with_eval3d=with_eval3d, radial_coeffs=radial_coeffs, tangential_coeffs=tangential_coeffs,
-        thin_prism_coeffs=thin_prism_coeffs, ftheta_coeffs=ftheta_coeffs, rolling_shutter=rolling_shutter,
-        viewmats_rs=viewmats_rs))
+    gsplat_options = (radius_clip, eps2d, packed, tile_size, sparse_grad, absgrad, distributed, camera_model,
+                      with_ut, with_eval3d, radial_coeffs, tangential_coeffs, thin_prism_coeffs, ftheta_coeffs,
+                      rolling_shutter, viewmats_rs)
+    if any(v is not d for v, d in zip(gsplat_options, _GSPLAT_DEFAULTS)):  # defaults pass without a look
+        _check_gsplat_options(dict(zip(_GSPLAT_FIXED, gsplat_options)))
     del segmented  # a gsplat sort option with no effect on the result
     arch = ensure_init()
     dev = taichi_device()
@@ -312,34 +314,41 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
     sh_deg = -1 if sh_degree is None else sh_degree
     if N == 0:
         return _render_nothing(C, width, height, channels, color_channels, backgrounds, grid, dev)
-    unused = lambda *s: torch.empty(s, device=dev)  # noqa: E731  (placeholders the kernels never touch)
     given_cov = covars is not None
+    kernels = _projection(sh_deg, given_cov, rasterize_mode == "antialiased", C > 1)
+    given = (means, quats, scales, covars, opacities, colors)
+    # .contiguous() returns a contiguous tensor itself; unused inputs get a cached placeholder
     means2d, conics, depths, rgb, opac, radii, rects, pair_counts = _Project.apply(
-        means.contiguous(), unused(1, 4) if given_cov else quats.contiguous(),
-        unused(1, 3) if given_cov else scales.contiguous(),
-        covars.contiguous() if given_cov else unused(1, 6), opacities.contiguous(),
-        colors.contiguous() if sh_degree is not None else unused(1, 1, 3),
-        viewmats.contiguous(), Ks.contiguous(), ImagePlane(width, height, float(near_plane), float(far_plane)),
-        ProjectionConfig(sh_degree=sh_deg, given_cov=given_cov, antialiased=rasterize_mode == "antialiased"))
+        *(t.contiguous() if u else _placeholder(s, dev) for t, u, s in zip(given, kernels[2], _PLACEHOLDER_SHAPES)),
+        viewmats.contiguous(), Ks.contiguous(), (width, height, float(near_plane), float(far_plane)), kernels)
     if means2d_offset is not None:
         means2d = means2d + means2d_offset
     if sh_degree is None:
         rgb = colors.unsqueeze(0).expand(C, -1, -1) if colors.dim() == 2 else colors
-    features = {"RGB": [rgb], "D": [depths[..., None]], "ED": [depths[..., None]],
-                "RGB+D": [rgb, depths[..., None]], "RGB+ED": [rgb, depths[..., None]]}[render_mode]
-    features = torch.cat(features, -1) if len(features) > 1 else features[0].contiguous()
-    binning = bin_counted_rects(rects.view(-1, 4), depths.detach().view(-1), pair_counts.view(-1), C, grid,
-                                max_pairs)
+    if render_mode == "RGB":
+        features = rgb.contiguous()
+    elif render_mode in ("D", "ED"):
+        features = depths[..., None]
+    else:
+        features = torch.cat([rgb, depths[..., None]], -1)
+    binning = bin_counted_rects(rects, depths.detach().view(-1), pair_counts, C, grid, max_pairs)
     item_ids = binning.item_ids if binning.num_pairs else torch.zeros(1, dtype=torch.int32, device=dev)
-    image, alpha = _Blend.apply(means2d, conics, opac, features, item_ids, binning.tile_ranges,
-                                width, height, blend_variant)
+    image, alpha = _Blend.apply(means2d, conics, opac, features, item_ids, binning.tile_ranges, width, height,
+                                blend_kernels(blend_variant, channels))
     if backgrounds is not None:
         pad = image.shape[-1] - color_channels
         bg = torch.cat([backgrounds, backgrounds.new_zeros(C, pad)], -1) if pad else backgrounds
-        image = image + (1.0 - alpha)[..., None] * bg[:, None, None, :]
+        image = image + (1.0 - alpha) * bg[:, None, None, :]
     if render_mode in ("ED", "RGB+ED"):
-        image = torch.cat([image[..., :-1], image[..., -1:] / alpha[..., None].clamp_min(1e-10)], -1)
+        image = torch.cat([image[..., :-1], image[..., -1:] / alpha.clamp_min(1e-10)], -1)
     meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, radii=radii, gaussian_ids=None,
                 tile_ranges=binning.tile_ranges, item_ids=binning.item_ids, num_pairs=binning.num_pairs,
                 width=width, height=height, tile_size=grid.tile_size, n_cameras=C)
-    return image, alpha[..., None], meta
+    return image, alpha, meta
+
+
+# the keyword defaults of the gsplat options rasterize supports at one value: the common call passes
+# exactly these objects, so an identity test clears it before the full check
+_GSPLAT_DEFAULTS = tuple(rasterize.__kwdefaults__[name] for name in _GSPLAT_FIXED)
+# shapes of the placeholders for means, quats, scales, covars, opacities, sh when a kernel ignores them
+_PLACEHOLDER_SHAPES = ((1, 3), (1, 4), (1, 3), (1, 6), (1,), (1, 1, 3))

@@ -31,12 +31,12 @@ class _Splat2D(torch.autograd.Function):
     """(means (N, 2), chol (N, 3), opacities (N,), colors (N, K)) -> (colour (H, W, K), alpha (H, W))."""
 
     @staticmethod
-    def forward(ctx, means, chol, opacities, colors, width, height, mode, variant, max_pairs):
-        means, chol, opacities, colors = (t.detach().contiguous() for t in (means, chol, opacities, colors))
+    def forward(ctx, means, chol, opacities, colors, width, height, blend, max_pairs):
+        # inputs pass as they are (TorchKernel's forward launch gives Taichi no gradient pointers);
+        # the blend kernels read one image's (C = 1, N, ...) arrays
         N, K, dev = means.shape[0], colors.shape[1], means.device
         prep_forward, _ = preprocess_kernels()
-        blend_forward, _ = blend_kernels(variant, K, mode)
-        conics = torch.empty(N, 3, device=dev)
+        conics = torch.empty(1, N, 3, device=dev)
         rects = torch.empty(N, 4, dtype=torch.int32, device=dev)
         counts = torch.empty(N, dtype=torch.int32, device=dev)
         prep_forward(means, chol, opacities, width, height, conics, rects, counts)
@@ -44,33 +44,34 @@ class _Splat2D(torch.autograd.Function):
         binning = bin_counted_rects(rects, None, counts, 1, TileGrid(width, height), max_pairs)
         item_ids = binning.item_ids if binning.num_pairs else torch.zeros(1, dtype=torch.int32, device=dev)
         image = torch.empty(1, height, width, K, device=dev)
+        alpha = torch.empty(1, height, width, 1, device=dev)
         final_T = torch.empty(1, height, width, device=dev)
         last = torch.empty(1, height, width, dtype=torch.int32, device=dev)
         tile_walked = torch.zeros(binning.tile_ranges.shape[:3], dtype=torch.int32, device=dev)
-        blend_forward(means[None], conics[None], opacities[None], colors[None], item_ids, binning.tile_ranges,
-                      width, height, image, final_T, last, tile_walked)
-        ctx.save_for_backward(means, chol, opacities, colors, conics, rects, item_ids, binning.tile_ranges,
-                              final_T, last, tile_walked)
-        ctx.config = (width, height, mode, variant)
-        return image[0], 1.0 - final_T[0]
+        one_image = (means[None], conics, opacities[None], colors[None])
+        blend[0](*one_image, item_ids, binning.tile_ranges, width, height, image, alpha, final_T, last, tile_walked)
+        ctx.save_for_backward(*one_image, chol, rects, item_ids, binning.tile_ranges, final_T, last, tile_walked)
+        ctx.size, ctx.kernel = (width, height), blend[1]
+        ctx.set_materialize_grads(False)  # backward zero-fills only a missing gradient the kernel reads
+        return image[0], alpha.view(height, width)
 
     @staticmethod
     def backward(ctx, v_image, v_alpha):
-        means, chol, opacities, colors, conics, rects, item_ids, tile_ranges, final_T, last, tile_walked = \
+        means, conics, opacities, colors, chol, rects, item_ids, tile_ranges, final_T, last, tile_walked = \
             ctx.saved_tensors
-        width, height, mode, variant = ctx.config
-        N, K = colors.shape
+        width, height = ctx.size
+        dev = means.device
         _, prep_backward = preprocess_kernels()
-        _, blend_backward = blend_kernels(variant, K, mode)
-        v_image = torch.zeros(height, width, K, device=means.device) if v_image is None else v_image.contiguous()
-        v_alpha = torch.zeros(height, width, device=means.device) if v_alpha is None else v_alpha.contiguous()
-        v_means, v_conics, v_opac, v_colors = (torch.zeros_like(t)[None] for t in (means, conics, opacities, colors))
-        blend_backward(means[None], conics[None], opacities[None], colors[None], item_ids, tile_ranges, width,
-                       height, final_T, last, tile_walked, v_image[None], v_alpha[None],
-                       v_means, v_conics, v_opac, v_colors)
+        v_image = (torch.zeros(1, height, width, colors.shape[-1], device=dev) if v_image is None
+                   else v_image.contiguous()[None])
+        v_alpha = (torch.zeros(1, height, width, 1, device=dev) if v_alpha is None
+                   else v_alpha.contiguous().view(1, height, width, 1))
+        v_means, v_conics, v_opac, v_colors = (torch.zeros_like(t) for t in (means, conics, opacities, colors))
+        ctx.kernel(means, conics, opacities, colors, item_ids, tile_ranges, width, height, final_T, last, tile_walked,
+                   v_image, v_alpha, v_means, v_conics, v_opac, v_colors)
         v_chol = torch.empty_like(chol)
-        prep_backward(chol, rects, v_conics[0], v_chol)
-        return v_means[0], v_chol, v_opac[0], v_colors[0], None, None, None, None, None
+        prep_backward(chol, rects, v_conics, v_chol)
+        return v_means[0], v_chol, v_opac[0], v_colors[0], None, None, None, None
 
 
 def _validate(means, chol, colors, opacities, background, width, height, mode, validate, dev, manual):
@@ -129,9 +130,9 @@ def splat2d(means: torch.Tensor, chol: torch.Tensor, colors: torch.Tensor, width
     if opacities is None:
         opacities = torch.ones(N, dtype=means.dtype, device=means.device)
     if use_manual_backward:
-        arch = ensure_init()
-        variant = "pixel" if arch == "cpu" else "block"
-        image, alpha = _Splat2D.apply(means, chol, opacities, colors, width, height, mode, variant, max_pairs)
+        variant = "pixel" if ensure_init() == "cpu" else "block"
+        image, alpha = _Splat2D.apply(means.contiguous(), chol.contiguous(), opacities.contiguous(),
+                                      colors.contiguous(), width, height, blend_kernels(variant, K, mode), max_pairs)
     else:
         image, alpha = reference_splat2d(means, chol, colors, opacities, width, height, mode)
     if background is not None:

@@ -3,9 +3,10 @@
 Rules shared with the float64 reference (render/reference.py): for the splats of a pixel in
 front-to-back order, alpha = min(0.99, opacity * exp(power)) with power = -0.5 d^T conic d and
 d = mean2D - pixel centre; splats with power > 0 or alpha < 1/255 are skipped; blending stops before a
-splat that would bring the transmittance T below 1e-4. The forward keeps, per pixel, the final T and
-the number of pairs of the tile's range it walked through up to the last one blended; the backward
-walks back from there, dividing T by (1 - alpha).
+splat that would bring the transmittance T below 1e-4. The forward writes each pixel's alpha 1 - T
+(C, H, W, 1), the layout callers return, and keeps the final T itself and the number of pairs of the
+tile's range it walked through up to the last one blended; the backward walks back from there,
+dividing T by (1 - alpha).
 
 Two kernels per direction: on CUDA one 256-thread block per tile loads batches of splats into shared
 memory and the backward reduces each warp's gradients with shuffles before one global atomic; on CPU
@@ -94,8 +95,17 @@ class BlendConfig:
             raise ValueError(f"channels must be a positive int, got {self.channels!r}")
 
 
+@functools.cache  # a per-call lookup on plain arguments (no BlendConfig built and hashed each call)
 def blend_kernels(variant: str, channels: int, mode: str = "alpha"):
-    """(forward, backward) kernels blending `channels` features per splat; see BlendConfig."""
+    """(forward, backward) kernels blending `channels` features per splat; see BlendConfig.
+
+    forward(means2d (C, N, 2), conics (C, N, 3), opacities (C, N), features (C, N, K), item_ids (P,),
+            tile_ranges (C, ty, tx, 2), width, height, image (C, H, W, K) out, alpha (C, H, W, 1) out,
+            final_T (C, H, W) out, last (C, H, W) int32 out, tile_walked (C, ty, tx) int32 zeroed)
+    backward(means2d, conics, opacities, features, item_ids, tile_ranges, width, height, final_T, last,
+             tile_walked, v_image (C, H, W, K), v_alpha (C, H, W, 1), v_means2d, v_conics, v_opacities,
+             v_features (zeroed; accumulated into))
+    """
     return _blend_kernels(BlendConfig(variant, channels, mode))
 
 
@@ -130,7 +140,8 @@ def _blend_kernels(config: BlendConfig):
         def forward(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
                     features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                     width: ti.i32, height: ti.i32,
-                    image: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
+                    image: nd(ti.f32, ndim=4), alpha_out: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3),
+                    last: nd(ti.i32, ndim=3),
                      tile_walked: nd(ti.i32, ndim=3)):
             N = means2d.shape[1]
             for c, py, px in ti.ndrange(image.shape[0], height, width):
@@ -156,6 +167,7 @@ def _blend_kernels(config: BlendConfig):
                         n_walked = j - start + 1
                 for k in ti.static(range(K)):
                     image[c, py, px, k] = acc[k]
+                alpha_out[c, py, px, 0] = 1.0 - T
                 final_T[c, py, px] = T
                 last[c, py, px] = n_walked
                 ti.atomic_max(tile_walked[c, ty, tx], n_walked)
@@ -165,7 +177,7 @@ def _blend_kernels(config: BlendConfig):
                      features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                      width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
                       tile_walked: nd(ti.i32, ndim=3),
-                     v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=3),
+                     v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4),
                      v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_opacities: nd(ti.f32, ndim=2),
                      v_features: nd(ti.f32, ndim=3)):
             N = means2d.shape[1]
@@ -175,7 +187,7 @@ def _blend_kernels(config: BlendConfig):
                 T_final = final_T[c, py, px]
                 T = T_final
                 v_pix = ti.Vector([v_image[c, py, px, k] for k in ti.static(range(K))], ti.f32)
-                v_out_alpha = v_alpha_out[c, py, px]
+                v_out_alpha = v_alpha_out[c, py, px, 0]
                 behind = ti.Vector.zero(ti.f32, K)  # blended features behind the current splat, per unit T
                 for back in range(last[c, py, px]):
                     j = start + last[c, py, px] - 1 - back
@@ -209,7 +221,8 @@ def _blend_kernels(config: BlendConfig):
     def forward_cuda(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
                      features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                      width: ti.i32, height: ti.i32,
-                     image: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
+                     image: nd(ti.f32, ndim=4), alpha_out: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3),
+                     last: nd(ti.i32, ndim=3),
                      tile_walked: nd(ti.i32, ndim=3)):
         N = means2d.shape[1]
         tiles_y, tiles_x = ranges.shape[1], ranges.shape[2]
@@ -264,6 +277,7 @@ def _blend_kernels(config: BlendConfig):
             if inside:
                 for k in ti.static(range(K)):
                     image[c, py, px, k] = acc[k]
+                alpha_out[c, py, px, 0] = 1.0 - T
                 final_T[c, py, px] = T
                 last[c, py, px] = n_walked
             for offset in ti.static((16, 8, 4, 2, 1)):
@@ -276,7 +290,7 @@ def _blend_kernels(config: BlendConfig):
                       features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                       width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
                       tile_walked: nd(ti.i32, ndim=3),
-                      v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=3),
+                      v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4),
                       v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_opacities: nd(ti.f32, ndim=2),
                       v_features: nd(ti.f32, ndim=3)):
         N = means2d.shape[1]
@@ -300,7 +314,7 @@ def _blend_kernels(config: BlendConfig):
             if inside:
                 n_walked = last[c, py, px]
                 T_final = final_T[c, py, px]
-                v_out_alpha = v_alpha_out[c, py, px]
+                v_out_alpha = v_alpha_out[c, py, px, 0]
                 for k in ti.static(range(K)):
                     v_pix[k] = v_image[c, py, px, k]
             T = T_final

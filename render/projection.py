@@ -130,7 +130,8 @@ def _forward_kernel(config: ProjectionConfig):
                 near: ti.f32, far: ti.f32,
                 means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), depths: nd(ti.f32, ndim=2),
                 rgb: nd(ti.f32, ndim=3), opac_out: nd(ti.f32, ndim=2), radii: nd(ti.i32, ndim=3),
-                rects: nd(ti.i32, ndim=3), pair_counts: nd(ti.i32, ndim=2)):
+                rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
+        # rects (C*N, 4) and pair_counts (C*N,) are laid out flat, as binning reads them
         N = means.shape[0]
         tiles_x = (width + TILE - 1) // TILE
         tiles_y = (height + TILE - 1) // TILE
@@ -200,8 +201,8 @@ def _forward_kernel(config: ProjectionConfig):
                     for ch in ti.static(range(3)):
                         rgb[c, n, ch] = 0.0
             for k in ti.static(range(4)):
-                rects[c, n, k] = rect[k]
-            pair_counts[c, n] = (rect[2] - rect[0]) * (rect[3] - rect[1])
+                rects[idx, k] = rect[k]
+            pair_counts[idx] = (rect[2] - rect[0]) * (rect[3] - rect[1])
 
     return TorchKernel(forward)
 
@@ -231,7 +232,7 @@ def _backward_kernel(config: ProjectionConfig):
     def backward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
                  covars: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1), sh: nd(ti.f32, ndim=3),
                  viewmats: nd(ti.f32, ndim=3), Ks: nd(ti.f32, ndim=3), width: ti.i32, height: ti.i32,
-                 rects: nd(ti.i32, ndim=3),
+                 rects: nd(ti.i32, ndim=2),
                  v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_depths: nd(ti.f32, ndim=2),
                  v_rgb: nd(ti.f32, ndim=3), v_opac_out: nd(ti.f32, ndim=2),
                  v_means: nd(ti.f32, ndim=2), v_quats: nd(ti.f32, ndim=2), v_scales: nd(ti.f32, ndim=2),
@@ -239,7 +240,7 @@ def _backward_kernel(config: ProjectionConfig):
         N = means.shape[0]
         for idx in range(viewmats.shape[0] * N):
             c, n = idx // N, idx % N
-            visible = rects[c, n, 2] > rects[c, n, 0] and rects[c, n, 3] > rects[c, n, 1]
+            visible = rects[idx, 2] > rects[idx, 0] and rects[idx, 3] > rects[idx, 1]
             v_p = ti.math.vec3(0.0)
             v_op = 0.0
             v_cov6 = ti.Vector.zero(ti.f32, 6)

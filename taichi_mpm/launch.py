@@ -48,7 +48,8 @@ class TorchKernel:
         self._name = self._primal.func.__name__ + (".grad" if reverse else "")
         self._template_positions: List[int] = []
         self._array_positions: List[int] = []
-        self._setters: List[Tuple[int, Callable]] = []  # (argument position, setter(ctx, slot, value))
+        # (launch-context slot, argument position, setter(ctx, slot, value)); ctx None only validates
+        self._setters: List[Tuple[tuple, int, Callable]] = []
         for position, arg in enumerate(self._primal.arguments):
             anno = arg.annotation
             if isinstance(anno, template):
@@ -56,9 +57,13 @@ class TorchKernel:
                 continue
             if isinstance(anno, ndarray_type.NdarrayType):
                 self._array_positions.append(position)
-            self._setters.append((position, self._setter(arg.name, anno)))
-        self._compiled: Dict[tuple, object] = {}  # template values -> compiled kernel instance
-        self._device_type = None  # torch device type matching the Taichi arch, read on first call
+            # template parameters take no slot
+            self._setters.append(((len(self._setters),), position, self._setter(arg.name, anno)))
+        self._num_args = len(self._primal.arguments)
+        self._keyed = bool(self._template_positions) or reverse  # else every call has the instance key ()
+        self._compiled: Dict[tuple, object] = {}  # instance key -> compiled kernel instance
+        self._data: Dict[tuple, tuple] = {}  # instance key -> (Taichi program, its compiled kernel data)
+        self._on_cuda = False  # whether the Taichi arch is CUDA, read on the first call
 
     def _setter(self, name: str, anno) -> Callable:
         if isinstance(anno, ndarray_type.NdarrayType):
@@ -85,26 +90,33 @@ class TorchKernel:
             if not isinstance(value, accepted):
                 raise TypeError(f"{self._name}: {name} must be {convert.__name__}, got {type(value).__name__}")
             if ctx is not None:
-                getattr(ctx, method)((slot,), convert(value))
+                getattr(ctx, method)(slot, convert(value))
         return set_scalar
 
     def _array_setter(self, name: str, dtype: torch.dtype, ndim: int, element_shape: tuple) -> Callable:
         rank = ndim + len(element_shape)
         expected = f"a contiguous {dtype} tensor of {ndim} array dims" + (
             f" followed by element dims {element_shape}" if element_shape else "")
+        reverse = self._reverse
 
-        def set_array(ctx, slot, value):
+        def fail(value):  # the slow path: say what is wrong
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{self._name}: {name} must be {expected}, got {type(value).__name__}")
             if (value.dtype != dtype or value.dim() != rank or tuple(value.shape[ndim:]) != element_shape
                     or not value.is_contiguous()):
                 raise ValueError(f"{self._name}: {name} must be {expected}, got shape {tuple(value.shape)} "
                                  f"{value.dtype}{'' if value.is_contiguous() else ' (not contiguous)'}")
-            if value.device.type != self._device_type:
-                raise ValueError(f"{self._name}: {name} is on {value.device}, the Taichi runtime runs on "
-                                 f"{self._device_type}")
+            raise ValueError(f"{self._name}: {name} is on {value.device}, the Taichi runtime runs on "
+                             f"{'cuda' if self._on_cuda else 'cpu'}")
+
+        def set_array(ctx, slot, value):
+            # one expression on the hot path (~0.5 us); is_cuda/is_cpu: device.type builds a string
+            if not (isinstance(value, torch.Tensor) and value.dtype is dtype and value.dim() == rank
+                    and value.is_contiguous() and (value.is_cuda if self._on_cuda else value.is_cpu)
+                    and (not element_shape or value.shape[ndim:] == element_shape)):
+                fail(value)
             grad_pointer = 0
-            if self._reverse and value.requires_grad:
+            if reverse and value.requires_grad:
                 grad = value.grad
                 if (grad is None or grad.shape != value.shape or grad.dtype != value.dtype
                         or grad.device != value.device or not grad.is_contiguous()):
@@ -112,8 +124,9 @@ class TorchKernel:
                                      f"tensor like it (the adjoint Taichi accumulates into)")
                 grad_pointer = grad.data_ptr()
             if ctx is not None:  # Kernel.launch_kernel strips the element dims from the shape
-                ctx.set_arg_external_array_with_shape((slot,), value.data_ptr(), value.nbytes,
-                                                      value.shape[:ndim], grad_pointer)
+                ctx.set_arg_external_array_with_shape(slot, value.data_ptr(), value.nbytes,
+                                                      value.shape[:ndim] if element_shape else value.shape,
+                                                      grad_pointer)
         return set_array
 
     def _matrix_setter(self, name: str, shape: tuple) -> Callable:
@@ -125,24 +138,36 @@ class TorchKernel:
                 raise ValueError(f"{self._name}: {name} must have shape {shape}, got {flat.shape}")
             if ctx is not None:
                 for i, element in enumerate(flat.reshape(size).tolist()):
-                    ctx.set_struct_arg_float((slot, i), element)
+                    ctx.set_struct_arg_float((*slot, i), element)
         return set_matrix
 
     def __call__(self, *args) -> None:
-        if len(args) != len(self._primal.arguments):
-            raise TypeError(f"{self._name} takes {len(self._primal.arguments)} arguments, got {len(args)}")
-        if self._device_type is None:
-            self._device_type = "cuda" if impl.current_cfg().arch == _ti_core.Arch.cuda else "cpu"
-        key = tuple(args[p] for p in self._template_positions)
-        if self._reverse:  # Taichi compiles one reverse kernel per pattern of arrays needing grad
-            key += tuple(bool(getattr(args[p], "requires_grad", False)) for p in self._array_positions)
+        if len(args) != self._num_args:
+            raise TypeError(f"{self._name} takes {self._num_args} arguments, got {len(args)}")
+        key = ()
+        if self._keyed:
+            key = tuple(args[p] for p in self._template_positions)
+            if self._reverse:  # Taichi compiles one reverse kernel per pattern of arrays needing grad
+                key += tuple(bool(getattr(args[p], "requires_grad", False)) for p in self._array_positions)
         compiled = self._compiled.get(key)
-        ctx = None if compiled is None else compiled.make_launch_context()
-        for slot, (position, setter) in enumerate(self._setters):  # template parameters take no slot
-            setter(ctx, slot, args[position])  # validates; fills the context when there is one
         if compiled is None:
-            self._kernel(*args)  # compiles, launches
-            self._compiled[key] = self._primal.compiled_kernels[self._primal.ensure_compiled(*args)]
+            self._first_call(key, args)
             return
+        ctx = compiled.make_launch_context()
+        for slot, position, setter in self._setters:  # validates and fills the context
+            setter(ctx, slot, args[position])
         prog = impl.get_runtime().prog
-        prog.launch_kernel(prog.compile_kernel(prog.config(), prog.get_device_caps(), compiled), ctx)
+        data = self._data.get(key)
+        if data is None or data[0] is not prog:  # Taichi looks this up on every launch; keep it
+            data = self._data[key] = (prog, prog.compile_kernel(prog.config(), prog.get_device_caps(), compiled))
+        prog.launch_kernel(data[1], ctx)
+
+    def _first_call(self, key: tuple, args: tuple) -> None:
+        """Validates, then compiles and launches through Taichi, keeping the compiled instance."""
+        self._on_cuda = impl.current_cfg().arch == _ti_core.Arch.cuda
+        for slot, position, setter in self._setters:
+            setter(None, slot, args[position])
+        if not self._reverse:  # a plain call would give every input that requires grad a zero .grad
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        self._kernel(*args)
+        self._compiled[key] = self._primal.compiled_kernels[self._primal.ensure_compiled(*args)]

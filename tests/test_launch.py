@@ -122,3 +122,12 @@ def test_reverse_launcher_needs_a_matching_grad(device):
     args[1].grad = None
     with pytest.raises(ValueError, match=r"A requires grad, so its \.grad must be"):
         reverse(*args)
+
+
+def test_forward_launcher_leaves_grad_alone(device):
+    """A forward launch passes no gradient pointers, its first (compiling) call included: inputs
+    that require grad get no .grad (a plain Taichi call would give them a zero one)."""
+    args = random_args(3, 1, device)
+    args[0] = args[0].requires_grad_()
+    TorchKernel(mix)(*args)
+    assert args[0].grad is None and args[-1].abs().sum() > 0
