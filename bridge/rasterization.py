@@ -45,6 +45,19 @@ def _placeholder(shape: tuple, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, device=device)
 
 
+def _given(grads, ndims, device):
+    """(arrays, bitmask) for a backward kernel: the output gradients the loss produced, contiguous, with
+    bit k set for the k-th; a missing one (None) is a placeholder the kernel never reads, not zeros."""
+    arrays, given = [], 0
+    for k, (g, ndim) in enumerate(zip(grads, ndims)):
+        if g is None:
+            arrays.append(_placeholder((1,) * ndim, device))
+        else:
+            arrays.append(g.contiguous())
+            given |= 1 << k
+    return arrays, given
+
+
 class _Project(torch.autograd.Function):
     """Gaussians -> (means2d, conics, depths, rgb, opacities, radii) (C, N, ...) and, flat over the
     C*N items, the tile rectangles (C*N, 4) and pair counts (C*N,) that binning reads."""
@@ -77,15 +90,10 @@ class _Project(torch.autograd.Function):
         # placeholder the kernel never touches: it stands in for its own gradient array
         new = torch.zeros_like if C > 1 else torch.empty_like
         grads = [new(t) if u else t for t, u in zip(inputs, ctx.used)]
-
-        def dense(g, *shape):  # outputs unused by the loss come back as None
-            return torch.zeros(shape, device=means.device) if g is None else g.contiguous()
-
-        v_means2d, v_conics = dense(v_means2d, C, N, 2), dense(v_conics, C, N, 3)
-        v_depths, v_opac = dense(v_depths, C, N), dense(v_opac, C, N)
-        v_rgb = dense(v_rgb, C, N if ctx.used[5] else 1, 3)
+        # bits in render.projection.GIVEN_* order
+        v_outs, given = _given((v_means2d, v_conics, v_depths, v_rgb, v_opac), (3, 3, 2, 3, 2), means.device)
         ctx.kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, ctx.plane[0], ctx.plane[1], rects,
-                   v_means2d, v_conics, v_depths, v_rgb, v_opac, *grads)
+                   *v_outs, given, *grads)
         return (*(g if u else None for g, u in zip(grads, ctx.used)), None, None, None, None)
 
 
@@ -105,20 +113,16 @@ class _Blend(torch.autograd.Function):
         ctx.save_for_backward(means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last,
                               tile_walked)
         ctx.size, ctx.kernel = (width, height), kernels[1]
-        ctx.set_materialize_grads(False)  # backward zero-fills only a missing gradient the kernel reads
+        ctx.set_materialize_grads(False)  # the backward kernel skips a missing gradient
         return image, alpha
 
     @staticmethod
     def backward(ctx, v_image, v_alpha):
         means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last, tile_walked = ctx.saved_tensors
-        width, height = ctx.size
-        dev = features.device
-        C, K = features.shape[0], features.shape[-1]
-        v_image = torch.zeros(C, height, width, K, device=dev) if v_image is None else v_image.contiguous()
-        v_alpha = torch.zeros(C, height, width, 1, device=dev) if v_alpha is None else v_alpha.contiguous()
+        (v_image, v_alpha), given = _given((v_image, v_alpha), (4, 4), features.device)  # GIVEN_IMAGE, _ALPHA
         grads = [torch.zeros_like(t) for t in (means2d, conics, opacities, features)]
-        ctx.kernel(means2d, conics, opacities, features, item_ids, tile_ranges, width, height, final_T,
-                   last, tile_walked, v_image, v_alpha, *grads)
+        ctx.kernel(means2d, conics, opacities, features, item_ids, tile_ranges, *ctx.size, final_T,
+                   last, tile_walked, v_image, v_alpha, given, *grads)
         return (*grads, None, None, None, None, None)
 
 

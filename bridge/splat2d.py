@@ -24,7 +24,7 @@ from taichi_mpm.runtime import device as taichi_device
 from taichi_mpm.runtime import ensure_init
 from taichi_mpm.validation import check_finite, check_int, check_tensor
 
-from .rasterization import MAX_CHANNELS
+from .rasterization import MAX_CHANNELS, _given
 
 
 class _Splat2D(torch.autograd.Function):
@@ -52,7 +52,7 @@ class _Splat2D(torch.autograd.Function):
         blend[0](*one_image, item_ids, binning.tile_ranges, width, height, image, alpha, final_T, last, tile_walked)
         ctx.save_for_backward(*one_image, chol, rects, item_ids, binning.tile_ranges, final_T, last, tile_walked)
         ctx.size, ctx.kernel = (width, height), blend[1]
-        ctx.set_materialize_grads(False)  # backward zero-fills only a missing gradient the kernel reads
+        ctx.set_materialize_grads(False)  # the backward kernel skips a missing gradient
         return image[0], alpha.view(height, width)
 
     @staticmethod
@@ -60,15 +60,13 @@ class _Splat2D(torch.autograd.Function):
         means, conics, opacities, colors, chol, rects, item_ids, tile_ranges, final_T, last, tile_walked = \
             ctx.saved_tensors
         width, height = ctx.size
-        dev = means.device
         _, prep_backward = preprocess_kernels()
-        v_image = (torch.zeros(1, height, width, colors.shape[-1], device=dev) if v_image is None
-                   else v_image.contiguous()[None])
-        v_alpha = (torch.zeros(1, height, width, 1, device=dev) if v_alpha is None
-                   else v_alpha.contiguous().view(1, height, width, 1))
+        (v_image, v_alpha), given = _given((None if v_image is None else v_image[None],
+                                            None if v_alpha is None else v_alpha.reshape(1, height, width, 1)),
+                                           (4, 4), means.device)
         v_means, v_conics, v_opac, v_colors = (torch.zeros_like(t) for t in (means, conics, opacities, colors))
         ctx.kernel(means, conics, opacities, colors, item_ids, tile_ranges, width, height, final_T, last, tile_walked,
-                   v_image, v_alpha, v_means, v_conics, v_opac, v_colors)
+                   v_image, v_alpha, given, v_means, v_conics, v_opac, v_colors)
         v_chol = torch.empty_like(chol)
         prep_backward(chol, rects, v_conics, v_chol)
         return v_means[0], v_chol, v_opac[0], v_colors[0], None, None, None, None

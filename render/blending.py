@@ -72,6 +72,9 @@ def _pixel_of(tile_index, lane, tiles_x, num_tiles):
 
 
 BLEND_MODES = ("alpha", "sum")
+# bits of the backward's `given` argument: which of v_image, v_alpha the loss produced; the kernel
+# reads only those, so a missing one is passed as a placeholder instead of zero-filled
+GIVEN_IMAGE, GIVEN_ALPHA = 1, 2
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,8 @@ def blend_kernels(variant: str, channels: int, mode: str = "alpha"):
             tile_ranges (C, ty, tx, 2), width, height, image (C, H, W, K) out, alpha (C, H, W, 1) out,
             final_T (C, H, W) out, last (C, H, W) int32 out, tile_walked (C, ty, tx) int32 zeroed)
     backward(means2d, conics, opacities, features, item_ids, tile_ranges, width, height, final_T, last,
-             tile_walked, v_image (C, H, W, K), v_alpha (C, H, W, 1), v_means2d, v_conics, v_opacities,
-             v_features (zeroed; accumulated into))
+             tile_walked, v_image (C, H, W, K), v_alpha (C, H, W, 1), given (GIVEN_* bits), v_means2d,
+             v_conics, v_opacities, v_features (zeroed; accumulated into))
     """
     return _blend_kernels(BlendConfig(variant, channels, mode))
 
@@ -177,7 +180,7 @@ def _blend_kernels(config: BlendConfig):
                      features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                      width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
                       tile_walked: nd(ti.i32, ndim=3),
-                     v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4),
+                     v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4), given: ti.i32,
                      v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_opacities: nd(ti.f32, ndim=2),
                      v_features: nd(ti.f32, ndim=3)):
             N = means2d.shape[1]
@@ -186,8 +189,12 @@ def _blend_kernels(config: BlendConfig):
                 pixel = ti.math.vec2(px + 0.5, py + 0.5)
                 T_final = final_T[c, py, px]
                 T = T_final
-                v_pix = ti.Vector([v_image[c, py, px, k] for k in ti.static(range(K))], ti.f32)
-                v_out_alpha = v_alpha_out[c, py, px, 0]
+                v_pix = ti.Vector.zero(ti.f32, K)
+                if given & GIVEN_IMAGE:
+                    v_pix = ti.Vector([v_image[c, py, px, k] for k in ti.static(range(K))], ti.f32)
+                v_out_alpha = 0.0
+                if given & GIVEN_ALPHA:
+                    v_out_alpha = v_alpha_out[c, py, px, 0]
                 behind = ti.Vector.zero(ti.f32, K)  # blended features behind the current splat, per unit T
                 for back in range(last[c, py, px]):
                     j = start + last[c, py, px] - 1 - back
@@ -290,7 +297,7 @@ def _blend_kernels(config: BlendConfig):
                       features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                       width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
                       tile_walked: nd(ti.i32, ndim=3),
-                      v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4),
+                      v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4), given: ti.i32,
                       v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_opacities: nd(ti.f32, ndim=2),
                       v_features: nd(ti.f32, ndim=3)):
         N = means2d.shape[1]
@@ -314,9 +321,11 @@ def _blend_kernels(config: BlendConfig):
             if inside:
                 n_walked = last[c, py, px]
                 T_final = final_T[c, py, px]
-                v_out_alpha = v_alpha_out[c, py, px, 0]
-                for k in ti.static(range(K)):
-                    v_pix[k] = v_image[c, py, px, k]
+                if given & GIVEN_ALPHA:
+                    v_out_alpha = v_alpha_out[c, py, px, 0]
+                if given & GIVEN_IMAGE:
+                    for k in ti.static(range(K)):
+                        v_pix[k] = v_image[c, py, px, k]
             T = T_final
             behind = ti.Vector.zero(ti.f32, K)
             end = start + tile_walked[c, ty, tx]  # the furthest any pixel of the tile got

@@ -103,6 +103,11 @@ class ProjectionConfig:
     accumulate: bool = True
 
 
+# bits of the backward's `given` argument: which screen-space gradients the loss produced; the
+# kernel reads only those, so a missing one is passed as a placeholder instead of zero-filled
+GIVEN_MEANS2D, GIVEN_CONICS, GIVEN_DEPTHS, GIVEN_RGB, GIVEN_OPACITIES = 1, 2, 4, 8, 16
+
+
 def projection_kernels(config: ProjectionConfig):
     """(forward, backward) TorchKernels for one configuration (both cached)."""
     return (_forward_kernel(replace(config, accumulate=True)), _backward_kernel(config))
@@ -234,7 +239,7 @@ def _backward_kernel(config: ProjectionConfig):
                  viewmats: nd(ti.f32, ndim=3), Ks: nd(ti.f32, ndim=3), width: ti.i32, height: ti.i32,
                  rects: nd(ti.i32, ndim=2),
                  v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_depths: nd(ti.f32, ndim=2),
-                 v_rgb: nd(ti.f32, ndim=3), v_opac_out: nd(ti.f32, ndim=2),
+                 v_rgb: nd(ti.f32, ndim=3), v_opac_out: nd(ti.f32, ndim=2), given: ti.i32,
                  v_means: nd(ti.f32, ndim=2), v_quats: nd(ti.f32, ndim=2), v_scales: nd(ti.f32, ndim=2),
                  v_covars: nd(ti.f32, ndim=2), v_opacities: nd(ti.f32, ndim=1), v_sh: nd(ti.f32, ndim=3)):
         N = means.shape[0]
@@ -265,10 +270,13 @@ def _backward_kernel(config: ProjectionConfig):
                 conic = ti.Matrix([[d / det, -b / det], [-b / det, a / det]])
 
                 # conic = inverse(cov2 + 0.3 I): dL/dcov2 = -conic G conic, G the symmetric dL/dconic
-                G = ti.Matrix([[v_conics[c, n, 0], 0.5 * v_conics[c, n, 1]],
-                               [0.5 * v_conics[c, n, 1], v_conics[c, n, 2]]])
+                G = ti.Matrix.zero(ti.f32, 2, 2)
+                if given & GIVEN_CONICS:
+                    G = ti.Matrix([[v_conics[c, n, 0], 0.5 * v_conics[c, n, 1]],
+                                   [0.5 * v_conics[c, n, 1], v_conics[c, n, 2]]])
                 v_cov2 = -(conic @ G @ conic)
-                v_op = v_opac_out[c, n]
+                if given & GIVEN_OPACITIES:
+                    v_op = v_opac_out[c, n]
                 if ti.static(antialiased):
                     det_orig = cov2[0, 0] * cov2[1, 1] - b * b
                     comp = ti.sqrt(ti.max(det_orig / det, 0.0))
@@ -295,12 +303,16 @@ def _backward_kernel(config: ProjectionConfig):
                     v_t.y += v_v / z
                     v_t.z -= v_v * t.y / (z * z)
                 # mean2d = f * t.xy / z + c, and depth = z
-                gx, gy = v_means2d[c, n, 0], v_means2d[c, n, 1]
-                v_t += ti.math.vec3(fx * gx / z, fy * gy / z, -(fx * gx * t.x + fy * gy * t.y) / (z * z))
-                v_t.z += v_depths[c, n]
+                if given & GIVEN_MEANS2D:
+                    gx, gy = v_means2d[c, n, 0], v_means2d[c, n, 1]
+                    v_t += ti.math.vec3(fx * gx / z, fy * gy / z, -(fx * gx * t.x + fy * gy * t.y) / (z * z))
+                if given & GIVEN_DEPTHS:
+                    v_t.z += v_depths[c, n]
                 v_p = Rv.transpose() @ v_t
                 if ti.static(sh_degree >= 0):
-                    v_color = ti.math.vec3(v_rgb[c, n, 0], v_rgb[c, n, 1], v_rgb[c, n, 2])
+                    v_color = ti.math.vec3(0.0)
+                    if given & GIVEN_RGB:
+                        v_color = ti.math.vec3(v_rgb[c, n, 0], v_rgb[c, n, 1], v_rgb[c, n, 2])
                     v_p += sh_to_rgb_backward(sh, v_sh, n, p + Rv.transpose() @ tv, v_color, sh_degree, accumulate)
 
                 if ti.static(given_cov):
