@@ -87,9 +87,11 @@ def _emit_keys_kernel(key_dtype):
 
 
 @functools.cache
-def _tile_starts(num_image_tiles: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """0, 1, ..., num_image_tiles: the keys at which each image tile's run of pairs starts."""
-    return torch.arange(num_image_tiles + 1, dtype=dtype, device=device)
+def _tile_bounds(num_image_tiles: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(num_image_tiles, 2) rows (t, t + 1): the keys at which image tile t's run of pairs starts and
+    the next one's starts, so that one searchsorted gives every tile's [start, end)."""
+    starts = torch.arange(num_image_tiles, dtype=dtype, device=device)
+    return torch.stack((starts, starts + 1), -1)
 
 
 def _check_items(rects: torch.Tensor, depths: torch.Tensor, num_images: int, grid: TileGrid, max_pairs: int) -> None:
@@ -167,6 +169,5 @@ def bin_counted_rects(rects: torch.Tensor, depths: Optional[torch.Tensor], count
                                  grid.tiles_x, grid.num_tiles, keys, values)
     keys, pair_order = torch.sort(keys, stable=True)  # stable: pairs of a tile stay in depth order
     item_ids = values[pair_order]
-    bounds = torch.searchsorted(keys, _tile_starts(num_image_tiles, torch_key_dtype, device), out_int32=True)
-    ranges = torch.stack((bounds[:-1], bounds[1:]), -1)
+    ranges = torch.searchsorted(keys, _tile_bounds(num_image_tiles, torch_key_dtype, device), out_int32=True)
     return Binning(item_ids, ranges.view(num_images, grid.tiles_y, grid.tiles_x, 2), num_pairs)
