@@ -197,10 +197,13 @@ def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, *, 
     near_plane = check_number("near_plane", near_plane, low=0.0, low_open=True)
     check_number("far_plane", far_plane, low=near_plane, low_open=True)
 
-    def tensor(name, t, shape):
-        return check_tensor(name, t, shape, dtype=torch.float32, device=dev)
+    N = check_tensor("means", means, (None, 3), dtype=torch.float32, device=dev).shape[0]
 
-    N = tensor("means", means, (None, 3)).shape[0]
+    def tensor(name, t, shape):
+        # the full device comparison (cuda vs cuda:0) costs a few us: only for one not on means' device
+        same = isinstance(t, torch.Tensor) and t.device == means.device
+        return check_tensor(name, t, shape, dtype=torch.float32, device=None if same else dev)
+
     C = tensor("viewmats", viewmats, (None, 4, 4)).shape[0]
     if C == 0:
         raise ValueError("viewmats holds no camera")
