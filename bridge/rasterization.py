@@ -39,6 +39,12 @@ def _projection(sh_degree: int, given_cov: bool, antialiased: bool, several_came
 
 
 @functools.cache
+def _device(arch: str) -> torch.device:
+    """taichi_mpm.runtime.device() for the arch Taichi runs on, built once (a few us a call)."""
+    return taichi_device()
+
+
+@functools.cache
 def _placeholder(shape: tuple, device: torch.device) -> torch.Tensor:
     """A tiny array standing in for an input (and its gradient) the compiled kernels never touch
     (quats/scales when cov3D is given, or the reverse; SH when colours are given): one per process."""
@@ -85,10 +91,9 @@ class _Project(torch.autograd.Function):
     def backward(ctx, v_means2d, v_conics, v_depths, v_rgb, v_opac, _v_radii, _v_rects, _v_pair_counts):
         inputs = ctx.saved_tensors
         means, quats, scales, covars, opacities, sh, viewmats, Ks, rects = inputs
-        C, N = viewmats.shape[0], means.shape[0]
         # gradients accumulate over cameras; one camera writes every element. An unused input is a
         # placeholder the kernel never touches: it stands in for its own gradient array
-        new = torch.zeros_like if C > 1 else torch.empty_like
+        new = torch.zeros_like if viewmats.shape[0] > 1 else torch.empty_like
         grads = [new(t) if u else t for t, u in zip(inputs, ctx.used)]
         # bits in render.projection.GIVEN_* order
         v_outs, given = _given((v_means2d, v_conics, v_depths, v_rgb, v_opac), (3, 3, 2, 3, 2), means.device)
@@ -306,7 +311,7 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
         _check_gsplat_options(dict(zip(_GSPLAT_FIXED, gsplat_options)))
     del segmented  # a gsplat sort option with no effect on the result
     arch = ensure_init()
-    dev = taichi_device()
+    dev = _device(arch)
     # CUDA blends a tile per thread block through shared memory; the per-pixel kernels serve the CPU
     blend_variant = "pixel" if arch == "cpu" else "block"
     N, C, color_channels, channels = _validate(

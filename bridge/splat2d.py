@@ -20,11 +20,10 @@ from render.binning import DEFAULT_MAX_PAIRS, TileGrid, bin_counted_rects
 from render.blending import BLEND_MODES, blend_kernels
 from render.reference2d import reference_splat2d
 from render.splat2d import preprocess_kernels
-from taichi_mpm.runtime import device as taichi_device
 from taichi_mpm.runtime import ensure_init
 from taichi_mpm.validation import check_finite, check_int, check_tensor
 
-from .rasterization import MAX_CHANNELS, _given
+from .rasterization import MAX_CHANNELS, _device, _given
 
 
 class _Splat2D(torch.autograd.Function):
@@ -118,7 +117,7 @@ def splat2d(means: torch.Tensor, chol: torch.Tensor, colors: torch.Tensor, width
         colour (H, W, K) and alpha (H, W) (1 - transmittance in "alpha" mode, the sum of the Gaussians'
         weights in "sum" mode). Gradients reach means, chol, colors, opacities and background.
     """
-    dev = taichi_device() if use_manual_backward else None
+    dev = _device(ensure_init()) if use_manual_backward else None
     width, height, N, K = _validate(means, chol, colors, opacities, background, width, height, mode, validate,
                                     dev, use_manual_backward)
     if N == 0:  # nothing to blend: the background (or zeros) everywhere
