@@ -68,11 +68,14 @@ class Binning:
 def _emit_keys_kernel(key_dtype):
     @ti.kernel
     def emit_keys(rects: ti.types.ndarray(ti.i32, ndim=2), depth_order: ti.types.ndarray(ti.i64, ndim=1),
-                  offsets: ti.types.ndarray(ti.i64, ndim=1), items_per_image: ti.i32, tiles_x: ti.i32,
-                  num_tiles: ti.i32, keys: ti.types.ndarray(key_dtype, ndim=1),
+                  by_depth: ti.i32, offsets: ti.types.ndarray(ti.i64, ndim=1), items_per_image: ti.i32,
+                  tiles_x: ti.i32, num_tiles: ti.i32, keys: ti.types.ndarray(key_dtype, ndim=1),
                   values: ti.types.ndarray(ti.i32, ndim=1)):
-        for rank in range(depth_order.shape[0]):
-            i = ti.cast(depth_order[rank], ti.i32)
+        # by_depth 0: items in index order, depth_order a placeholder (no arange to build)
+        for rank in range(rects.shape[0]):
+            i = rank
+            if by_depth:
+                i = ti.cast(depth_order[rank], ti.i32)
             tx0, ty0, tx1, ty1 = rects[i, 0], rects[i, 1], rects[i, 2], rects[i, 3]
             if tx1 > tx0 and ty1 > ty0:
                 image_tile0 = (i // items_per_image) * num_tiles
@@ -84,6 +87,12 @@ def _emit_keys_kernel(key_dtype):
                         pos += 1
 
     return TorchKernel(emit_keys)
+
+
+@functools.cache
+def _index_order(device: torch.device) -> torch.Tensor:
+    """The depth-order placeholder when items keep their index order (the kernel never reads it)."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
 
 
 @functools.cache
@@ -149,7 +158,7 @@ def bin_counted_rects(rects: torch.Tensor, depths: Optional[torch.Tensor], count
     if rects.shape[0] == 0:
         return no_pairs()
     if depths is None:
-        depth_order = torch.arange(rects.shape[0], device=device)
+        depth_order = _index_order(device)
         offsets = torch.cumsum(counts, 0)
     else:
         depth_order = torch.sort(depths, stable=True).indices
@@ -165,8 +174,8 @@ def bin_counted_rects(rects: torch.Tensor, depths: Optional[torch.Tensor], count
     key_dtype, torch_key_dtype = (ti.i16, torch.int16) if num_image_tiles < 2**15 else (ti.i32, torch.int32)
     keys = torch.empty(num_pairs, dtype=torch_key_dtype, device=device)
     values = torch.empty(num_pairs, dtype=torch.int32, device=device)
-    _emit_keys_kernel(key_dtype)(rects.contiguous(), depth_order, offsets, rects.shape[0] // num_images,
-                                 grid.tiles_x, grid.num_tiles, keys, values)
+    _emit_keys_kernel(key_dtype)(rects.contiguous(), depth_order, int(depths is not None), offsets,
+                                 rects.shape[0] // num_images, grid.tiles_x, grid.num_tiles, keys, values)
     keys, pair_order = torch.sort(keys, stable=True)  # stable: pairs of a tile stay in depth order
     item_ids = values[pair_order]
     ranges = torch.searchsorted(keys, _tile_bounds(num_image_tiles, torch_key_dtype, device), out_int32=True)
