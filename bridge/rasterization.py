@@ -188,6 +188,21 @@ def _check_gsplat_options(options: dict) -> None:
                              f"{' or '.join(repr(a) for a in accepted)} ({meaning})")
 
 
+def _check_values(tensors: dict, conditions: list) -> None:
+    """validate=True's value checks with one device sync: every tensor (None or empty skipped) finite
+    and every condition, (bool tensor, message), true. Only if one fails do the checks run one by one
+    (check_finite names the non-finite tensors), so the error is the one a check at a time gives."""
+    with torch.no_grad():
+        flags = [torch.isfinite(t).all() for t in tensors.values() if t is not None and t.numel()]
+    flags += [ok for ok, _ in conditions]
+    if not flags or all(torch.stack(flags).tolist()):
+        return
+    check_finite(**tensors)
+    for ok, message in conditions:
+        if not bool(ok):
+            raise ValueError(message)
+
+
 def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, *, width, height, near_plane,
               far_plane, sh_degree, backgrounds, render_mode, rasterize_mode, means2d_offset, channel_chunk,
               validate, dev):
@@ -243,12 +258,12 @@ def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, *, 
             raise ValueError(f"backgrounds apply to colour channels; render_mode={render_mode!r} has none")
         tensor("backgrounds", backgrounds, (C, color_channels))
     if validate and N > 0:  # value checks cost one device sync
-        check_finite(means=means, quats=quats, scales=scales, covars=covars, opacities=opacities, colors=colors,
-                     viewmats=viewmats, Ks=Ks, backgrounds=backgrounds)
-        if covars is None and bool((quats.detach().norm(dim=-1) == 0).any()):
-            raise ValueError("quats contains a zero quaternion")
-        if bool(((Ks[:, 0, 0] <= 0) | (Ks[:, 1, 1] <= 0)).any()):
-            raise ValueError("Ks must have positive focal lengths fx, fy")
+        with torch.no_grad():
+            conditions = [(((Ks[:, 0, 0] > 0) & (Ks[:, 1, 1] > 0)).all(), "Ks must have positive focal lengths fx, fy")]
+            if covars is None:
+                conditions.insert(0, ((quats.norm(dim=-1) != 0).all(), "quats contains a zero quaternion"))
+        _check_values(dict(means=means, quats=quats, scales=scales, covars=covars, opacities=opacities,
+                           colors=colors, viewmats=viewmats, Ks=Ks, backgrounds=backgrounds), conditions)
 
     return N, C, color_channels, channels
 

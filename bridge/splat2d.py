@@ -21,9 +21,9 @@ from render.blending import BLEND_MODES, blend_kernels
 from render.reference2d import reference_splat2d
 from render.splat2d import preprocess_kernels
 from taichi_mpm.runtime import ensure_init
-from taichi_mpm.validation import check_finite, check_int, check_tensor
+from taichi_mpm.validation import check_int, check_tensor
 
-from .rasterization import MAX_CHANNELS, _device, _given
+from .rasterization import MAX_CHANNELS, _check_values, _device, _given
 
 
 class _Splat2D(torch.autograd.Function):
@@ -87,9 +87,11 @@ def _validate(means, chol, colors, opacities, background, width, height, mode, v
     if background is not None:
         check_tensor("background", background, (K,), means.dtype, means.device)
     if validate:  # one device sync
-        check_finite(means=means, chol=chol, colors=colors, opacities=opacities, background=background)
-        if N and bool((chol[:, 0] * chol[:, 2] == 0).any()):
-            raise ValueError("chol has a zero diagonal entry (l0 * l2 == 0): a degenerate covariance")
+        with torch.no_grad():
+            conditions = [((chol[:, 0] * chol[:, 2] != 0).all(),
+                           "chol has a zero diagonal entry (l0 * l2 == 0): a degenerate covariance")] if N else []
+        _check_values(dict(means=means, chol=chol, colors=colors, opacities=opacities, background=background),
+                      conditions)
     return width, height, N, K
 
 

@@ -87,6 +87,25 @@ def test_non_finite_inputs_are_rejected(scene, name):
         render(**bad)
 
 
+def test_value_checks_name_the_first_failure(scene):
+    """validate=True checks all values with one device sync, then reports as a check at a time would:
+    non-finite inputs first, then a zero quaternion, then the focal lengths."""
+    viewmats, Ks = camera_tensors(1, device=scene["means"].device)
+    for fx, fy in ((0.0, 50.0), (50.0, -1.0)):
+        bad_Ks = Ks.clone()
+        bad_Ks[0, 0, 0], bad_Ks[0, 1, 1] = fx, fy
+        with pytest.raises(ValueError, match="positive focal lengths"):
+            rasterize(**scene, viewmats=viewmats, Ks=bad_Ks, width=WIDTH, height=HEIGHT)
+    bad_Ks[0, 0, 2] = float("inf")
+    quats = scene["quats"].clone()
+    quats[2] = 0.0
+    with pytest.raises(ValueError, match="non-finite.*Ks"):
+        rasterize(**dict(scene, quats=quats), viewmats=viewmats, Ks=bad_Ks, width=WIDTH, height=HEIGHT)
+    with pytest.raises(ValueError, match="zero quaternion"):
+        rasterize(**dict(scene, quats=quats), viewmats=viewmats, Ks=Ks.clone().fill_(-1.0), width=WIDTH,
+                  height=HEIGHT)
+
+
 def test_wrong_shapes_dtypes_devices(scene):
     with pytest.raises(ValueError, match=r"means must have shape \(\*, 3\)"):
         render(**dict(scene, means=scene["means"][:, :2]))
