@@ -171,7 +171,8 @@ def main() -> None:
     ap.add_argument("--no-gsplat", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--host-overhead", action="store_true",
-                    help="only time the host glue of a tiny render (any arch) and write image2d_host_overhead_<arch>.json")
+                    help="only time the host glue of a tiny render (any arch); writes "
+                         "image2d_host_overhead_<arch>.json")
     args = ap.parse_args()
     arch = ensure_init()
     if args.host_overhead:
