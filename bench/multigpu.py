@@ -78,8 +78,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--gpus", type=int, nargs="+", default=None,
                         help="process counts (default 1, 2, 4, 8 up to the GPUs present; --quick 1 2)")
     parser.add_argument("--experiments", type=int, default=8, help="recordings K of the fit")
-    parser.add_argument("--iters", type=int, default=None, help="steps per run (default 4; --quick 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="first steps left out (default 1)")
+    parser.add_argument("--iters", type=int, default=None, help="steps per run (default 6; --quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="first steps left out (default 2; --quick 1)")
     parser.add_argument("--backend", choices=("nccl", "gloo"), default=None,
                         help="torch.distributed backend (default: nccl on GPUs); gloo alone runs on the CPU")
     parser.add_argument("--arch", choices=("cpu", "cuda"), default=None,
@@ -92,8 +92,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     args.arch = args.arch or ("cpu" if args.backend == "gloo" else "cuda")
     gpus = args.gpus or ([1, 2] if args.quick else [n for n in (1, 2, 4, 8) if n <= _gpu_count()])
-    args.iters = args.iters or (3 if args.quick else 4)
-    warmup = args.warmup if args.warmup is not None else 1
+    # 6 steps, the first 2 left out: one step's time varies by +-15% on a GPU host (host-bound ranks)
+    args.iters = args.iters or (3 if args.quick else 6)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if not 0 <= warmup < args.iters:
         parser.error("--warmup must be >= 0 and below --iters")
     if 1 not in gpus:

@@ -53,3 +53,15 @@ def test_two_gloo_ranks_give_the_single_process_gradient(ti_arch, tmp_path):
         expected, got = p.grad.cpu(), ranked[name].cpu()
         assert torch.allclose(got, expected, rtol=rtol, atol=1e-14 * float(expected.abs().max())), \
             f"{name}: ranks give {got.tolist()}, one process {expected.tolist()}"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_pin_cores_gives_each_rank_its_own_block():
+    """Shown to catch: every rank pinned to block 0 (local_rank ignored)."""
+    code = ("import json, os; from bridge.distributed import pin_cores; before = sorted(os.sched_getaffinity(0)); "
+            "pin_cores(1, 2); print(json.dumps([before, sorted(os.sched_getaffinity(0))]))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    before, after = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    per_rank = len(before) // 2
+    assert after == (before[per_rank:2 * per_rank] if per_rank else before)
