@@ -46,6 +46,11 @@ def raster_grid_table() -> str:
             f"until the call returns (ours).", "",
             "| Gaussians | scene | cameras | image | mode | ours (ms) | gsplat (ms) | ours vs gsplat | ours host (ms) |",
             "|---|---|---|---|---|---|---|---|---|"]
+    ratios = sorted(r["ratio"] for r in d["rows"] if "ratio" in r)
+    if ratios:
+        rows[0] += (f" {sum(x <= 1.0 for x in ratios)} of {len(ratios)} rows at or under 1.0x, median "
+                    f"{ratios[len(ratios) // 2]:.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x."
+                    + (f" Note: {d['note']}." if d.get("note") else ""))
     for r in d["rows"]:
         o, g = r["ours"], r.get("gsplat")
         rows.append(f"| {r['gaussians']:,} | {r['distribution']} | {r['cameras']} | {r['width']}x{r['height']} | "
@@ -147,7 +152,7 @@ def first_gradient_table() -> str:
                       "|---|---|---|---|---|---|---|"]
         where = f"{d['device']} ({d['cpu_count']} cores)" if d["arch"] == "cpu" else d["device"]
         for r in shown:
-            code = {"before": "before (2026-11-22)", "this tree": "now"}.get(r["code"], r["code"])
+            code = {"before": d.get("before", "before"), "this tree": "now"}.get(r["code"], r["code"])
             if r["cache"] == "warm":
                 code += ", next process (kernels cached)"
             parts.append(f"| {where}, {r.get('date', d['date'])[:10]} | {code} | {r['setup_s']:.1f} | {r['forward_s']:.1f} | "
@@ -189,13 +194,21 @@ def multigpu_table() -> str:
     if d is None:
         return ""
     args = " ".join(d["scene_args"])
-    rows = [f"**Multi-GPU material fit** (`bench/multigpu.py`), {len(d['rows'])} runs on {d['device']} x "
+    rows = [f"**Multi-GPU material fit** (`bench/multigpu.py`), {d['device']} x "
             f"{max(r['gpus'] for r in d['rows'])}, {d['backend']}, {d['date'][:10]}: one optimisation step of "
             f"`scenes.fit_material --experiments {d['experiments']} {args}` under torchrun, median over steps "
-            f"{d['warmup'] + 1}-{d['iters']}; speedup over one process in the same run.", "",
-            "| GPUs | step (ms) | speedup |", "|---|---|---|"]
+            f"{d['warmup'] + 1}-{d['iters']}; speedup over one process in the same run; each rank's own share "
+            f"(its simulation and rendering, before the all-reduce), fastest and slowest rank.", "",
+            "| GPUs | step (ms) | speedup | ranks' own share (ms) |", "|---|---|---|---|"]
     for r in d["rows"]:
-        rows.append(f"| {r['gpus']} | {r['step_ms']:.0f} | **{r['speedup']:.2f}x** |")
+        share = r.get("rank_compute_ms", [])
+        rows.append(f"| {r['gpus']} | {r['step_ms']:.0f} | **{r['speedup']:.2f}x** | "
+                    + (f"{min(share):.0f} - {max(share):.0f}" if share else "") + " |")
+    others = d.get("other_runs_same_day", [])
+    if others:
+        rows.append("\nOther runs the same day, same workload: " + "; ".join(
+            f"{o['note']}: " + ", ".join(f"{r['speedup']:.2f}x at {r['gpus']}" for r in o["rows"] if r["gpus"] > 1)
+            for o in others) + f". {d.get('note_variance', '')}")
     return "\n".join(rows)
 
 

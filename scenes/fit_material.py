@@ -7,8 +7,14 @@ rasterizer) fits the rendered videos to the target videos (MSE over every frame 
 step (--lr on log E and logit nu, --lr-velocity on v0) decays along a cosine to --lr-end of itself.
 
     python -m scenes.fit_material                  # CPU size: about 3 minutes on 2 cores
-    python -m scenes.fit_material --res 48 --ppc 8 --gaussians 60000 --size 256 192 --iters 150 \\
-        --frames 24 --every 2                      # GPU size
+    python -m scenes.fit_material --res 48 --ppc 8 --gaussians 60000 --size 256 192 --iters 100 \\
+        --frames 16 --every 2                      # GPU size: 3.5 minutes on an H200
+
+Measured on an H200 (2026-11-27, the GPU-size command, ``bench/gpu_session.sh fit_material``): 9447
+particles, 60000 surface Gaussians, 86 substeps a frame, 8 frames from 4 cameras at 256x192; 100
+steps at 1.59 s a step (211 s with the first step's kernel compiles); recovered E 14994 (0.04%),
+nu 0.3001 (0.03%), v0 (0.5999, -0.8006, 0.3001) (0.06%); image MSE 3.2e-2 -> 3.0e-7
+(bench/results/fit_material_cuda.json).
 
 Measured on the 2-core CPU machine (no GPU), the default command: 100 steps, 1.7-1.8 s a step, 183 s
 wall on an idle machine (194 s and 203 s beside other jobs); recovered E 15042 (true 15000, start 40000: 0.3% error), nu 0.2988
