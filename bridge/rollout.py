@@ -371,6 +371,7 @@ class _Rollout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scene: RolloutScene, n_substeps: int, frames: Tuple[int, ...], plan: CheckpointPlan,
                 x0, v0, C0, F0, E, nu, aux, controls):
+        ctx.set_materialize_grads(False)  # outputs the loss does not use get no zero-filled gradient
         substeps = _Substeps(scene)
         n, dtype, dev = scene.n_particles, scene.dtype, x0.device
         K = plan.every
@@ -480,7 +481,8 @@ class _Rollout(torch.autograd.Function):
                 substeps.backward(pair, adjoint, grid, constants, parameter_grads, control, control_grad)
                 shift()
         add_output_grads(0)
-        ctx.checkpoints = None
+        # free the segment buffers (and the last views into them) before the results are copied out
+        ctx.checkpoints = segment = stored_grids = substeps = pair = grid = None
         grads = [adjoint[key][1].clone() for key in ("x", "v", "C", "F")] + \
             [parameter_grads["E"], parameter_grads["nu"], parameter_grads["aux"], controls_grad]
         return (None, None, None, None) + tuple(g if need else None
