@@ -11,6 +11,7 @@ set -uo pipefail
 set -m  # each lane in its own process group, so that the deadline stops its steps' children too
 out=${OUT:-bench/results}
 mkdir -p "$out"
+lanes=("$@")
 pids=()
 i=0
 for lane in "$@"; do
@@ -28,8 +29,8 @@ done
 kill -- -"$watchdog" 2>/dev/null
 : >"$out/lanes.log"
 for j in "${!pids[@]}"; do
-  { echo "##### lane $j (GPU $j): $(sed -n "$((j + 1))p" <(printf '%s\n' "$@"))"; cat "/tmp/lane_$j.log"; } >>"$out/lanes.log"
-  echo "##### lane $j: $(sed -n "$((j + 1))p" <(printf '%s\n' "$@"))"
+  { echo "##### lane $j (GPU $j): ${lanes[$j]}"; cat "/tmp/lane_$j.log"; } >>"$out/lanes.log"
+  echo "##### lane $j: ${lanes[$j]}"
   grep -E "^=== .*exit|passed|failed|FAILED" "/tmp/lane_$j.log" | tail -8
 done
 exit $status

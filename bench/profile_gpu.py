@@ -21,6 +21,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -111,7 +112,9 @@ def report(name: str, fn, calls: int, rows: int) -> str:
             sync()
             walls.append((time.perf_counter() - t0) * 1e3)
     events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events) / calls if torch.cuda.is_available() else float("nan")
+    # kernel rows only: an op's row also counts the kernels launched under it
+    gpu_us = (sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / calls
+              if torch.cuda.is_available() else float("nan"))
     out = io.StringIO()
     with redirect_stdout(out):
         print(f"\n##### {name}: wall {statistics.median(walls):.3f} ms a call (median of {calls}, "

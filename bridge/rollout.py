@@ -498,7 +498,7 @@ def _leaf(t: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def _store(S: dict, storage: str, pin: bool) -> dict:
     """A checkpoint of slot 0: one tensor a state key, copied straight to where it is kept (no
-    device-side staging copy: at 1M particles that transient was 100 MB of the backward's peak)."""
+    device-side staging copy of the whole state)."""
     if storage == "device":
         return {key: S[key][0].clone() for key in STATE_KEYS}
     checkpoint = {}

@@ -39,7 +39,8 @@ _UNSIGNED_IDS = {id(ti.u8), id(ti.u16), id(ti.u32), id(ti.u64)}
 
 
 class TorchKernel:
-    """Wraps a forward ti.kernel; call it with the kernel's own arguments (torch tensors for ndarrays)."""
+    """Wraps a ti.kernel (its reverse-mode .grad with reverse=True); call it with the kernel's own
+    arguments (torch tensors for ndarrays)."""
 
     def __init__(self, kernel, reverse: bool = False) -> None:
         self._kernel = kernel.grad if reverse else kernel

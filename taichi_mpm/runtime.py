@@ -124,4 +124,3 @@ def device():
     import torch
 
     return torch.device("cuda" if ensure_init() == "cuda" else "cpu")
-

@@ -45,7 +45,7 @@ One substep from local step ``src`` to ``dst``:
         reads x[src] and grid_v; writes v[dst], C[dst], x[dst] = x[src] + dt v[dst].
 No kernel writes what it (or a later kernel of the same substep) reads, so the adjoints called in
 reverse order are exact (DiffTaichi's rule). Backward of substep s: re-run its forward up to
-grid_update (grid and affine are not kept), zero the scratch adjoints, then
+grid_update (grid and affine are not kept), then
     g2p_grad        hand-written: adjoints of x, v, C [dst] -> x[src] and the grid velocities
     grid_update_grad  hand-written: grid velocity adjoints -> momentum and mass adjoints
     p2g_grad        hand-written: node adjoints -> x, v [src] and affine
@@ -61,7 +61,9 @@ because Taichi's reverse pass of it gave all-zero adjoints in float32 on CUDA (2
 the elastic stress's because Taichi's ran 19x slower than the forward stress on an H200
 (constitutive.py).
 Their arguments name the adjoint arrays explicitly (``g_*``: [S, N, ...] like the state, [N, ...]
-or grid-shaped) and accumulate into them.
+or grid-shaped) and accumulate into them, except where one kernel is an array's only writer:
+grid_update_grad writes g_mv and g_m (and resets g_grid_v, g2p_grad's atomic target, once read),
+p2g_grad writes g_affine. advance_adjoint moves the state adjoints one substep back.
 The forward solver ping-pongs between S = 2 slots (src, dst) = (0, 1), (1, 0), ...; a
 differentiable rollout uses S = K + 1 and (s, s + 1).
 
@@ -103,7 +105,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
 
     models = constitutive_funcs(real, plastic_models)
     update_and_stress, plastic_update = models.update_and_stress, models.plastic_update
-    elastic_update_grad = constitutive_funcs(real, False).elastic_update_grad
+    elastic_update_grad = models.elastic_update_grad
     svd_grad = svd_grad_funcs(real)
     apply_walls, apply_collider = boundary_funcs(real)
 
