@@ -266,6 +266,7 @@ class _Substeps:
         n, dev, dtype, shape = scene.n_particles, scene.density.device, scene.dtype, tuple(scene.grid_shape)
         zeros = lambda *s: torch.zeros(s, dtype=dtype, device=dev)  # noqa: E731
         self.grid = (zeros(*shape, 3), zeros(*shape), zeros(*shape, 3))  # (momentum, mass, velocity)
+        self.grid_clear = True  # mv and m of the scratch grid are zero (see forward)
         self.no_control = zeros(1, 3, 3)
         self.affine = zeros(n, 3, 3)  # per-substep scratch of the stress -> p2g
         # the plastic particles' SVD of F_trial (U, sig, V): scratch, recomputed in the backward
@@ -287,9 +288,16 @@ class _Substeps:
         ``taichi_mpm.constitutive.SVD_SEPARATION``); never for states that are kept."""
         from taichi_mpm.substep import run_substep
 
+        # a plain forward step on the scratch grid takes the three-launch form, which leaves the grid
+        # clear; a step whose grid the adjoint reads (or a stored grid slot) keeps it
+        forward_only = grid is None and move_particles and not for_adjoint
+        if forward_only and not self.grid_clear:
+            self.k.clear_grid(self.grid[0], self.grid[1])
         run_substep(self.k, j, j + 1, self.scene.n_particles, state, constants, grid or self.grid, self.affine,
                     control, self.setup, self.scene.dt, svd=self.svd, move_particles=move_particles,
-                    svd_separation=self.separation if for_adjoint else 0.0)
+                    svd_separation=self.separation if for_adjoint else 0.0, keep_grid=not forward_only)
+        if grid is None:
+            self.grid_clear = forward_only
 
     def recompute_stress(self, state: dict, constants: dict, control):
         """The per-particle stage of substep 0 -> 1 of ``state`` again (affine, SVD scratch), for

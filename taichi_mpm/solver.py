@@ -178,7 +178,6 @@ class MPMSolver:
         self.colliders: list = []
         self.collider_table = torch.zeros((MAX_COLLIDERS, COLLIDER_WIDTH), **zeros)
         self._no_control = torch.zeros((1, 3, 3), **zeros)
-        self._affine = torch.zeros((0, 3, 3), **zeros)
         self.state: Dict[str, torch.Tensor] = {}
         self.n_particles = 0
         self._allocate(0)
@@ -393,13 +392,12 @@ class MPMSolver:
     def _substep(self, dt: float) -> None:
         k, s = self.kernels, self.state
         src, dst = self.src, 1 - self.src
-        if len(self._affine) != self.n_particles:  # per-substep scratch of particle_stress -> p2g
-            self._affine = torch.empty((self.n_particles, 3, 3), dtype=self.torch_dtype, device=self.device)
         setup = GridSetup(self._origin_vec, self.dx, self._gravity_vec, self.wall_mode, self.wall_friction,
                           self.collider_table, len(self.colliders))
         # s holds the state and the per-particle constants under the names run_substep reads
-        run_substep(k, src, dst, self.n_particles, s, s, (self.grid_mv, self.grid_m, self.grid_v), self._affine,
-                    (self._no_control, 0.0), setup, dt, self.time)
+        # the forward-only form: the grid stays clear between substeps (zeros at allocation)
+        run_substep(k, src, dst, self.n_particles, s, s, (self.grid_mv, self.grid_m, self.grid_v), None,
+                    (self._no_control, 0.0), setup, dt, self.time, keep_grid=False)
         self.src = dst
         self.time += dt
         self.substep_count += 1

@@ -145,13 +145,25 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
 
     @ti.func
     def store_stress(p, src, dst, F_new, plastic_new, tau, C: ti.template(), F: ti.template(),
-                     plastic: ti.template(), density: ti.template(), volume: ti.template(),
-                     affine: ti.template(), inv_dx, dt):
-        """Write the return-mapped F and plastic state to slot dst, and the particle's APIC/MLS
+                     plastic: ti.template(), density: ti.template(), volume: ti.template(), inv_dx, dt):
+        """Write the return-mapped F and plastic state to slot dst; return the particle's APIC/MLS
         momentum matrix affine = -dt vol 4/dx^2 tau + m C[src] that p2g scatters."""
         F[dst, p] = F_new
         plastic[dst, p] = plastic_new
-        affine[p] = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * tau + density[p] * volume[p] * C[src, p]
+        return (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * tau + density[p] * volume[p] * C[src, p]
+
+    @ti.func
+    def scatter(xp, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx):
+        """P2G of one particle: mass and momentum + affine (x_i - x_p) to its 27 nodes (atomics)."""
+        shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
+        base, fx, w = stencil(xp, origin, inv_dx, shape)
+        for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
+            offset = ti.Vector([i, j, k])
+            dpos = (ti.cast(offset, real) - fx) / inv_dx
+            weight = w[i][0] * w[j][1] * w[k][2]
+            node = base + offset
+            grid_mv[node] += weight * (momentum + affine_p @ dpos)
+            grid_m[node] += weight * mass
 
     @ti.kernel
     def particle_stress(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat,
@@ -164,7 +176,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             F_new, plastic_new, tau = update_and_stress(
                 material[p], F_trial, plastic[src, p], E[p], nu[p],
                 ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
-            store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, affine, inv_dx, dt)
+            affine[p] = store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
 
     @ti.kernel
     def particle_stress_grad(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat,
@@ -227,7 +239,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             F_new, plastic_new, tau = plastic_update(
                 material[p], F_trial, U[p], sig[p], V[p], plastic[src, p], E[p], nu[p],
                 ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
-            store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, affine, inv_dx, dt)
+            affine[p] = store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
 
     @ti.kernel
     def trial_svd_grad(src: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat, material: per_particle_int,
@@ -252,18 +264,25 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             volume: per_particle, affine: per_particle_mat, grid_mv: grid_vec, grid_m: grid_scalar,
             origin: vec3, inv_dx: real):
         for p in range(n):
-            # everything lives inside the loop: Taichi's autodiff rejects statements outside it
-            shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
-            base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
             mass = density[p] * volume[p]
-            momentum = mass * v[src, p]
-            for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
-                offset = ti.Vector([i, j, k])
-                dpos = (ti.cast(offset, real) - fx) / inv_dx
-                weight = w[i][0] * w[j][1] * w[k][2]
-                node = base + offset
-                grid_mv[node] += weight * (momentum + affine[p] @ dpos)
-                grid_m[node] += weight * mass
+            scatter(x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
+
+    @ti.kernel
+    def stress_p2g(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat,
+                   plastic: steps_scalar, material: per_particle_int, E: per_particle, nu: per_particle,
+                   density: per_particle, volume: per_particle, aux: table, dFc: per_particle_mat,
+                   control_scale: real, grid_mv: grid_vec, grid_m: grid_scalar, origin: vec3, inv_dx: real,
+                   dt: real):
+        """particle_stress and p2g in one pass (a forward that keeps no affine scratch): one launch
+        and no affine round trip through memory."""
+        for p in range(n):
+            F_trial, _, _ = trial_gradient(p, src, C, F, dFc, control_scale, dt)
+            F_new, plastic_new, tau = update_and_stress(
+                material[p], F_trial, plastic[src, p], E[p], nu[p],
+                ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
+            affine_p = store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
+            mass = density[p] * volume[p]
+            scatter(x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
 
     @ti.func
     def node_velocity(I, grid_mv: ti.template(), grid_m: ti.template(), dt, gravity, origin, dx, wall_mode,
@@ -281,13 +300,18 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     @ti.kernel
     def grid_update(grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, dt: real,
                     gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
-                    colliders: table, n_colliders: ti.template(), time: real):
+                    colliders: table, n_colliders: ti.template(), time: real, consume: ti.template()):
+        """consume: zero mv and m once read, so the next substep's P2G finds a clear grid (no
+        clear_grid launch); off where the adjoint needs them afterwards."""
         for I in ti.grouped(grid_m):
             v_node = ti.Vector.zero(real, 3)
             if grid_m[I] > MIN_NODE_MASS:
                 v_node, _ = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
                                           colliders, n_colliders, time)
             grid_v[I] = v_node
+            if ti.static(consume):
+                grid_mv[I] = ti.Vector.zero(real, 3)
+                grid_m[I] = 0.0
 
     @ti.kernel
     def grid_update_grad(grid_mv: grid_vec, grid_m: grid_scalar, g_grid_v: grid_vec, g_mv: grid_vec,
@@ -408,7 +432,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             g_plastic[0, p] = 0.0
 
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, advance_adjoint=advance_adjoint,
-                           particle_stress_grad=particle_stress_grad, p2g=p2g,
+                           particle_stress_grad=particle_stress_grad, p2g=p2g, stress_p2g=stress_p2g,
                            grid_update=grid_update, grid_update_grad=grid_update_grad, g2p=g2p, trial_svd=trial_svd,
                            particle_stress_svd=particle_stress_svd, trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad)
@@ -451,7 +475,7 @@ class GridSetup:
 def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constants: Mapping[str, Any],
                 grid: Tuple[Any, Any, Any], affine, control: Tuple[Any, float], setup: GridSetup,
                 dt: float, time: float = 0.0, svd: Optional[Tuple[Any, Any, Any]] = None,
-                move_particles: bool = True, svd_separation: float = 0.0) -> None:
+                move_particles: bool = True, svd_separation: float = 0.0, keep_grid: bool = True) -> None:
     """The substep sequence, written once for the solver and the differentiable rollout:
     clear_grid, particle stress (with ``svd`` = (U, sig, V) buffers: trial_svd then
     particle_stress_svd, the differentiable form of the plastic models), p2g, grid_update, g2p.
@@ -461,6 +485,9 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     grid: (grid_mv, grid_m, grid_v); control: (dFc, control_scale). ``move_particles=False`` stops
     after grid_update (a backward recomputing the grid of a substep); ``svd_separation``: see
     trial_svd (the backward's recompute passes constitutive.svd_separation, the forward 0).
+    ``keep_grid=False`` is the forward-only form: the grid must be clear on entry and is left clear
+    (grid_update zeroes mv and m once read: no clear_grid launch), and without ``svd`` the stress
+    and P2G run as one kernel (stress_p2g) that writes no ``affine``. Three launches instead of five.
     """
     grid_mv, grid_m, grid_v = grid
     dFc, scale = control
@@ -468,17 +495,22 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     material, E, nu, aux = constants["material"], constants["E"], constants["nu"], constants["aux"]
     density, volume = constants["density"], constants["volume"]
     inv_dx = 1.0 / setup.dx
-    k.clear_grid(grid_mv, grid_m)
-    if svd is None:
-        k.particle_stress(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
-                          affine, inv_dx, dt)
+    if keep_grid:
+        k.clear_grid(grid_mv, grid_m)
+    if svd is None and not keep_grid:
+        k.stress_p2g(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
+                     grid_mv, grid_m, setup.origin, inv_dx, dt)
     else:
-        U, sig, V = svd
-        k.trial_svd(src, n, C, F, material, dFc, scale, U, sig, V, dt, svd_separation)
-        k.particle_stress_svd(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
-                              U, sig, V, affine, inv_dx, dt)
-    k.p2g(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx)
+        if svd is None:
+            k.particle_stress(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
+                              affine, inv_dx, dt)
+        else:
+            U, sig, V = svd
+            k.trial_svd(src, n, C, F, material, dFc, scale, U, sig, V, dt, svd_separation)
+            k.particle_stress_svd(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
+                                  U, sig, V, affine, inv_dx, dt)
+        k.p2g(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx)
     k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
-                setup.wall_friction, setup.colliders, setup.n_colliders, time)
+                  setup.wall_friction, setup.colliders, setup.n_colliders, time, not keep_grid)
     if move_particles:
         k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt)
