@@ -5,6 +5,7 @@ samplers produce it: 1M particles in a 128^3 grid and 8M in 256^3 (``--quick``: 
 For each size it times, at the same fixed dt:
   - taichi_mpm: ``MPMSolver.step`` (state checks every 8 substeps included) and a per-stage
     profile (each stage timed alone);
+  - on CUDA, taichi_mpm with the plain P2G (TAICHI_MPM_TILED_P2G=0: no shared-memory tiles);
   - taichi_mpm on randomly shuffled particles, unsorted and with ``sort_every=16`` (1M only);
   - the plain reference (bench/mpm_reference.py): Taichi fields, one kernel per stage;
   - taichi_elements' solver (bench/mpm_peer_taichi_elements.py, in its own process) where its
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -131,6 +133,10 @@ def bench_size(res: int, side: int, substeps: int, shuffled_too: bool, engine: P
     rows["taichi_mpm"] = time_solver(solver, dt, substeps)
     profile = stage_profile(solver, dt, reps=max(3, substeps // 4))
     del solver
+    if arch == "cuda":  # the P2G without shared-memory tiles, for comparison
+        os.environ["TAICHI_MPM_TILED_P2G"] = "0"
+        rows["taichi_mpm plain P2G"] = time_solver(make(positions), dt, substeps)
+        del os.environ["TAICHI_MPM_TILED_P2G"]
     if shuffled_too:
         shuffled = positions[np.random.default_rng(0).permutation(n)]
         rows["taichi_mpm shuffled"] = time_solver(make(shuffled), dt, substeps)

@@ -252,11 +252,11 @@ class _Substeps:
 
     def __init__(self, scene: RolloutScene):
         from taichi_mpm.constitutive import svd_separation
-        from taichi_mpm.substep import GridSetup, substep_launchers
+        from taichi_mpm.substep import GridSetup, substep_launchers, tiled_p2g
 
         self.scene = scene
         real = ti.f64 if scene.dtype == torch.float64 else ti.f32
-        self.k = substep_launchers(real, plastic_models=False)
+        self.k = substep_launchers(real, plastic_models=False, tiled=tiled_p2g())
         self.separation = svd_separation(real)
         self.has_plastic = bool(torch.isin(scene.material, torch.tensor(PLASTIC_IDS, device=scene.material.device)).any())
         self.setup = GridSetup(origin=ti.Vector(list(scene.origin), real), dx=scene.dx,

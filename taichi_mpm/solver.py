@@ -27,7 +27,7 @@ from . import materials as mat
 from .boundary import (BOUNDARY_MODES, COLLIDER_WIDTH, MAX_COLLIDERS, WALL_CELLS, Box, Plane,
                        Sphere, pack_colliders, _friction)
 from .ply import write_particles_ply
-from .substep import GridSetup, run_substep, substep_launchers
+from .substep import GridSetup, run_substep, substep_launchers, tiled_p2g
 from .validation import check_nu, check_positive
 
 ArrayLike = Union[np.ndarray, Sequence[float], torch.Tensor]
@@ -168,7 +168,7 @@ class MPMSolver:
             raise ValueError(f"sort_every must be >= 0, got {sort_every!r}")
         self.sort_every = int(sort_every)
 
-        self.kernels = substep_launchers(self.real, plastic_models=False)
+        self.kernels = substep_launchers(self.real, plastic_models=False, tiled=tiled_p2g())
         self._origin_vec = ti.Vector(self.lower.tolist(), self.real)
         self._gravity_vec = ti.Vector(self.gravity.tolist(), self.real)
         zeros = dict(dtype=self.torch_dtype, device=self.device)
@@ -278,7 +278,7 @@ class MPMSolver:
         """Switch to the kernels with the SVD-based return maps once a plastic material is in the
         scene (they compile slower and, in Taichi 1.7, cannot be differentiated)."""
         if np.isin(material_ids, mat.PLASTIC_IDS).any():
-            self.kernels = substep_launchers(self.real, plastic_models=True)
+            self.kernels = substep_launchers(self.real, plastic_models=True, tiled=tiled_p2g())
 
     @staticmethod
     def _per_particle(name: str, value, n: int) -> np.ndarray:
@@ -570,7 +570,7 @@ class MPMSolver:
             t = torch.as_tensor(value, dtype=dtype, device=self.device)
             new[key] = t.unsqueeze(0).repeat((2,) + (1,) * t.dim()).contiguous() if key in STATE_KEYS else t
         self.state, self.n_particles, self.src = new, n, 0
-        self.kernels = substep_launchers(self.real, plastic_models=False)
+        self.kernels = substep_launchers(self.real, plastic_models=False, tiled=tiled_p2g())
         self._use_plastic_kernels(arrays["material"])
         self.time, self.substep_count = time, count
         self.max_wave_speed = 0.0

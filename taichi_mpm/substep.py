@@ -71,6 +71,7 @@ Particles read grid nodes base..base+2 per axis with base clamped to [0, shape -
 leaves the grid even for particles that left the domain (``MPMSolver.check`` reports those).
 """
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
@@ -78,6 +79,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import taichi as ti
 
+from .block_scatter import BLOCK, CHANNELS, TILE_NODES, block_scatter_funcs, blocked
 from .boundary import boundary_funcs
 from .constitutive import constitutive_funcs, svd_grad_funcs
 from .launch import TorchKernel
@@ -108,6 +110,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     elastic_update_grad = models.elastic_update_grad
     svd_grad = svd_grad_funcs(real)
     apply_walls, apply_collider = boundary_funcs(real)
+    tiles = block_scatter_funcs(real)
 
     @ti.func
     def stencil(xp, origin, inv_dx, shape):
@@ -153,17 +156,57 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         return (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * tau + density[p] * volume[p] * C[src, p]
 
     @ti.func
+    def stress_of(p, src, dst, C: ti.template(), F: ti.template(), plastic: ti.template(),
+                  material: ti.template(), E: ti.template(), nu: ti.template(), density: ti.template(),
+                  volume: ti.template(), aux: ti.template(), dFc: ti.template(), control_scale, inv_dx, dt):
+        """particle_stress of one particle: writes F, plastic [dst]; returns its affine."""
+        F_trial, _, _ = trial_gradient(p, src, C, F, dFc, control_scale, dt)
+        F_new, plastic_new, tau = update_and_stress(
+            material[p], F_trial, plastic[src, p], E[p], nu[p],
+            ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
+        return store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
+
+    @ti.func
+    def node_share(i: ti.template(), j: ti.template(), k: ti.template(), fx, w, momentum, mass, affine_p, inv_dx):
+        """What a particle gives the node at stencil offset (i, j, k) (unrolled): weight (momentum
+        + affine (x_i - x_p)) and weight mass."""
+        dpos = (ti.Vector([i, j, k], real) - fx) / inv_dx
+        weight = w[i][0] * w[j][1] * w[k][2]
+        return weight * (momentum + affine_p @ dpos), weight * mass
+
+    @ti.func
     def scatter(xp, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx):
         """P2G of one particle: mass and momentum + affine (x_i - x_p) to its 27 nodes (atomics)."""
         shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
         base, fx, w = stencil(xp, origin, inv_dx, shape)
         for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
-            offset = ti.Vector([i, j, k])
-            dpos = (ti.cast(offset, real) - fx) / inv_dx
-            weight = w[i][0] * w[j][1] * w[k][2]
-            node = base + offset
-            grid_mv[node] += weight * (momentum + affine_p @ dpos)
-            grid_m[node] += weight * mass
+            node_mv, node_m = node_share(i, j, k, fx, w, momentum, mass, affine_p, inv_dx)
+            grid_mv[base + ti.Vector([i, j, k])] += node_mv
+            grid_m[base + ti.Vector([i, j, k])] += node_m
+
+    @ti.func
+    def scatter_block(i, n, xp, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(),
+                      origin, inv_dx):
+        """scatter() of the particle at index i of a tiled kernel's loop (block_scatter: i >= n are
+        idle lanes): through the block's shared tile, or straight to the grid where the block's
+        stencils spread over more than TILE_NODES nodes."""
+        lane = i % BLOCK
+        bounds = ti.simt.block.SharedArray((6,), ti.i32)
+        tile = ti.simt.block.SharedArray((CHANNELS * TILE_NODES,), real)
+        active = i < n
+        shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
+        base, fx, w = stencil(xp, origin, inv_dx, shape)
+        lo, extent = tiles.tile_of_block(lane, active, base, bounds)
+        if extent.max() <= TILE_NODES and extent[0] * extent[1] * extent[2] <= TILE_NODES:  # same on every lane
+            tiles.tile_clear(lane, extent[0] * extent[1] * extent[2], tile)
+            if active:
+                for a, b, c in ti.static(ti.ndrange(3, 3, 3)):
+                    node_mv, node_m = node_share(a, b, c, fx, w, momentum, mass, affine_p, inv_dx)
+                    tiles.tile_add(base + ti.Vector([a, b, c]), lo, extent, node_mv, node_m, tile)
+            tiles.tile_flush(lane, lo, extent, tile, grid_mv, grid_m)
+        elif active:
+            scatter(xp, momentum, mass, affine_p, grid_mv, grid_m, origin, inv_dx)
+        ti.simt.block.sync()  # the block's next pass reuses bounds and tile
 
     @ti.kernel
     def particle_stress(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat,
@@ -172,11 +215,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                         dFc: per_particle_mat, control_scale: real, affine: per_particle_mat,
                         inv_dx: real, dt: real):
         for p in range(n):
-            F_trial, _, _ = trial_gradient(p, src, C, F, dFc, control_scale, dt)
-            F_new, plastic_new, tau = update_and_stress(
-                material[p], F_trial, plastic[src, p], E[p], nu[p],
-                ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
-            affine[p] = store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
+            affine[p] = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                                  control_scale, inv_dx, dt)
 
     @ti.kernel
     def particle_stress_grad(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat,
@@ -268,6 +308,17 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             scatter(x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
 
     @ti.kernel
+    def p2g_tiled(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
+                  volume: per_particle, affine: per_particle_mat, grid_mv: grid_vec, grid_m: grid_scalar,
+                  origin: vec3, inv_dx: real):
+        """p2g through shared-memory tiles (CUDA only; block_scatter)."""
+        ti.loop_config(block_dim=BLOCK)
+        for i in range(blocked(n)):
+            p = ti.min(i, n - 1)
+            mass = density[p] * volume[p]
+            scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
+
+    @ti.kernel
     def stress_p2g(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat,
                    plastic: steps_scalar, material: per_particle_int, E: per_particle, nu: per_particle,
                    density: per_particle, volume: per_particle, aux: table, dFc: per_particle_mat,
@@ -276,13 +327,27 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """particle_stress and p2g in one pass (a forward that keeps no affine scratch): one launch
         and no affine round trip through memory."""
         for p in range(n):
-            F_trial, _, _ = trial_gradient(p, src, C, F, dFc, control_scale, dt)
-            F_new, plastic_new, tau = update_and_stress(
-                material[p], F_trial, plastic[src, p], E[p], nu[p],
-                ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
-            affine_p = store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
+            affine_p = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                                 control_scale, inv_dx, dt)
             mass = density[p] * volume[p]
             scatter(x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
+
+    @ti.kernel
+    def stress_p2g_tiled(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
+                         F: steps_mat, plastic: steps_scalar, material: per_particle_int, E: per_particle,
+                         nu: per_particle, density: per_particle, volume: per_particle, aux: table,
+                         dFc: per_particle_mat, control_scale: real, grid_mv: grid_vec, grid_m: grid_scalar,
+                         origin: vec3, inv_dx: real, dt: real):
+        """stress_p2g through shared-memory tiles (CUDA only; block_scatter)."""
+        ti.loop_config(block_dim=BLOCK)
+        for i in range(blocked(n)):
+            p = ti.min(i, n - 1)
+            affine_p = ti.Matrix.zero(real, 3, 3)
+            if i < n:
+                affine_p = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                                     control_scale, inv_dx, dt)
+            mass = density[p] * volume[p]
+            scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
 
     @ti.func
     def node_velocity(I, grid_mv: ti.template(), grid_m: ti.template(), dt, gravity, origin, dx, wall_mode,
@@ -433,6 +498,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
 
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, advance_adjoint=advance_adjoint,
                            particle_stress_grad=particle_stress_grad, p2g=p2g, stress_p2g=stress_p2g,
+                           p2g_tiled=p2g_tiled, stress_p2g_tiled=stress_p2g_tiled,
                            grid_update=grid_update, grid_update_grad=grid_update_grad, g2p=g2p, trial_svd=trial_svd,
                            particle_stress_svd=particle_stress_svd, trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad)
@@ -441,16 +507,26 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
 
 
 @lru_cache(maxsize=None)
-def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
+def substep_launchers(real, plastic_models: bool = True, tiled: bool = False) -> SimpleNamespace:
     """substep_kernels behind TorchKernel launchers (~2 us of host time per tensor argument instead
     of ~20 us: an MPM substep passes ~40 over five launches, so this is the difference between a
     host-bound and a GPU-bound substep at 100k particles): every kernel under its own name, and
     Taichi's reverse-mode kernel of the plastic stress as ``particle_stress_svd_reverse`` (pass
-    tensors whose .grad holds the adjoints)."""
+    tensors whose .grad holds the adjoints). ``tiled`` (CUDA only): ``p2g`` and ``stress_p2g`` are
+    the shared-memory forms (block_scatter); see :func:`tiled_p2g`."""
     kernels = substep_kernels(real, plastic_models)
     launchers = {name: TorchKernel(kernel) for name, kernel in vars(kernels).items()}
     launchers.update(particle_stress_svd_reverse=TorchKernel(kernels.particle_stress_svd, reverse=True))
+    if tiled:
+        launchers.update(p2g=launchers["p2g_tiled"], stress_p2g=launchers["stress_p2g_tiled"])
     return SimpleNamespace(**launchers)
+
+
+def tiled_p2g() -> bool:
+    """Whether P2G goes through shared-memory tiles: on CUDA (where shared memory exists), unless
+    TAICHI_MPM_TILED_P2G=0 (the plain kernels, for comparison)."""
+    from taichi.lang import impl
+    return impl.current_cfg().arch == ti.cuda and os.environ.get("TAICHI_MPM_TILED_P2G", "1") != "0"
 
 
 @dataclass(frozen=True)
