@@ -75,10 +75,11 @@ def stage_profile(solver: MPMSolver, dt: float, reps: int) -> dict:
     k, s = solver.kernels, solver.state
     src, n = solver.src, solver.n_particles
     origin = solver._origin_vec
-    # the solver's three launches a substep; every stage writes the other slot or scratch, so
-    # repetitions see the same state (the grid's sums grow, which costs nothing)
+    # the three stages of the solver's one substep call, timed alone; every stage writes the other
+    # slot or scratch, so repetitions see the same state (the grid's sums grow, which costs nothing)
+    stress_p2g = k.stress_p2g_tiled if solver.tiled else k.stress_p2g
     stages = {
-        "stress_p2g": lambda: k.stress_p2g(
+        "stress_p2g": lambda: stress_p2g(
             src, 1 - src, n, s["x"], s["v"], s["C"], s["F"], s["plastic"], s["material"], s["E"], s["nu"],
             s["density"], s["volume"], s["aux"], solver._no_control, 0.0, solver.grid_mv, solver.grid_m, origin,
             solver.inv_dx, dt),

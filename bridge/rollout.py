@@ -256,7 +256,8 @@ class _Substeps:
 
         self.scene = scene
         real = ti.f64 if scene.dtype == torch.float64 else ti.f32
-        self.k = substep_launchers(real, plastic_models=False, tiled=tiled_p2g())
+        self.k = substep_launchers(real, plastic_models=False)
+        self.tiled = tiled_p2g()  # P2G through shared memory (CUDA)
         self.separation = svd_separation(real)
         self.has_plastic = bool(torch.isin(scene.material, torch.tensor(PLASTIC_IDS, device=scene.material.device)).any())
         self.setup = GridSetup(origin=ti.Vector(list(scene.origin), real), dx=scene.dx,
@@ -295,7 +296,8 @@ class _Substeps:
             self.k.clear_grid(self.grid[0], self.grid[1])
         run_substep(self.k, j, j + 1, self.scene.n_particles, state, constants, grid or self.grid, self.affine,
                     control, self.setup, self.scene.dt, svd=self.svd, move_particles=move_particles,
-                    svd_separation=self.separation if for_adjoint else 0.0, keep_grid=not forward_only)
+                    svd_separation=self.separation if for_adjoint else 0.0, keep_grid=not forward_only,
+                    tiled=self.tiled)
         if grid is None:
             self.grid_clear = forward_only
 
@@ -318,33 +320,40 @@ class _Substeps:
                                   self.affine, inv_dx, sc.dt)
 
     def backward(self, pair: dict, adjoint: dict, grid, constants: dict, parameter_grads: dict, control,
-                 control_grad) -> None:
+                 control_grad, stress_ready: bool) -> None:
         """Reverse of one substep whose forward (up to grid_update) was just recomputed on
-        ``pair`` (slots 0 -> 1) and ``grid``. ``adjoint`` holds the state adjoints [2, N, ...]
-        (slot 1 in, slot 0 accumulated); the adjoints of E, nu, aux accumulate into
-        ``parameter_grads``; control_grad: [N, 3, 3] adjoint of the control or None.
-        Steps: g2p, grid_update, p2g, then the stress: particle_stress_grad (all hand-written) or,
-        with plastic particles, Taichi's particle_stress_svd.grad and the hand-written SVD adjoint."""
+        ``pair`` (slots 0 -> 1) and ``grid``, then the step to the previous substep: the adjoint of
+        state 0 becomes the incoming one (slot 1) and slot 0 is zeroed. ``adjoint`` holds the
+        state adjoints [2, N, ...] (slot 1 in, slot 0 accumulated); the adjoints of E, nu, aux
+        accumulate into ``parameter_grads``; control_grad: [N, 3, 3] adjoint of the control or None;
+        stress_ready: whether the per-particle scratch (affine, SVD) is that of this substep.
+        Elastic scenes: one call (substep_adjoint: g2p, grid_update, p2g, stress adjoints, all
+        hand-written). With plastic particles: the transfers' adjoints, Taichi's
+        particle_stress_svd.grad and the hand-written SVD adjoint."""
         sc, k, setup = self.scene, self.k, self.setup
         n, inv_dx = sc.n_particles, 1.0 / sc.dx
         dFc, scale = control
         c = constants
-        for g in self.svd_grads or ():
+        g_dFc = self.no_control if control_grad is None else control_grad
+        walls = (setup.gravity, setup.dx, setup.wall_mode, setup.wall_friction, setup.colliders, setup.n_colliders,
+                 0.0)
+        if self.svd is None:
+            k.substep_adjoint(n, pair["x"], pair["v"], pair["C"], pair["F"], pair["plastic"], c["material"], c["E"],
+                              c["nu"], c["density"], c["volume"], c["aux"], dFc, scale, self.affine, *grid,
+                              *self.grid_grads[:2], self.grid_grads[2], *(adjoint[key] for key in STATE_KEYS),
+                              parameter_grads["E"], parameter_grads["nu"], g_dFc, self.affine_grad, setup.origin,
+                              inv_dx, sc.dt, *walls, not stress_ready)
+            return
+        if not stress_ready:
+            self.recompute_stress(pair, constants, control)
+        for g in self.svd_grads:
             g.zero_()
         k.g2p_grad(0, 1, n, pair["x"], grid[2], adjoint["x"], adjoint["v"], adjoint["C"], self.grid_grads[2],
                    setup.origin, inv_dx, sc.dt)
         k.grid_update_grad(grid[0], grid[1], self.grid_grads[2], self.grid_grads[0], self.grid_grads[1], sc.dt,
-                           setup.gravity, setup.origin, setup.dx, setup.wall_mode, setup.wall_friction,
-                           setup.colliders, setup.n_colliders, 0.0)
+                           setup.gravity, setup.origin, *walls[1:])
         k.p2g_grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, self.affine, self.grid_grads[0],
                    self.grid_grads[1], adjoint["x"], adjoint["v"], self.affine_grad, setup.origin, inv_dx)
-        g_dFc = self.no_control if control_grad is None else control_grad
-        if self.svd is None:
-            k.particle_stress_grad(0, 1, n, pair["C"], pair["F"], c["material"], c["E"], c["nu"], c["density"],
-                                   c["volume"], dFc, scale, self.affine_grad, adjoint["C"], adjoint["F"],
-                                   adjoint["plastic"], parameter_grads["E"], parameter_grads["nu"], g_dFc,
-                                   inv_dx, sc.dt)
-            return
         # Taichi's reverse kernel: fresh leaves whose .grad are the adjoint buffers it accumulates into
         leaves = {key: _leaf(pair[key], adjoint[key]) for key in ("C", "F", "plastic")}
         E, nu, aux = (_leaf(c[key], parameter_grads[key]) for key in ("E", "nu", "aux"))
@@ -357,6 +366,7 @@ class _Substeps:
                                           inv_dx, sc.dt)
         k.trial_svd_grad(0, n, pair["C"], pair["F"], c["material"], dFc, scale, *self.svd, *self.svd_grads,
                          adjoint["C"], adjoint["F"], g_dFc, sc.dt)
+        k.advance_adjoint(n, *(adjoint[key] for key in STATE_KEYS))
 
     def check(self, state: dict, j: int, substep: int):
         """Raise SimulationError if slot j holds NaN/Inf or particles outside the valid domain."""
@@ -426,8 +436,8 @@ class _Rollout(torch.autograd.Function):
     def _backward(ctx, output_grads: dict):
         """The checkpoint schedule in reverse: for each segment (last first) restore its checkpoint,
         refill its substeps forward, then walk its substeps backward, each as
-        ``recompute`` (grid kept or recomputed) -> ``_Substeps.backward`` -> ``shift`` (the
-        adjoint of state s becomes the incoming adjoint of substep s - 1)."""
+        ``recompute`` (grid kept or recomputed) -> ``_Substeps.backward`` (which ends with the
+        adjoint of state s as the incoming adjoint of substep s - 1)."""
         scene, n_substeps, frames, plan = ctx.scene, ctx.n_substeps, ctx.frames, ctx.plan
         # detached: a tensor that requires grad, passed to a kernel, has Taichi touch its .grad
         E, nu, aux, controls = (None if t is None else t.detach().contiguous() for t in ctx.saved_tensors)
@@ -464,15 +474,12 @@ class _Rollout(torch.autograd.Function):
                     substeps.forward(segment, j, constants, control)
 
         def recompute(pair: dict, j: int, control):
-            """The grid and per-particle scratch of substep j of the segment, as its forward had them."""
+            """The grid of substep j of the segment as its forward had it, and whether the
+            per-particle scratch was recomputed with it."""
             if stored_grids is not None:
-                substeps.recompute_stress(pair, constants, control)
-                return [g[j] for g in stored_grids]
+                return [g[j] for g in stored_grids], False
             substeps.forward(pair, 0, constants, control, move_particles=False, for_adjoint=True)
-            return substeps.grid
-
-        def shift():
-            substeps.k.advance_adjoint(n, *(adjoint[key] for key in STATE_KEYS))
+            return substeps.grid, True
 
         starts = list(range(0, n_substeps, segment_length))
         for start in reversed(starts):
@@ -485,9 +492,9 @@ class _Rollout(torch.autograd.Function):
                 control = _control_for(scene, controls, s, substeps.no_control)
                 control_grad = None if controls_grad is None or control[1] == 0.0 \
                     else controls_grad[s // scene.control_stride]
-                grid = recompute(pair, j, control)
-                substeps.backward(pair, adjoint, grid, constants, parameter_grads, control, control_grad)
-                shift()
+                grid, stress_ready = recompute(pair, j, control)
+                substeps.backward(pair, adjoint, grid, constants, parameter_grads, control, control_grad,
+                                  stress_ready)
         add_output_grads(0)
         # free the segment buffers (and the last views into them) before the results are copied out
         ctx.checkpoints = segment = stored_grids = substeps = pair = grid = None

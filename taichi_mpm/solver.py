@@ -168,7 +168,8 @@ class MPMSolver:
             raise ValueError(f"sort_every must be >= 0, got {sort_every!r}")
         self.sort_every = int(sort_every)
 
-        self.kernels = substep_launchers(self.real, plastic_models=False, tiled=tiled_p2g())
+        self.kernels = substep_launchers(self.real, plastic_models=False)
+        self.tiled = tiled_p2g()  # P2G through shared memory (CUDA)
         self._origin_vec = ti.Vector(self.lower.tolist(), self.real)
         self._gravity_vec = ti.Vector(self.gravity.tolist(), self.real)
         zeros = dict(dtype=self.torch_dtype, device=self.device)
@@ -278,7 +279,7 @@ class MPMSolver:
         """Switch to the kernels with the SVD-based return maps once a plastic material is in the
         scene (they compile slower and, in Taichi 1.7, cannot be differentiated)."""
         if np.isin(material_ids, mat.PLASTIC_IDS).any():
-            self.kernels = substep_launchers(self.real, plastic_models=True, tiled=tiled_p2g())
+            self.kernels = substep_launchers(self.real, plastic_models=True)
 
     @staticmethod
     def _per_particle(name: str, value, n: int) -> np.ndarray:
@@ -397,7 +398,7 @@ class MPMSolver:
         # s holds the state and the per-particle constants under the names run_substep reads
         # the forward-only form: the grid stays clear between substeps (zeros at allocation)
         run_substep(k, src, dst, self.n_particles, s, s, (self.grid_mv, self.grid_m, self.grid_v), None,
-                    (self._no_control, 0.0), setup, dt, self.time, keep_grid=False)
+                    (self._no_control, 0.0), setup, dt, self.time, keep_grid=False, tiled=self.tiled)
         self.src = dst
         self.time += dt
         self.substep_count += 1
@@ -570,7 +571,7 @@ class MPMSolver:
             t = torch.as_tensor(value, dtype=dtype, device=self.device)
             new[key] = t.unsqueeze(0).repeat((2,) + (1,) * t.dim()).contiguous() if key in STATE_KEYS else t
         self.state, self.n_particles, self.src = new, n, 0
-        self.kernels = substep_launchers(self.real, plastic_models=False, tiled=tiled_p2g())
+        self.kernels = substep_launchers(self.real, plastic_models=False)
         self._use_plastic_kernels(arrays["material"])
         self.time, self.substep_count = time, count
         self.max_wave_speed = 0.0

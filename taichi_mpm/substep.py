@@ -127,11 +127,16 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """d w / d fx of the three quadratic B-spline weights (per axis); d fx / d x = inv_dx."""
         return [fx - 1.5, 2.0 * (1.0 - fx), fx - 0.5]
 
+    @ti.func
+    def clear_grid_at(I, grid_mv: ti.template(), grid_m: ti.template()):
+        """One node of clear_grid."""
+        grid_mv[I] = ti.Vector.zero(real, 3)
+        grid_m[I] = 0.0
+
     @ti.kernel
     def clear_grid(grid_mv: grid_vec, grid_m: grid_scalar):
         for I in ti.grouped(grid_m):
-            grid_mv[I] = ti.Vector.zero(real, 3)
-            grid_m[I] = 0.0
+            clear_grid_at(I, grid_mv, grid_m)
 
     @ti.func
     def trial_gradient(p, src, C: ti.template(), F: ti.template(), dFc: ti.template(), control_scale, dt):
@@ -218,6 +223,27 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             affine[p] = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
                                   control_scale, inv_dx, dt)
 
+    @ti.func
+    def particle_stress_grad_at(p, src, dst, C: ti.template(), F: ti.template(), material: ti.template(),
+                                E: ti.template(), nu: ti.template(), density: ti.template(),
+                                volume: ti.template(), dFc: ti.template(), control_scale,
+                                g_affine: ti.template(), g_C: ti.template(), g_F: ti.template(),
+                                g_plastic: ti.template(), g_E: ti.template(), g_nu: ti.template(),
+                                g_dFc: ti.template(), inv_dx, dt):
+        """One particle of particle_stress_grad."""
+        F_trial, A, F_base = trial_gradient(p, src, C, F, dFc, control_scale, dt)
+        g_aff = g_affine[p]
+        g_tau = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * g_aff
+        g_trial, gE, gnu = elastic_update_grad(material[p], F_trial, E[p], nu[p], g_tau, g_F[dst, p])
+        g_C[src, p] += (density[p] * volume[p]) * g_aff + dt * g_trial @ F_base.transpose()
+        g_base = A.transpose() @ g_trial
+        g_F[src, p] += g_base
+        g_plastic[src, p] += g_plastic[dst, p]
+        g_E[p] += gE
+        g_nu[p] += gnu
+        if control_scale != 0.0:
+            g_dFc[p] += control_scale * g_base
+
     @ti.kernel
     def particle_stress_grad(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat,
                              material: per_particle_int, E: per_particle, nu: per_particle,
@@ -229,18 +255,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         affine, F[dst] and plastic[dst] -> C, F, plastic [src], E, nu and dFc (g_dFc: [N, 3, 3], or
         [1, 3, 3] ignored when control_scale is 0)."""
         for p in range(n):
-            F_trial, A, F_base = trial_gradient(p, src, C, F, dFc, control_scale, dt)
-            g_aff = g_affine[p]
-            g_tau = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * g_aff
-            g_trial, gE, gnu = elastic_update_grad(material[p], F_trial, E[p], nu[p], g_tau, g_F[dst, p])
-            g_C[src, p] += (density[p] * volume[p]) * g_aff + dt * g_trial @ F_base.transpose()
-            g_base = A.transpose() @ g_trial
-            g_F[src, p] += g_base
-            g_plastic[src, p] += g_plastic[dst, p]
-            g_E[p] += gE
-            g_nu[p] += gnu
-            if control_scale != 0.0:
-                g_dFc[p] += control_scale * g_base
+            particle_stress_grad_at(p, src, dst, C, F, material, E, nu, density, volume, dFc, control_scale,
+                                    g_affine, g_C, g_F, g_plastic, g_E, g_nu, g_dFc, inv_dx, dt)
 
     # ---- the differentiable stress of plastic materials: SVD outside, return maps inside -------
     @ti.kernel
@@ -299,13 +315,27 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                 if control_scale != 0.0:
                     g_dFc[p] += control_scale * g_base
 
+    @ti.func
+    def p2g_at(p, src, x: ti.template(), v: ti.template(), density: ti.template(), volume: ti.template(),
+               affine: ti.template(), grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx):
+        """One particle of p2g."""
+        mass = density[p] * volume[p]
+        scatter(x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
+
     @ti.kernel
     def p2g(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
             volume: per_particle, affine: per_particle_mat, grid_mv: grid_vec, grid_m: grid_scalar,
             origin: vec3, inv_dx: real):
         for p in range(n):
-            mass = density[p] * volume[p]
-            scatter(x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
+            p2g_at(p, src, x, v, density, volume, affine, grid_mv, grid_m, origin, inv_dx)
+
+    @ti.func
+    def p2g_tiled_at(i, n, src, x: ti.template(), v: ti.template(), density: ti.template(), volume: ti.template(),
+                     affine: ti.template(), grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx):
+        """Loop index i of p2g_tiled (i >= n: an idle lane of the last block)."""
+        p = ti.min(i, n - 1)
+        mass = density[p] * volume[p]
+        scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
 
     @ti.kernel
     def p2g_tiled(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
@@ -314,9 +344,18 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """p2g through shared-memory tiles (CUDA only; block_scatter)."""
         ti.loop_config(block_dim=BLOCK)
         for i in range(blocked(n)):
-            p = ti.min(i, n - 1)
-            mass = density[p] * volume[p]
-            scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
+            p2g_tiled_at(i, n, src, x, v, density, volume, affine, grid_mv, grid_m, origin, inv_dx)
+
+    @ti.func
+    def stress_p2g_at(p, src, dst, x: ti.template(), v: ti.template(), C: ti.template(), F: ti.template(),
+                      plastic: ti.template(), material: ti.template(), E: ti.template(), nu: ti.template(),
+                      density: ti.template(), volume: ti.template(), aux: ti.template(), dFc: ti.template(),
+                      control_scale, grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx, dt):
+        """One particle of stress_p2g."""
+        affine_p = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                             control_scale, inv_dx, dt)
+        mass = density[p] * volume[p]
+        scatter(x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
 
     @ti.kernel
     def stress_p2g(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat,
@@ -327,10 +366,23 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """particle_stress and p2g in one pass (a forward that keeps no affine scratch): one launch
         and no affine round trip through memory."""
         for p in range(n):
+            stress_p2g_at(p, src, dst, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                          control_scale, grid_mv, grid_m, origin, inv_dx, dt)
+
+    @ti.func
+    def stress_p2g_tiled_at(i, n, src, dst, x: ti.template(), v: ti.template(), C: ti.template(),
+                            F: ti.template(), plastic: ti.template(), material: ti.template(), E: ti.template(),
+                            nu: ti.template(), density: ti.template(), volume: ti.template(), aux: ti.template(),
+                            dFc: ti.template(), control_scale, grid_mv: ti.template(), grid_m: ti.template(),
+                            origin, inv_dx, dt):
+        """Loop index i of stress_p2g_tiled (i >= n: an idle lane of the last block)."""
+        p = ti.min(i, n - 1)
+        affine_p = ti.Matrix.zero(real, 3, 3)
+        if i < n:
             affine_p = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
                                  control_scale, inv_dx, dt)
-            mass = density[p] * volume[p]
-            scatter(x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
+        mass = density[p] * volume[p]
+        scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
 
     @ti.kernel
     def stress_p2g_tiled(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
@@ -341,13 +393,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """stress_p2g through shared-memory tiles (CUDA only; block_scatter)."""
         ti.loop_config(block_dim=BLOCK)
         for i in range(blocked(n)):
-            p = ti.min(i, n - 1)
-            affine_p = ti.Matrix.zero(real, 3, 3)
-            if i < n:
-                affine_p = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
-                                     control_scale, inv_dx, dt)
-            mass = density[p] * volume[p]
-            scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
+            stress_p2g_tiled_at(i, n, src, dst, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                                control_scale, grid_mv, grid_m, origin, inv_dx, dt)
 
     @ti.func
     def node_velocity(I, grid_mv: ti.template(), grid_m: ti.template(), dt, gravity, origin, dx, wall_mode,
@@ -362,6 +409,20 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             v_node, J = apply_collider(v_node, J, pos, colliders, c, time)
         return apply_walls(v_node, J, I, shape, wall_mode, wall_friction)
 
+    @ti.func
+    def grid_update_at(I, grid_mv: ti.template(), grid_m: ti.template(), grid_v: ti.template(), dt, gravity,
+                       origin, dx, wall_mode, wall_friction, colliders: ti.template(),
+                       n_colliders: ti.template(), time, consume: ti.template()):
+        """One node of grid_update."""
+        v_node = ti.Vector.zero(real, 3)
+        if grid_m[I] > MIN_NODE_MASS:
+            v_node, _ = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
+                                      colliders, n_colliders, time)
+        grid_v[I] = v_node
+        if ti.static(consume):
+            grid_mv[I] = ti.Vector.zero(real, 3)
+            grid_m[I] = 0.0
+
     @ti.kernel
     def grid_update(grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, dt: real,
                     gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
@@ -369,14 +430,25 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """consume: zero mv and m once read, so the next substep's P2G finds a clear grid (no
         clear_grid launch); off where the adjoint needs them afterwards."""
         for I in ti.grouped(grid_m):
-            v_node = ti.Vector.zero(real, 3)
-            if grid_m[I] > MIN_NODE_MASS:
-                v_node, _ = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
-                                          colliders, n_colliders, time)
-            grid_v[I] = v_node
-            if ti.static(consume):
-                grid_mv[I] = ti.Vector.zero(real, 3)
-                grid_m[I] = 0.0
+            grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
+                           colliders, n_colliders, time, consume)
+
+    @ti.func
+    def grid_update_grad_at(I, grid_mv: ti.template(), grid_m: ti.template(), g_grid_v: ti.template(),
+                            g_mv: ti.template(), g_m: ti.template(), dt, gravity, origin, dx, wall_mode,
+                            wall_friction, colliders: ti.template(), n_colliders: ti.template(), time):
+        """One node of grid_update_grad."""
+        g_mv_node, g_m_node = ti.Vector.zero(real, 3), ti.cast(0.0, real)
+        if grid_m[I] > MIN_NODE_MASS:
+            _, J = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
+                                 colliders, n_colliders, time)
+            g_in = J.transpose() @ g_grid_v[I]
+            inv_m = 1.0 / grid_m[I]
+            g_mv_node = inv_m * g_in
+            g_m_node = -inv_m * inv_m * g_in.dot(grid_mv[I])
+        g_mv[I] = g_mv_node
+        g_m[I] = g_m_node
+        g_grid_v[I] = ti.Vector.zero(real, 3)
 
     @ti.kernel
     def grid_update_grad(grid_mv: grid_vec, grid_m: grid_scalar, g_grid_v: grid_vec, g_mv: grid_vec,
@@ -387,38 +459,69 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         Writes every node of g_mv and g_m (no zeroing needed) and resets g_grid_v to zero once read,
         ready for the next substep's g2p_grad atomics."""
         for I in ti.grouped(grid_m):
-            g_mv_node, g_m_node = ti.Vector.zero(real, 3), ti.cast(0.0, real)
-            if grid_m[I] > MIN_NODE_MASS:
-                _, J = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
-                                     colliders, n_colliders, time)
-                g_in = J.transpose() @ g_grid_v[I]
-                inv_m = 1.0 / grid_m[I]
-                g_mv_node = inv_m * g_in
-                g_m_node = -inv_m * inv_m * g_in.dot(grid_mv[I])
-            g_mv[I] = g_mv_node
-            g_m[I] = g_m_node
-            g_grid_v[I] = ti.Vector.zero(real, 3)
+            grid_update_grad_at(I, grid_mv, grid_m, g_grid_v, g_mv, g_m, dt, gravity, origin, dx, wall_mode,
+                                wall_friction, colliders, n_colliders, time)
+
+    @ti.func
+    def g2p_at(p, src, dst, x: ti.template(), v: ti.template(), C: ti.template(), grid_v: ti.template(),
+               origin, inv_dx, dt):
+        """One particle of g2p."""
+        shape = ti.Vector([grid_v.shape[0], grid_v.shape[1], grid_v.shape[2]])
+        base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
+        new_v = ti.Vector.zero(real, 3)
+        new_C = ti.Matrix.zero(real, 3, 3)
+        for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
+            offset = ti.Vector([i, j, k])
+            dpos = ti.cast(offset, real) - fx
+            weight = w[i][0] * w[j][1] * w[k][2]
+            g_v = grid_v[base + offset]
+            new_v += weight * g_v
+            new_C += (4.0 * inv_dx * weight) * g_v.outer_product(dpos)
+        v[dst, p] = new_v
+        C[dst, p] = new_C
+        x[dst, p] = x[src, p] + dt * new_v
 
     @ti.kernel
     def g2p(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
             grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real):
         for p in range(n):
-            shape = ti.Vector([grid_v.shape[0], grid_v.shape[1], grid_v.shape[2]])
-            base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
-            new_v = ti.Vector.zero(real, 3)
-            new_C = ti.Matrix.zero(real, 3, 3)
-            for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
-                offset = ti.Vector([i, j, k])
-                dpos = ti.cast(offset, real) - fx
-                weight = w[i][0] * w[j][1] * w[k][2]
-                g_v = grid_v[base + offset]
-                new_v += weight * g_v
-                new_C += (4.0 * inv_dx * weight) * g_v.outer_product(dpos)
-            v[dst, p] = new_v
-            C[dst, p] = new_C
-            x[dst, p] = x[src, p] + dt * new_v
+            g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt)
 
     # ---- hand-written adjoints of the transfers (Taichi's took 64 s and 25 s to compile) --------
+    @ti.func
+    def p2g_grad_at(p, src, x: ti.template(), v: ti.template(), density: ti.template(), volume: ti.template(),
+                    affine: ti.template(), g_mv: ti.template(), g_m: ti.template(), g_x: ti.template(),
+                    g_v: ti.template(), g_affine: ti.template(), origin, inv_dx):
+        """One particle of p2g_grad."""
+        shape = ti.Vector([g_m.shape[0], g_m.shape[1], g_m.shape[2]])
+        base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
+        dw = weight_slopes(fx)
+        mass = density[p] * volume[p]
+        momentum = mass * v[src, p]
+        A = affine[p]
+        W, dW = ti.Matrix.rows([w[0], w[1], w[2]]), ti.Matrix.rows([dw[0], dw[1], dw[2]])
+        gx = ti.Vector.zero(real, 3)
+        gv = ti.Vector.zero(real, 3)
+        gA = ti.Matrix.zero(real, 3, 3)
+        # a run-time loop over the 27 nodes, not unrolled: a hand-written adjoint needs no static
+        # loop, and the unrolled one took 10 s of LLVM code generation on every process start
+        for i, j, k in ti.ndrange(3, 3, 3):
+            offset = ti.Vector([i, j, k])
+            dpos = (ti.cast(offset, real) - fx) / inv_dx
+            weight = W[i, 0] * W[j, 1] * W[k, 2]
+            node = base + offset
+            g = g_mv[node]
+            weight_grad = inv_dx * ti.Vector([dW[i, 0] * W[j, 1] * W[k, 2], W[i, 0] * dW[j, 1] * W[k, 2],
+                                              W[i, 0] * W[j, 1] * dW[k, 2]], real)
+            # d dpos / d x = -I; the weight moves with x
+            gx += (g.dot(momentum + A @ dpos) + g_m[node] * mass) * weight_grad \
+                - weight * (A.transpose() @ g)
+            gv += (weight * mass) * g
+            gA += weight * g.outer_product(dpos)
+        g_x[src, p] += gx
+        g_v[src, p] += gv
+        g_affine[p] = gA
+
     @ti.kernel
     def p2g_grad(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
                  volume: per_particle, affine: per_particle_mat, g_mv: grid_vec, g_m: grid_scalar,
@@ -427,34 +530,32 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         g_affine (written: p2g is affine's only reader). Density and volume are constants of the
         rollout: no adjoint."""
         for p in range(n):
-            shape = ti.Vector([g_m.shape[0], g_m.shape[1], g_m.shape[2]])
-            base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
-            dw = weight_slopes(fx)
-            mass = density[p] * volume[p]
-            momentum = mass * v[src, p]
-            A = affine[p]
-            W, dW = ti.Matrix.rows([w[0], w[1], w[2]]), ti.Matrix.rows([dw[0], dw[1], dw[2]])
-            gx = ti.Vector.zero(real, 3)
-            gv = ti.Vector.zero(real, 3)
-            gA = ti.Matrix.zero(real, 3, 3)
-            # a run-time loop over the 27 nodes, not unrolled: a hand-written adjoint needs no static
-            # loop, and the unrolled one took 10 s of LLVM code generation on every process start
-            for i, j, k in ti.ndrange(3, 3, 3):
-                offset = ti.Vector([i, j, k])
-                dpos = (ti.cast(offset, real) - fx) / inv_dx
-                weight = W[i, 0] * W[j, 1] * W[k, 2]
-                node = base + offset
-                g = g_mv[node]
-                weight_grad = inv_dx * ti.Vector([dW[i, 0] * W[j, 1] * W[k, 2], W[i, 0] * dW[j, 1] * W[k, 2],
-                                                  W[i, 0] * W[j, 1] * dW[k, 2]], real)
-                # d dpos / d x = -I; the weight moves with x
-                gx += (g.dot(momentum + A @ dpos) + g_m[node] * mass) * weight_grad \
-                    - weight * (A.transpose() @ g)
-                gv += (weight * mass) * g
-                gA += weight * g.outer_product(dpos)
-            g_x[src, p] += gx
-            g_v[src, p] += gv
-            g_affine[p] = gA
+            p2g_grad_at(p, src, x, v, density, volume, affine, g_mv, g_m, g_x, g_v, g_affine, origin, inv_dx)
+
+    @ti.func
+    def g2p_grad_at(p, src, dst, x: ti.template(), grid_v: ti.template(), g_x: ti.template(),
+                    g_v: ti.template(), g_C: ti.template(), g_grid_v: ti.template(), origin, inv_dx, dt):
+        """One particle of g2p_grad."""
+        shape = ti.Vector([grid_v.shape[0], grid_v.shape[1], grid_v.shape[2]])
+        base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
+        dw = weight_slopes(fx)
+        g_new_v = g_v[dst, p] + dt * g_x[dst, p]
+        gC = g_C[dst, p]
+        gx = g_x[dst, p]
+        W, dW = ti.Matrix.rows([w[0], w[1], w[2]]), ti.Matrix.rows([dw[0], dw[1], dw[2]])
+        for i, j, k in ti.ndrange(3, 3, 3):  # run-time loop: see p2g_grad
+            offset = ti.Vector([i, j, k])
+            dpos = ti.cast(offset, real) - fx  # in cells: d dpos / d x = -inv_dx I
+            weight = W[i, 0] * W[j, 1] * W[k, 2]
+            node = base + offset
+            g_v_node = grid_v[node]
+            weight_grad = inv_dx * ti.Vector([dW[i, 0] * W[j, 1] * W[k, 2], W[i, 0] * dW[j, 1] * W[k, 2],
+                                              W[i, 0] * W[j, 1] * dW[k, 2]], real)
+            gC_dpos = gC @ dpos
+            g_grid_v[node] += weight * g_new_v + (4.0 * inv_dx * weight) * gC_dpos
+            gx += (g_new_v.dot(g_v_node) + 4.0 * inv_dx * g_v_node.dot(gC_dpos)) \
+                * weight_grad - (4.0 * inv_dx * inv_dx * weight) * (gC.transpose() @ g_v_node)
+        g_x[src, p] += gx
 
     @ti.kernel
     def g2p_grad(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, grid_v: grid_vec, g_x: steps_vec,
@@ -462,26 +563,17 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """Adjoint of g2p: the adjoints of x[dst], v[dst], C[dst] go to x[src] and (atomics) to the
         grid velocities g_grid_v."""
         for p in range(n):
-            shape = ti.Vector([grid_v.shape[0], grid_v.shape[1], grid_v.shape[2]])
-            base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
-            dw = weight_slopes(fx)
-            g_new_v = g_v[dst, p] + dt * g_x[dst, p]
-            gC = g_C[dst, p]
-            gx = g_x[dst, p]
-            W, dW = ti.Matrix.rows([w[0], w[1], w[2]]), ti.Matrix.rows([dw[0], dw[1], dw[2]])
-            for i, j, k in ti.ndrange(3, 3, 3):  # run-time loop: see p2g_grad
-                offset = ti.Vector([i, j, k])
-                dpos = ti.cast(offset, real) - fx  # in cells: d dpos / d x = -inv_dx I
-                weight = W[i, 0] * W[j, 1] * W[k, 2]
-                node = base + offset
-                g_v_node = grid_v[node]
-                weight_grad = inv_dx * ti.Vector([dW[i, 0] * W[j, 1] * W[k, 2], W[i, 0] * dW[j, 1] * W[k, 2],
-                                                  W[i, 0] * W[j, 1] * dW[k, 2]], real)
-                gC_dpos = gC @ dpos
-                g_grid_v[node] += weight * g_new_v + (4.0 * inv_dx * weight) * gC_dpos
-                gx += (g_new_v.dot(g_v_node) + 4.0 * inv_dx * g_v_node.dot(gC_dpos)) \
-                    * weight_grad - (4.0 * inv_dx * inv_dx * weight) * (gC.transpose() @ g_v_node)
-            g_x[src, p] += gx
+            g2p_grad_at(p, src, dst, x, grid_v, g_x, g_v, g_C, g_grid_v, origin, inv_dx, dt)
+
+    @ti.func
+    def advance_adjoint_at(p, g_x: ti.template(), g_v: ti.template(), g_C: ti.template(), g_F: ti.template(),
+                           g_plastic: ti.template()):
+        """One particle of advance_adjoint."""
+        g_x[1, p], g_v[1, p], g_C[1, p], g_F[1, p] = g_x[0, p], g_v[0, p], g_C[0, p], g_F[0, p]
+        g_plastic[1, p] = g_plastic[0, p]
+        g_x[0, p], g_v[0, p] = ti.Vector.zero(real, 3), ti.Vector.zero(real, 3)
+        g_C[0, p], g_F[0, p] = ti.Matrix.zero(real, 3, 3), ti.Matrix.zero(real, 3, 3)
+        g_plastic[0, p] = 0.0
 
     @ti.kernel
     def advance_adjoint(n: ti.i32, g_x: steps_vec, g_v: steps_vec, g_C: steps_mat, g_F: steps_mat,
@@ -490,35 +582,118 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         become slot 1's (the next adjoint's input) and slot 0 is zeroed. One launch for the ten
         copies and fills."""
         for p in range(n):
-            g_x[1, p], g_v[1, p], g_C[1, p], g_F[1, p] = g_x[0, p], g_v[0, p], g_C[0, p], g_F[0, p]
-            g_plastic[1, p] = g_plastic[0, p]
-            g_x[0, p], g_v[0, p] = ti.Vector.zero(real, 3), ti.Vector.zero(real, 3)
-            g_C[0, p], g_F[0, p] = ti.Matrix.zero(real, 3, 3), ti.Matrix.zero(real, 3, 3)
-            g_plastic[0, p] = 0.0
+            advance_adjoint_at(p, g_x, g_v, g_C, g_F, g_plastic)
+    # ---- whole substeps in one call: one launch context for the stages (each loop still its own
+    # GPU launch), because at 100k particles the host time of separate calls was the substep's cost
+    @ti.kernel
+    def substep_forward(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
+                        F: steps_mat, plastic: steps_scalar, material: per_particle_int, E: per_particle,
+                        nu: per_particle, density: per_particle, volume: per_particle, aux: table,
+                        dFc: per_particle_mat, control_scale: real, grid_mv: grid_vec, grid_m: grid_scalar,
+                        grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real, gravity: vec3, dx: real,
+                        wall_mode: ti.i32, wall_friction: real, colliders: table, n_colliders: ti.template(),
+                        time: real, tiled: ti.template()):
+        """A forward-only substep: stress_p2g (tiled: through shared memory, CUDA), grid_update
+        consuming the grid, g2p. The grid must be clear on entry and is left clear."""
+        if ti.static(tiled):
+            ti.loop_config(block_dim=BLOCK)
+            for i in range(blocked(n)):
+                stress_p2g_tiled_at(i, n, src, dst, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                                    control_scale, grid_mv, grid_m, origin, inv_dx, dt)
+        else:
+            for p in range(n):
+                stress_p2g_at(p, src, dst, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                              control_scale, grid_mv, grid_m, origin, inv_dx, dt)
+        for I in ti.grouped(grid_m):
+            grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
+                           colliders, n_colliders, time, True)
+        for p in range(n):
+            g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt)
+
+    @ti.kernel
+    def substep_forward_kept(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
+                             F: steps_mat, plastic: steps_scalar, material: per_particle_int, E: per_particle,
+                             nu: per_particle, density: per_particle, volume: per_particle, aux: table,
+                             dFc: per_particle_mat, control_scale: real, affine: per_particle_mat,
+                             grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, origin: vec3, inv_dx: real,
+                             dt: real, gravity: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
+                             colliders: table, n_colliders: ti.template(), time: real,
+                             move_particles: ti.template(), tiled: ti.template()):
+        """A substep whose grid and affine an adjoint reads afterwards: clear_grid, particle_stress,
+        p2g (tiled on CUDA), grid_update (grid kept), and g2p if move_particles."""
+        for I in ti.grouped(grid_m):
+            clear_grid_at(I, grid_mv, grid_m)
+        for p in range(n):
+            affine[p] = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                                  control_scale, inv_dx, dt)
+        if ti.static(tiled):
+            ti.loop_config(block_dim=BLOCK)
+            for i in range(blocked(n)):
+                p2g_tiled_at(i, n, src, x, v, density, volume, affine, grid_mv, grid_m, origin, inv_dx)
+        else:
+            for p in range(n):
+                p2g_at(p, src, x, v, density, volume, affine, grid_mv, grid_m, origin, inv_dx)
+        for I in ti.grouped(grid_m):
+            grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
+                           colliders, n_colliders, time, False)
+        if ti.static(move_particles):
+            for p in range(n):
+                g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt)
+
+    @ti.kernel
+    def substep_adjoint(n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat, plastic: steps_scalar,
+                        material: per_particle_int, E: per_particle, nu: per_particle, density: per_particle,
+                        volume: per_particle, aux: table, dFc: per_particle_mat, control_scale: real,
+                        affine: per_particle_mat, grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec,
+                        g_mv: grid_vec, g_m: grid_scalar, g_grid_v: grid_vec, g_x: steps_vec, g_v: steps_vec,
+                        g_C: steps_mat, g_F: steps_mat, g_plastic: steps_scalar, g_E: per_particle,
+                        g_nu: per_particle, g_dFc: per_particle_mat, g_affine: per_particle_mat, origin: vec3,
+                        inv_dx: real, dt: real, gravity: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
+                        colliders: table, n_colliders: ti.template(), time: real,
+                        recompute_stress: ti.template()):
+        """The reverse of the elastic substep from slot 0 to 1 of x .. plastic, on its grid (mv, m,
+        v as its forward left them), then the adjoint step to the previous substep: particle_stress
+        again if recompute_stress (affine; its F, plastic [1] are rewritten with the same values),
+        g2p_grad, grid_update_grad, p2g_grad, particle_stress_grad, advance_adjoint. The state
+        adjoints g_* [2, N, ...] hold the incoming ones in slot 1 and leave with them in slot 1."""
+        if ti.static(recompute_stress):
+            for p in range(n):
+                affine[p] = stress_of(p, 0, 1, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                                      control_scale, inv_dx, dt)
+        for p in range(n):
+            g2p_grad_at(p, 0, 1, x, grid_v, g_x, g_v, g_C, g_grid_v, origin, inv_dx, dt)
+        for I in ti.grouped(grid_m):
+            grid_update_grad_at(I, grid_mv, grid_m, g_grid_v, g_mv, g_m, dt, gravity, origin, dx, wall_mode,
+                                wall_friction, colliders, n_colliders, time)
+        for p in range(n):
+            p2g_grad_at(p, 0, x, v, density, volume, affine, g_mv, g_m, g_x, g_v, g_affine, origin, inv_dx)
+        for p in range(n):
+            particle_stress_grad_at(p, 0, 1, C, F, material, E, nu, density, volume, dFc, control_scale,
+                                    g_affine, g_C, g_F, g_plastic, g_E, g_nu, g_dFc, inv_dx, dt)
+        for p in range(n):
+            advance_adjoint_at(p, g_x, g_v, g_C, g_F, g_plastic)
 
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, advance_adjoint=advance_adjoint,
                            particle_stress_grad=particle_stress_grad, p2g=p2g, stress_p2g=stress_p2g,
                            p2g_tiled=p2g_tiled, stress_p2g_tiled=stress_p2g_tiled,
                            grid_update=grid_update, grid_update_grad=grid_update_grad, g2p=g2p, trial_svd=trial_svd,
                            particle_stress_svd=particle_stress_svd, trial_svd_grad=trial_svd_grad,
-                           p2g_grad=p2g_grad, g2p_grad=g2p_grad)
+                           p2g_grad=p2g_grad, g2p_grad=g2p_grad, substep_forward=substep_forward,
+                           substep_forward_kept=substep_forward_kept, substep_adjoint=substep_adjoint)
 
 
 
 
 @lru_cache(maxsize=None)
-def substep_launchers(real, plastic_models: bool = True, tiled: bool = False) -> SimpleNamespace:
+def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
     """substep_kernels behind TorchKernel launchers (~2 us of host time per tensor argument instead
     of ~20 us: an MPM substep passes ~40 over five launches, so this is the difference between a
     host-bound and a GPU-bound substep at 100k particles): every kernel under its own name, and
     Taichi's reverse-mode kernel of the plastic stress as ``particle_stress_svd_reverse`` (pass
-    tensors whose .grad holds the adjoints). ``tiled`` (CUDA only): ``p2g`` and ``stress_p2g`` are
-    the shared-memory forms (block_scatter); see :func:`tiled_p2g`."""
+    tensors whose .grad holds the adjoints)."""
     kernels = substep_kernels(real, plastic_models)
     launchers = {name: TorchKernel(kernel) for name, kernel in vars(kernels).items()}
     launchers.update(particle_stress_svd_reverse=TorchKernel(kernels.particle_stress_svd, reverse=True))
-    if tiled:
-        launchers.update(p2g=launchers["p2g_tiled"], stress_p2g=launchers["stress_p2g_tiled"])
     return SimpleNamespace(**launchers)
 
 
@@ -551,7 +726,8 @@ class GridSetup:
 def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constants: Mapping[str, Any],
                 grid: Tuple[Any, Any, Any], affine, control: Tuple[Any, float], setup: GridSetup,
                 dt: float, time: float = 0.0, svd: Optional[Tuple[Any, Any, Any]] = None,
-                move_particles: bool = True, svd_separation: float = 0.0, keep_grid: bool = True) -> None:
+                move_particles: bool = True, svd_separation: float = 0.0, keep_grid: bool = True,
+                tiled: bool = False) -> None:
     """The substep sequence, written once for the solver and the differentiable rollout:
     clear_grid, particle stress (with ``svd`` = (U, sig, V) buffers: trial_svd then
     particle_stress_svd, the differentiable form of the plastic models), p2g, grid_update, g2p.
@@ -562,8 +738,10 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     after grid_update (a backward recomputing the grid of a substep); ``svd_separation``: see
     trial_svd (the backward's recompute passes constitutive.svd_separation, the forward 0).
     ``keep_grid=False`` is the forward-only form: the grid must be clear on entry and is left clear
-    (grid_update zeroes mv and m once read: no clear_grid launch), and without ``svd`` the stress
-    and P2G run as one kernel (stress_p2g) that writes no ``affine``. Three launches instead of five.
+    (grid_update zeroes mv and m once read: no clear_grid), and without ``svd`` the stress and P2G
+    run as one pass that writes no ``affine``. ``tiled``: P2G through shared memory (CUDA only,
+    :func:`tiled_p2g`). Without ``svd`` the whole substep is one kernel call (substep_forward or
+    substep_forward_kept).
     """
     grid_mv, grid_m, grid_v = grid
     dFc, scale = control
@@ -571,21 +749,23 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     material, E, nu, aux = constants["material"], constants["E"], constants["nu"], constants["aux"]
     density, volume = constants["density"], constants["volume"]
     inv_dx = 1.0 / setup.dx
+    walls = (setup.gravity, setup.dx, setup.wall_mode, setup.wall_friction, setup.colliders, setup.n_colliders, time)
+    if svd is None:
+        if keep_grid:
+            k.substep_forward_kept(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
+                                   affine, grid_mv, grid_m, grid_v, setup.origin, inv_dx, dt, *walls,
+                                   move_particles, tiled)
+        else:
+            k.substep_forward(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
+                              grid_mv, grid_m, grid_v, setup.origin, inv_dx, dt, *walls, tiled)
+        return
+    U, sig, V = svd
     if keep_grid:
         k.clear_grid(grid_mv, grid_m)
-    if svd is None and not keep_grid:
-        k.stress_p2g(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
-                     grid_mv, grid_m, setup.origin, inv_dx, dt)
-    else:
-        if svd is None:
-            k.particle_stress(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
-                              affine, inv_dx, dt)
-        else:
-            U, sig, V = svd
-            k.trial_svd(src, n, C, F, material, dFc, scale, U, sig, V, dt, svd_separation)
-            k.particle_stress_svd(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
-                                  U, sig, V, affine, inv_dx, dt)
-        k.p2g(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx)
+    k.trial_svd(src, n, C, F, material, dFc, scale, U, sig, V, dt, svd_separation)
+    k.particle_stress_svd(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
+                          U, sig, V, affine, inv_dx, dt)
+    (k.p2g_tiled if tiled else k.p2g)(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx)
     k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
                   setup.wall_friction, setup.colliders, setup.n_colliders, time, not keep_grid)
     if move_particles:
