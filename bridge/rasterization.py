@@ -2,7 +2,7 @@
 
 Staged like gsplat, one autograd Function per stage:
     _Project (render/projection.py)  Gaussians -> per-camera screen-space splats
-    bin_counted_rects (render/binning.py)  tile/splat pairs sorted by (tile, depth), no gradient
+    binning (render/binning.py)      tile/splat pairs sorted by (tile, depth), no gradient
     _Blend (render/blending.py)      splats -> images, alphas
 Backgrounds, render modes and expected depth are plain torch on top, so autograd handles them.
 """
@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from render.binning import DEFAULT_MAX_PAIRS, TILE_SIZE, TileGrid, bin_counted_rects
+from render.binning import DEFAULT_MAX_PAIRS, TILE_SIZE, bin_unchecked, tile_grid
 from render.blending import blend_kernels
 from render.projection import ProjectionConfig, projection_kernels
 
@@ -31,8 +31,8 @@ MAX_CHANNELS = 32  # features per splat held in shared memory by the CUDA blendi
 @functools.cache
 def _projection(sh_degree: int, given_cov: bool, antialiased: bool, several_cameras: bool):
     """(forward kernel, backward kernel, which of means, quats, scales, covars, opacities, sh the
-    kernels use), looked up once per call on plain arguments. With one camera the backward writes
-    every gradient element (no zeroing, no atomics); several cameras accumulate into zeroed arrays."""
+    kernels use), looked up once per call on plain arguments. The backward writes every gradient
+    element (a thread per Gaussian sums its cameras): no zero-filled arrays for any camera count."""
     used = (True, not given_cov, not given_cov, given_cov, True, sh_degree >= 0)
     return (*projection_kernels(ProjectionConfig(sh_degree, given_cov, antialiased, accumulate=several_cameras)),
             used)
@@ -44,11 +44,39 @@ def _device(arch: str) -> torch.device:
     return taichi_device()
 
 
+def _device_index(dev: torch.device) -> int:
+    """Tensor.get_device() of a tensor on dev (-1 for the CPU; "cuda" means the current GPU, as
+    taichi_mpm.validation.same_device reads it): integers compare in well under a us, devices not."""
+    if dev.type == "cpu":
+        return -1
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
+
+def _is_f32(t, shape: tuple, device_index: int) -> bool:
+    """t is a float32 tensor of this shape (None: any size) on the device of that index."""
+    if not (isinstance(t, torch.Tensor) and t.dtype is torch.float32
+            and (t.is_cpu if device_index < 0 else t.is_cuda and t.get_device() == device_index)):
+        return False
+    sizes = t.shape
+    if len(sizes) != len(shape):
+        return False
+    for want, size in zip(shape, sizes):
+        if want is not None and want != size:
+            return False
+    return True
+
+
 @functools.cache
 def _placeholder(shape: tuple, device: torch.device) -> torch.Tensor:
     """A tiny array standing in for an input (and its gradient) the compiled kernels never touch
     (quats/scales when cov3D is given, or the reverse; SH when colours are given): one per process."""
     return torch.empty(shape, device=device)
+
+
+@functools.cache
+def _no_items(device: torch.device) -> torch.Tensor:
+    """The item_ids the blend kernels get when there are no pairs (no tile range reads it)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def _given(grads, ndims, device):
@@ -91,10 +119,9 @@ class _Project(torch.autograd.Function):
     def backward(ctx, v_means2d, v_conics, v_depths, v_rgb, v_opac, _v_radii, _v_rects, _v_pair_counts):
         inputs = ctx.saved_tensors
         means, quats, scales, covars, opacities, sh, viewmats, Ks, rects = inputs
-        # gradients accumulate over cameras; one camera writes every element. An unused input is a
+        # the kernel writes every gradient element (summing the cameras itself). An unused input is a
         # placeholder the kernel never touches: it stands in for its own gradient array
-        new = torch.zeros_like if viewmats.shape[0] > 1 else torch.empty_like
-        grads = [new(t) if u else t for t, u in zip(inputs, ctx.used)]
+        grads = [torch.empty_like(t) if u else t for t, u in zip(inputs, ctx.used)]
         # bits in render.projection.GIVEN_* order
         v_outs, given = _given((v_means2d, v_conics, v_depths, v_rgb, v_opac), (3, 3, 2, 3, 2), means.device)
         ctx.kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, ctx.plane[0], ctx.plane[1], rects,
@@ -112,22 +139,21 @@ class _Blend(torch.autograd.Function):
         alpha = torch.empty(C, height, width, 1, device=dev)
         final_T = torch.empty(C, height, width, device=dev)
         last = torch.empty(C, height, width, dtype=torch.int32, device=dev)
-        tile_walked = torch.zeros(tile_ranges.shape[:3], dtype=torch.int32, device=dev)
+        # tile_ranges' third column (binning's walked=True) takes the walked bound of each tile
         kernels[0](means2d, conics, opacities, features, item_ids, tile_ranges, width, height,
-                   image, alpha, final_T, last, tile_walked)
-        ctx.save_for_backward(means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last,
-                              tile_walked)
+                   image, alpha, final_T, last)
+        ctx.save_for_backward(means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last)
         ctx.size, ctx.kernel = (width, height), kernels[1]
         ctx.set_materialize_grads(False)  # the backward kernel skips a missing gradient
         return image, alpha
 
     @staticmethod
     def backward(ctx, v_image, v_alpha):
-        means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last, tile_walked = ctx.saved_tensors
+        means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last = ctx.saved_tensors
         (v_image, v_alpha), given = _given((v_image, v_alpha), (4, 4), features.device)  # GIVEN_IMAGE, _ALPHA
         grads = [torch.zeros_like(t) for t in (means2d, conics, opacities, features)]
         ctx.kernel(means2d, conics, opacities, features, item_ids, tile_ranges, *ctx.size, final_T,
-                   last, tile_walked, v_image, v_alpha, given, *grads)
+                   last, v_image, v_alpha, given, *grads)
         return (*grads, None, None, None, None, None)
 
 
@@ -217,10 +243,16 @@ def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, *, 
     near_plane = check_number("near_plane", near_plane, low=0.0, low_open=True)
     check_number("far_plane", far_plane, low=near_plane, low_open=True)
 
-    N = check_tensor("means", means, (None, 3), dtype=torch.float32, device=dev).shape[0]
+    on = _device_index(dev)  # means must be on the Taichi device; the other inputs on means' device
+    if not _is_f32(means, (None, 3), on):
+        check_tensor("means", means, (None, 3), dtype=torch.float32, device=dev)
+    N = means.shape[0]
 
     def tensor(name, t, shape):
-        # the full device comparison (cuda vs cuda:0) costs a few us: only for one not on means' device
+        # float32 of this shape on means' device passes at once; otherwise check_tensor says what is
+        # wrong (comparing the device with the Taichi device only for one not on means' device)
+        if _is_f32(t, shape, on):
+            return t
         same = isinstance(t, torch.Tensor) and t.device == means.device
         return check_tensor(name, t, shape, dtype=torch.float32, device=None if same else dev)
 
@@ -334,7 +366,9 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
         near_plane=near_plane, far_plane=far_plane, sh_degree=sh_degree, backgrounds=backgrounds,
         render_mode=render_mode, rasterize_mode=rasterize_mode, means2d_offset=means2d_offset,
         channel_chunk=channel_chunk, validate=validate, dev=dev)
-    grid = TileGrid(width, height)
+    grid = tile_grid(width, height)
+    if not 0 < max_pairs < 2**31:  # render.binning's own check (its unchecked entry point is used)
+        raise ValueError(f"max_pairs must be in [1, 2**31) (pair indices are int32), got {max_pairs}")
     if C * N >= 2**31 or C * grid.num_tiles * TILE_THREADS >= 2**31:
         raise ValueError(f"{C} cameras x {N} Gaussians at {width}x{height} overflow the kernels' int32 "
                          f"indices; render fewer cameras per call")
@@ -358,8 +392,8 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
         features = depths[..., None]
     else:
         features = torch.cat([rgb, depths[..., None]], -1)
-    binning = bin_counted_rects(rects, depths.detach().view(-1), pair_counts, C, grid, max_pairs)
-    item_ids = binning.item_ids if binning.num_pairs else torch.zeros(1, dtype=torch.int32, device=dev)
+    binning = bin_unchecked(rects, depths.detach().view(-1), pair_counts, C, grid, max_pairs, walked=True)
+    item_ids = binning.item_ids if binning.num_pairs else _no_items(dev)
     image, alpha = _Blend.apply(means2d, conics, opac, features, item_ids, binning.tile_ranges, width, height,
                                 blend_kernels(blend_variant, channels))
     if backgrounds is not None:
@@ -369,7 +403,7 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
     if render_mode in ("ED", "RGB+ED"):
         image = torch.cat([image[..., :-1], image[..., -1:] / alpha.clamp_min(1e-10)], -1)
     meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, radii=radii, gaussian_ids=None,
-                tile_ranges=binning.tile_ranges, item_ids=binning.item_ids, num_pairs=binning.num_pairs,
+                tile_ranges=binning.tile_ranges[..., :2], item_ids=binning.item_ids, num_pairs=binning.num_pairs,
                 width=width, height=height, tile_size=grid.tile_size, n_cameras=C)
     return image, alpha, meta
 

@@ -2,7 +2,7 @@
 
 One autograd Function runs the three stages the 3D rasterizer shares with it:
     preprocess (render/splat2d.py)        Cholesky factors -> conics, tile rectangles
-    bin_counted_rects (render/binning.py) tile/Gaussian pairs in index order, no gradient
+    binning (render/binning.py)           tile/Gaussian pairs in index order, no gradient
     blend (render/blending.py)            "sum" (order-free) or "alpha" (front to back) blending
 and its backward runs the hand-written blend and preprocess backward kernels. With
 use_manual_backward=False the same image comes from render/reference2d.py (dense pure torch,
@@ -10,20 +10,21 @@ autograd), the reference the tests compare the kernels against.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
-from render.binning import DEFAULT_MAX_PAIRS, TileGrid, bin_counted_rects
+from render.binning import DEFAULT_MAX_PAIRS, bin_unchecked, tile_grid
 from render.blending import BLEND_MODES, blend_kernels
 from render.reference2d import reference_splat2d
 from render.splat2d import preprocess_kernels
 from taichi_mpm.runtime import ensure_init
 from taichi_mpm.validation import check_int, check_tensor
 
-from .rasterization import MAX_CHANNELS, _check_values, _device, _given
+from .rasterization import MAX_CHANNELS, _check_values, _device, _device_index, _given, _is_f32, _no_items
 
 
 class _Splat2D(torch.autograd.Function):
@@ -34,58 +35,78 @@ class _Splat2D(torch.autograd.Function):
         # inputs pass as they are (TorchKernel's forward launch gives Taichi no gradient pointers);
         # the blend kernels read one image's (C = 1, N, ...) arrays
         N, K, dev = means.shape[0], colors.shape[1], means.device
-        prep_forward, _ = preprocess_kernels()
         conics = torch.empty(1, N, 3, device=dev)
         rects = torch.empty(N, 4, dtype=torch.int32, device=dev)
         counts = torch.empty(N, dtype=torch.int32, device=dev)
-        prep_forward(means, chol, opacities, width, height, conics, rects, counts)
-        # no depths: pairs keep index order, Gaussian 0 in front
-        binning = bin_counted_rects(rects, None, counts, 1, TileGrid(width, height), max_pairs)
-        item_ids = binning.item_ids if binning.num_pairs else torch.zeros(1, dtype=torch.int32, device=dev)
+        preprocess_kernels()[0](means, chol, opacities, width, height, conics, rects, counts)
+        # no depths: pairs keep index order, Gaussian 0 in front; the third column of the tile ranges
+        # is the blend kernels' walked bound (render.binning.bin_unchecked's walked=True)
+        binning = bin_unchecked(rects, None, counts, 1, tile_grid(width, height), max_pairs, walked=True)
+        item_ids = binning.item_ids if binning.num_pairs else _no_items(dev)
         image = torch.empty(1, height, width, K, device=dev)
         alpha = torch.empty(1, height, width, 1, device=dev)
         final_T = torch.empty(1, height, width, device=dev)
         last = torch.empty(1, height, width, dtype=torch.int32, device=dev)
-        tile_walked = torch.zeros(binning.tile_ranges.shape[:3], dtype=torch.int32, device=dev)
         one_image = (means[None], conics, opacities[None], colors[None])
-        blend[0](*one_image, item_ids, binning.tile_ranges, width, height, image, alpha, final_T, last, tile_walked)
-        ctx.save_for_backward(*one_image, chol, rects, item_ids, binning.tile_ranges, final_T, last, tile_walked)
+        blend[0](*one_image, item_ids, binning.tile_ranges, width, height, image, alpha, final_T, last)
+        ctx.save_for_backward(*one_image, chol, rects, item_ids, binning.tile_ranges, final_T, last)
         ctx.size, ctx.kernel = (width, height), blend[1]
         ctx.set_materialize_grads(False)  # the backward kernel skips a missing gradient
         return image[0], alpha.view(height, width)
 
     @staticmethod
     def backward(ctx, v_image, v_alpha):
-        means, conics, opacities, colors, chol, rects, item_ids, tile_ranges, final_T, last, tile_walked = \
-            ctx.saved_tensors
+        means, conics, opacities, colors, chol, rects, item_ids, tile_ranges, final_T, last = ctx.saved_tensors
         width, height = ctx.size
-        _, prep_backward = preprocess_kernels()
         (v_image, v_alpha), given = _given((None if v_image is None else v_image[None],
                                             None if v_alpha is None else v_alpha.reshape(1, height, width, 1)),
                                            (4, 4), means.device)
         v_means, v_conics, v_opac, v_colors = (torch.zeros_like(t) for t in (means, conics, opacities, colors))
-        ctx.kernel(means, conics, opacities, colors, item_ids, tile_ranges, width, height, final_T, last, tile_walked,
+        ctx.kernel(means, conics, opacities, colors, item_ids, tile_ranges, width, height, final_T, last,
                    v_image, v_alpha, given, v_means, v_conics, v_opac, v_colors)
         v_chol = torch.empty_like(chol)
-        prep_backward(chol, rects, v_conics, v_chol)
+        preprocess_kernels()[1](chol, rects, v_conics, v_chol)
         return v_means[0], v_chol, v_opac[0], v_colors[0], None, None, None, None
 
 
+@functools.lru_cache(maxsize=8)
+def _unit_opacities(n: int, device: torch.device) -> torch.Tensor:
+    """opacities=None (GaussianImage): ones, built once per size; the kernels only read them."""
+    return torch.ones(n, device=device)
+
+
+def _common_case(means, chol, colors, opacities, background, width, height, mode, dev) -> bool:
+    """True when the arguments are what the Taichi path takes as they are (float32 on the Taichi
+    device, the right shapes, 1..32 channels, int sizes): a few us in place of the checks one by one,
+    which run only when it is False, so that every error stays theirs."""
+    on = _device_index(dev)
+    if not (type(width) is int and type(height) is int and width >= 1 and height >= 1 and mode in BLEND_MODES
+            and _is_f32(means, (None, 2), on) and isinstance(colors, torch.Tensor) and colors.dim() == 2):
+        return False
+    N, K = means.shape[0], colors.shape[1]
+    return (1 <= K <= MAX_CHANNELS and _is_f32(chol, (N, 3), on) and _is_f32(colors, (N, K), on)
+            and (opacities is None or _is_f32(opacities, (N,), on))
+            and (background is None or _is_f32(background, (K,), on)))
+
+
 def _validate(means, chol, colors, opacities, background, width, height, mode, validate, dev, manual):
-    width, height = check_int("width", width, 1), check_int("height", height, 1)
-    if mode not in BLEND_MODES:
-        raise ValueError(f"mode must be one of {BLEND_MODES}, got {mode!r}")
-    dtypes = torch.float32 if manual else (torch.float32, torch.float64)
-    check_tensor("means", means, (None, 2), dtypes, dev if manual else None)
-    N = means.shape[0]
-    for name, t, shape in (("chol", chol, (N, 3)), ("colors", colors, (N, None)), ("opacities", opacities, (N,))):
-        if t is not None:
-            check_tensor(name, t, shape, means.dtype, means.device)
-    K = colors.shape[1]
-    if not 1 <= K <= MAX_CHANNELS:
-        raise ValueError(f"colors has {K} channels; between 1 and {MAX_CHANNELS} are supported")
-    if background is not None:
-        check_tensor("background", background, (K,), means.dtype, means.device)
+    if not (manual and _common_case(means, chol, colors, opacities, background, width, height, mode, dev)):
+        width, height = check_int("width", width, 1), check_int("height", height, 1)
+        if mode not in BLEND_MODES:
+            raise ValueError(f"mode must be one of {BLEND_MODES}, got {mode!r}")
+        dtypes = torch.float32 if manual else (torch.float32, torch.float64)
+        check_tensor("means", means, (None, 2), dtypes, dev if manual else None)
+        N = means.shape[0]
+        for name, t, shape in (("chol", chol, (N, 3)), ("colors", colors, (N, None)),
+                               ("opacities", opacities, (N,))):
+            if t is not None:
+                check_tensor(name, t, shape, means.dtype, means.device)
+        K = colors.shape[1]
+        if not 1 <= K <= MAX_CHANNELS:
+            raise ValueError(f"colors has {K} channels; between 1 and {MAX_CHANNELS} are supported")
+        if background is not None:
+            check_tensor("background", background, (K,), means.dtype, means.device)
+    N, K = means.shape[0], colors.shape[1]
     if validate:  # one device sync
         with torch.no_grad():
             conditions = [((chol[:, 0] * chol[:, 2] != 0).all(),
@@ -126,13 +147,17 @@ def splat2d(means: torch.Tensor, chol: torch.Tensor, colors: torch.Tensor, width
         zeros = means.new_zeros(height, width, K)
         image = zeros if background is None else zeros + background
         return image, means.new_zeros(height, width)
-    if opacities is None:
-        opacities = torch.ones(N, dtype=means.dtype, device=means.device)
     if use_manual_backward:
-        variant = "pixel" if ensure_init() == "cpu" else "block"
+        if not 0 < max_pairs < 2**31:  # render.binning's own check (its unchecked entry point is used)
+            raise ValueError(f"max_pairs must be in [1, 2**31) (pair indices are int32), got {max_pairs}")
+        if opacities is None:
+            opacities = _unit_opacities(N, dev)
+        variant = "pixel" if dev.type == "cpu" else "block"
         image, alpha = _Splat2D.apply(means.contiguous(), chol.contiguous(), opacities.contiguous(),
                                       colors.contiguous(), width, height, blend_kernels(variant, K, mode), max_pairs)
     else:
+        if opacities is None:
+            opacities = torch.ones(N, dtype=means.dtype, device=means.device)
         image, alpha = reference_splat2d(means, chol, colors, opacities, width, height, mode)
     if background is not None:
         image = image + (background if mode == "sum" else (1.0 - alpha)[..., None] * background)

@@ -6,7 +6,9 @@ d = mean2D - pixel centre; splats with power > 0 or alpha < 1/255 are skipped; b
 splat that would bring the transmittance T below 1e-4. The forward writes each pixel's alpha 1 - T
 (C, H, W, 1), the layout callers return, and keeps the final T itself and the number of pairs of the
 tile's range it walked through up to the last one blended; the backward walks back from there,
-dividing T by (1 - alpha).
+dividing T by (1 - alpha). The tile ranges carry a third column (render.binning's walked=True), the
+tile's start, which the forward raises by atomic max to the end of the pairs any pixel of the tile
+used: the CUDA backward's bound, with no zero-filled array to allocate.
 
 Two kernels per direction: on CUDA one 256-thread block per tile loads batches of splats into shared
 memory and the backward reduces each warp's gradients with shuffles before one global atomic; on CPU
@@ -103,11 +105,11 @@ def blend_kernels(variant: str, channels: int, mode: str = "alpha"):
     """(forward, backward) kernels blending `channels` features per splat; see BlendConfig.
 
     forward(means2d (C, N, 2), conics (C, N, 3), opacities (C, N), features (C, N, K), item_ids (P,),
-            tile_ranges (C, ty, tx, 2), width, height, image (C, H, W, K) out, alpha (C, H, W, 1) out,
-            final_T (C, H, W) out, last (C, H, W) int32 out, tile_walked (C, ty, tx) int32 zeroed)
-    backward(means2d, conics, opacities, features, item_ids, tile_ranges, width, height, final_T, last,
-             tile_walked, v_image (C, H, W, K), v_alpha (C, H, W, 1), given (GIVEN_* bits), v_means2d,
-             v_conics, v_opacities, v_features (zeroed; accumulated into))
+            tile_ranges (C, ty, tx, 3) [start, end, start: raised to the end walked], width, height,
+            image (C, H, W, K) out, alpha (C, H, W, 1) out, final_T (C, H, W) out, last (C, H, W) int32 out)
+    backward(means2d, conics, opacities, features, item_ids, tile_ranges (as the forward left them),
+             width, height, final_T, last, v_image (C, H, W, K), v_alpha (C, H, W, 1), given (GIVEN_* bits),
+             v_means2d, v_conics, v_opacities, v_features (zeroed; accumulated into))
     """
     return _blend_kernels(BlendConfig(variant, channels, mode))
 
@@ -144,8 +146,7 @@ def _blend_kernels(config: BlendConfig):
                     features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                     width: ti.i32, height: ti.i32,
                     image: nd(ti.f32, ndim=4), alpha_out: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3),
-                    last: nd(ti.i32, ndim=3),
-                     tile_walked: nd(ti.i32, ndim=3)):
+                    last: nd(ti.i32, ndim=3)):
             N = means2d.shape[1]
             for c, py, px in ti.ndrange(image.shape[0], height, width):
                 ty, tx = py // TILE, px // TILE
@@ -173,13 +174,12 @@ def _blend_kernels(config: BlendConfig):
                 alpha_out[c, py, px, 0] = 1.0 - T
                 final_T[c, py, px] = T
                 last[c, py, px] = n_walked
-                ti.atomic_max(tile_walked[c, ty, tx], n_walked)
+                ti.atomic_max(ranges[c, ty, tx, 2], start + n_walked)
 
         @ti.kernel
         def backward(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
                      features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                      width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
-                      tile_walked: nd(ti.i32, ndim=3),
                      v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4), given: ti.i32,
                      v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_opacities: nd(ti.f32, ndim=2),
                      v_features: nd(ti.f32, ndim=3)):
@@ -229,8 +229,7 @@ def _blend_kernels(config: BlendConfig):
                      features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                      width: ti.i32, height: ti.i32,
                      image: nd(ti.f32, ndim=4), alpha_out: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3),
-                     last: nd(ti.i32, ndim=3),
-                     tile_walked: nd(ti.i32, ndim=3)):
+                     last: nd(ti.i32, ndim=3)):
         N = means2d.shape[1]
         tiles_y, tiles_x = ranges.shape[1], ranges.shape[2]
         num_tiles = tiles_x * tiles_y
@@ -290,13 +289,12 @@ def _blend_kernels(config: BlendConfig):
             for offset in ti.static((16, 8, 4, 2, 1)):
                 n_walked = ti.max(n_walked, ti.simt.warp.shfl_down_i32(ti.u32(FULL_MASK), n_walked, offset))
             if lane % 32 == 0:
-                ti.atomic_max(tile_walked[c, ty, tx], n_walked)
+                ti.atomic_max(ranges[c, ty, tx, 2], start + n_walked)
 
     @ti.kernel
     def backward_cuda(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
                       features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                       width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
-                      tile_walked: nd(ti.i32, ndim=3),
                       v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4), given: ti.i32,
                       v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_opacities: nd(ti.f32, ndim=2),
                       v_features: nd(ti.f32, ndim=3)):
@@ -328,7 +326,7 @@ def _blend_kernels(config: BlendConfig):
                         v_pix[k] = v_image[c, py, px, k]
             T = T_final
             behind = ti.Vector.zero(ti.f32, K)
-            end = start + tile_walked[c, ty, tx]  # the furthest any pixel of the tile got
+            end = ranges[c, ty, tx, 2]  # the furthest any pixel of the tile got (the forward's atomic max)
             for batch in range((end - start + BLOCK - 1) // BLOCK):
                 ti.simt.block.sync()
                 j = end - 1 - batch * BLOCK - lane

@@ -8,16 +8,19 @@ half-widths r*sqrt(cov_xx), r*sqrt(cov_yy). Pixel (px, py) has its centre at (px
 intrinsics follow gsplat (mean2D = f * x / z + c).
 
 The backward kernel recomputes the forward quantities (nothing is stored but the tile rectangles) and
-chains the screen-space gradients back to means, quaternions, scales or cov3D, opacities and SH.
+chains the screen-space gradients back to means, quaternions, scales or cov3D, opacities and SH, one
+thread per Gaussian summing over the cameras.
 """
 
 import functools
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import taichi as ti
 
 from taichi_mpm.launch import TorchKernel
 
+from .lanes import item_lanes
 from .sh import num_sh_bases, sh_to_rgb, sh_to_rgb_backward
 
 DILATION = 0.3      # px^2 added to the projected covariance
@@ -93,9 +96,10 @@ class ProjectionConfig:
     sh_degree: 0..3 evaluates SH colours in the kernel; -1 means colours are given (no SH).
     given_cov: read (N, 6) cov3D instead of quaternions and scales.
     antialiased: Mip-Splatting opacity compensation (gsplat's rasterize_mode="antialiased").
-    accumulate: the backward adds into zeroed gradient arrays (atomics, needed when several cameras
-        see a Gaussian); False (one camera) makes it write every gradient element, zeros included,
-        so the arrays need no zeroing and the stores no atomics. The forward ignores it.
+    accumulate: several cameras. The backward runs a thread per Gaussian that sums its cameras'
+        gradients itself and writes every gradient element once either way (no zero-filled arrays, no
+        atomics across threads); with accumulate its SH rows are zeroed first and added to, without
+        (one camera) they are written. The forward ignores it.
     """
     sh_degree: int = -1
     given_cov: bool = False
@@ -108,9 +112,11 @@ class ProjectionConfig:
 GIVEN_MEANS2D, GIVEN_CONICS, GIVEN_DEPTHS, GIVEN_RGB, GIVEN_OPACITIES = 1, 2, 4, 8, 16
 
 
-def projection_kernels(config: ProjectionConfig):
-    """(forward, backward) TorchKernels for one configuration (both cached)."""
-    return (_forward_kernel(replace(config, accumulate=True)), _backward_kernel(config))
+def projection_kernels(config: ProjectionConfig, lanes: Optional[int] = None):
+    """(forward, backward) TorchKernels for one configuration (both cached). lanes: the item loops'
+    form (render/lanes.py); None takes the arch's."""
+    lanes = item_lanes() if lanes is None else lanes
+    return (_forward_kernel(replace(config, accumulate=True), lanes), _backward_kernel(config, lanes))
 
 
 @ti.func
@@ -125,8 +131,86 @@ def _cov3(quats: ti.template(), scales: ti.template(), covars: ti.template(), n,
 
 
 @functools.cache
-def _forward_kernel(config: ProjectionConfig):
+def _forward_kernel(config: ProjectionConfig, lanes: int):
     sh_degree, given_cov, antialiased = config.sh_degree, config.given_cov, config.antialiased
+
+    @ti.func
+    def project(idx, means: ti.template(), quats: ti.template(), scales: ti.template(), covars: ti.template(),
+                opacities: ti.template(), sh: ti.template(), viewmats: ti.template(), Ks: ti.template(), width,
+                height, near, far, means2d: ti.template(), conics: ti.template(), depths: ti.template(),
+                rgb: ti.template(), opac_out: ti.template(), radii: ti.template(), rects: ti.template(),
+                pair_counts: ti.template()):
+        """Item idx = c * N + n: Gaussian n seen by camera c."""
+        N = means.shape[0]
+        tiles_x = (width + TILE - 1) // TILE
+        tiles_y = (height + TILE - 1) // TILE
+        c, n = idx // N, idx % N
+        Rv, tv, fx, fy, cx, cy = _camera(viewmats, Ks, c)
+        p = ti.math.vec3(means[n, 0], means[n, 1], means[n, 2])
+        t = Rv @ p + tv
+        visible = False
+        mean2d = ti.math.vec2(0.0)
+        conic = ti.math.vec3(0.0)
+        op = 0.0
+        rx, ry = 0.0, 0.0
+        rect = ti.math.ivec4(0)
+        if t.z >= near and t.z <= far:
+            lx0, lx1, ly0, ly1 = _frustum_limits(fx, fy, cx, cy, width, height)
+            z = t.z
+            u = ti.math.clamp(t.x / z, -lx0, lx1)
+            v = ti.math.clamp(t.y / z, -ly0, ly1)
+            J = ti.Matrix([[fx / z, 0.0, -fx * u / z], [0.0, fy / z, -fy * v / z]])
+            A = J @ Rv
+            cov2 = A @ _cov3(quats, scales, covars, n, given_cov) @ A.transpose()
+            a = cov2[0, 0] + DILATION
+            b = cov2[0, 1]
+            d = cov2[1, 1] + DILATION
+            det = a * d - b * b
+            if det > 0.0:
+                comp = 1.0
+                if ti.static(antialiased):
+                    det_orig = cov2[0, 0] * cov2[1, 1] - b * b
+                    comp = ti.sqrt(ti.max(det_orig / det, 0.0))
+                op = opacities[n] * comp
+                if op >= ALPHA_MIN:
+                    mean2d = ti.math.vec2(fx * t.x / z + cx, fy * t.y / z + cy)
+                    conic = ti.math.vec3(d / det, -b / det, a / det)
+                    extent = ti.sqrt(2.0 * ti.log(255.0 * op))
+                    rx = extent * ti.sqrt(a)
+                    ry = extent * ti.sqrt(d)
+                    # pixels whose centre px + 0.5 lies within [mean - r, mean + r], clipped first
+                    # so that huge splats never overflow the integer conversion
+                    px0 = ti.cast(ti.ceil(ti.max(mean2d.x - rx - 0.5, 0.0)), ti.i32)
+                    px1 = ti.cast(ti.floor(ti.min(mean2d.x + rx - 0.5, width - 1.0)), ti.i32)
+                    py0 = ti.cast(ti.ceil(ti.max(mean2d.y - ry - 0.5, 0.0)), ti.i32)
+                    py1 = ti.cast(ti.floor(ti.min(mean2d.y + ry - 0.5, height - 1.0)), ti.i32)
+                    if px0 <= px1 and py0 <= py1:
+                        visible = True
+                        rect = ti.math.ivec4(px0 // TILE, py0 // TILE,
+                                             ti.min(px1 // TILE + 1, tiles_x), ti.min(py1 // TILE + 1, tiles_y))
+        if visible:
+            means2d[c, n, 0], means2d[c, n, 1] = mean2d.x, mean2d.y
+            conics[c, n, 0], conics[c, n, 1], conics[c, n, 2] = conic.x, conic.y, conic.z
+            depths[c, n] = t.z
+            opac_out[c, n] = op
+            radii[c, n, 0] = ti.cast(ti.ceil(ti.min(rx, 1e9)), ti.i32)
+            radii[c, n, 1] = ti.cast(ti.ceil(ti.min(ry, 1e9)), ti.i32)
+            if ti.static(sh_degree >= 0):
+                color = sh_to_rgb(sh, n, p + Rv.transpose() @ tv, sh_degree)
+                for ch in ti.static(range(3)):
+                    rgb[c, n, ch] = color[ch]
+        else:
+            means2d[c, n, 0], means2d[c, n, 1] = 0.0, 0.0
+            conics[c, n, 0], conics[c, n, 1], conics[c, n, 2] = 0.0, 0.0, 0.0
+            depths[c, n] = 0.0
+            opac_out[c, n] = 0.0
+            radii[c, n, 0], radii[c, n, 1] = 0, 0
+            if ti.static(sh_degree >= 0):
+                for ch in ti.static(range(3)):
+                    rgb[c, n, ch] = 0.0
+        for k in ti.static(range(4)):
+            rects[idx, k] = rect[k]
+        pair_counts[idx] = (rect[2] - rect[0]) * (rect[3] - rect[1])
 
     @ti.kernel
     def forward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
@@ -137,101 +221,164 @@ def _forward_kernel(config: ProjectionConfig):
                 rgb: nd(ti.f32, ndim=3), opac_out: nd(ti.f32, ndim=2), radii: nd(ti.i32, ndim=3),
                 rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
         # rects (C*N, 4) and pair_counts (C*N,) are laid out flat, as binning reads them
-        N = means.shape[0]
-        tiles_x = (width + TILE - 1) // TILE
-        tiles_y = (height + TILE - 1) // TILE
-        for idx in range(viewmats.shape[0] * N):
-            c, n = idx // N, idx % N
-            Rv, tv, fx, fy, cx, cy = _camera(viewmats, Ks, c)
-            p = ti.math.vec3(means[n, 0], means[n, 1], means[n, 2])
-            t = Rv @ p + tv
-            visible = False
-            mean2d = ti.math.vec2(0.0)
-            conic = ti.math.vec3(0.0)
-            op = 0.0
-            rx, ry = 0.0, 0.0
-            rect = ti.math.ivec4(0)
-            if t.z >= near and t.z <= far:
-                lx0, lx1, ly0, ly1 = _frustum_limits(fx, fy, cx, cy, width, height)
-                z = t.z
-                u = ti.math.clamp(t.x / z, -lx0, lx1)
-                v = ti.math.clamp(t.y / z, -ly0, ly1)
-                J = ti.Matrix([[fx / z, 0.0, -fx * u / z], [0.0, fy / z, -fy * v / z]])
-                A = J @ Rv
-                cov2 = A @ _cov3(quats, scales, covars, n, given_cov) @ A.transpose()
-                a = cov2[0, 0] + DILATION
-                b = cov2[0, 1]
-                d = cov2[1, 1] + DILATION
-                det = a * d - b * b
-                if det > 0.0:
-                    comp = 1.0
-                    if ti.static(antialiased):
-                        det_orig = cov2[0, 0] * cov2[1, 1] - b * b
-                        comp = ti.sqrt(ti.max(det_orig / det, 0.0))
-                    op = opacities[n] * comp
-                    if op >= ALPHA_MIN:
-                        mean2d = ti.math.vec2(fx * t.x / z + cx, fy * t.y / z + cy)
-                        conic = ti.math.vec3(d / det, -b / det, a / det)
-                        extent = ti.sqrt(2.0 * ti.log(255.0 * op))
-                        rx = extent * ti.sqrt(a)
-                        ry = extent * ti.sqrt(d)
-                        # pixels whose centre px + 0.5 lies within [mean - r, mean + r], clipped first
-                        # so that huge splats never overflow the integer conversion
-                        px0 = ti.cast(ti.ceil(ti.max(mean2d.x - rx - 0.5, 0.0)), ti.i32)
-                        px1 = ti.cast(ti.floor(ti.min(mean2d.x + rx - 0.5, width - 1.0)), ti.i32)
-                        py0 = ti.cast(ti.ceil(ti.max(mean2d.y - ry - 0.5, 0.0)), ti.i32)
-                        py1 = ti.cast(ti.floor(ti.min(mean2d.y + ry - 0.5, height - 1.0)), ti.i32)
-                        if px0 <= px1 and py0 <= py1:
-                            visible = True
-                            rect = ti.math.ivec4(px0 // TILE, py0 // TILE,
-                                                 ti.min(px1 // TILE + 1, tiles_x), ti.min(py1 // TILE + 1, tiles_y))
-            if visible:
-                means2d[c, n, 0], means2d[c, n, 1] = mean2d.x, mean2d.y
-                conics[c, n, 0], conics[c, n, 1], conics[c, n, 2] = conic.x, conic.y, conic.z
-                depths[c, n] = t.z
-                opac_out[c, n] = op
-                radii[c, n, 0] = ti.cast(ti.ceil(ti.min(rx, 1e9)), ti.i32)
-                radii[c, n, 1] = ti.cast(ti.ceil(ti.min(ry, 1e9)), ti.i32)
-                if ti.static(sh_degree >= 0):
-                    color = sh_to_rgb(sh, n, p + Rv.transpose() @ tv, sh_degree)
-                    for ch in ti.static(range(3)):
-                        rgb[c, n, ch] = color[ch]
-            else:
-                means2d[c, n, 0], means2d[c, n, 1] = 0.0, 0.0
-                conics[c, n, 0], conics[c, n, 1], conics[c, n, 2] = 0.0, 0.0, 0.0
-                depths[c, n] = 0.0
-                opac_out[c, n] = 0.0
-                radii[c, n, 0], radii[c, n, 1] = 0, 0
-                if ti.static(sh_degree >= 0):
-                    for ch in ti.static(range(3)):
-                        rgb[c, n, ch] = 0.0
-            for k in ti.static(range(4)):
-                rects[idx, k] = rect[k]
-            pair_counts[idx] = (rect[2] - rect[0]) * (rect[3] - rect[1])
+        if ti.static(lanes):
+            for lane in range(lanes):
+                idx = lane
+                while idx < viewmats.shape[0] * means.shape[0]:
+                    project(idx, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
+                            means2d, conics, depths, rgb, opac_out, radii, rects, pair_counts)
+                    idx += lanes
+        else:
+            for idx in range(viewmats.shape[0] * means.shape[0]):
+                project(idx, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
+                        means2d, conics, depths, rgb, opac_out, radii, rects, pair_counts)
 
     return TorchKernel(forward)
 
 
 @functools.cache
-def _backward_kernel(config: ProjectionConfig):
+def _backward_kernel(config: ProjectionConfig, lanes: int):
     sh_degree, given_cov, antialiased, accumulate = (config.sh_degree, config.given_cov, config.antialiased,
                                                       config.accumulate)
     sh_rows_used = num_sh_bases(sh_degree) if sh_degree >= 0 else 0
 
     @ti.func
-    def put(arr: ti.template(), n, value):
-        if ti.static(accumulate):
-            arr[n] += value
-        else:
-            arr[n] = value
+    def camera_grads(c, n, means: ti.template(), quats: ti.template(), scales: ti.template(),
+                     covars: ti.template(), opacities: ti.template(), sh: ti.template(), viewmats: ti.template(),
+                     Ks: ti.template(), width, height, rects: ti.template(), v_means2d: ti.template(),
+                     v_conics: ti.template(), v_depths: ti.template(), v_rgb: ti.template(),
+                     v_opac_out: ti.template(), given, v_sh: ti.template()):
+        """The gradients camera c's splat of Gaussian n sends back (zeros where it is not visible):
+        (visible, mean, opacity, cov3D, scale, raw quaternion); SH gradients go into v_sh[n] (added
+        with accumulate, else written)."""
+        idx = c * means.shape[0] + n
+        visible = rects[idx, 2] > rects[idx, 0] and rects[idx, 3] > rects[idx, 1]
+        v_p = ti.math.vec3(0.0)
+        v_op = 0.0
+        v_cov6 = ti.Vector.zero(ti.f32, 6)
+        v_s = ti.math.vec3(0.0)
+        v_q_raw = ti.math.vec4(0.0)
+        if visible:
+            Rv, tv, fx, fy, cx, cy = _camera(viewmats, Ks, c)
+            p = ti.math.vec3(means[n, 0], means[n, 1], means[n, 2])
+            t = Rv @ p + tv
+            z = t.z
+            lx0, lx1, ly0, ly1 = _frustum_limits(fx, fy, cx, cy, width, height)
+            u = ti.math.clamp(t.x / z, -lx0, lx1)
+            v = ti.math.clamp(t.y / z, -ly0, ly1)
+            J = ti.Matrix([[fx / z, 0.0, -fx * u / z], [0.0, fy / z, -fy * v / z]])
+            A = J @ Rv
+            S3 = _cov3(quats, scales, covars, n, given_cov)
+            cov2 = A @ S3 @ A.transpose()
+            a = cov2[0, 0] + DILATION
+            b = cov2[0, 1]
+            d = cov2[1, 1] + DILATION
+            det = a * d - b * b
+            conic = ti.Matrix([[d / det, -b / det], [-b / det, a / det]])
+
+            # conic = inverse(cov2 + 0.3 I): dL/dcov2 = -conic G conic, G the symmetric dL/dconic
+            G = ti.Matrix.zero(ti.f32, 2, 2)
+            if given & GIVEN_CONICS:
+                G = ti.Matrix([[v_conics[c, n, 0], 0.5 * v_conics[c, n, 1]],
+                               [0.5 * v_conics[c, n, 1], v_conics[c, n, 2]]])
+            v_cov2 = -(conic @ G @ conic)
+            if given & GIVEN_OPACITIES:
+                v_op = v_opac_out[c, n]
+            if ti.static(antialiased):
+                det_orig = cov2[0, 0] * cov2[1, 1] - b * b
+                comp = ti.sqrt(ti.max(det_orig / det, 0.0))
+                if comp > 0.0:
+                    # d det(X)/dX = adj(X) for symmetric 2x2 X
+                    adj_orig = ti.Matrix([[cov2[1, 1], -b], [-b, cov2[0, 0]]])
+                    adj_dil = ti.Matrix([[d, -b], [-b, a]])
+                    v_comp = v_op * opacities[n]
+                    v_cov2 += v_comp * 0.5 / comp * (adj_orig / det - det_orig / (det * det) * adj_dil)
+                v_op *= comp
+
+            # cov2 = A S3 A^T with A = J Rv
+            v_S3 = A.transpose() @ v_cov2 @ A
+            v_A = 2.0 * v_cov2 @ A @ S3
+            v_J = v_A @ Rv.transpose()
+            v_t = ti.math.vec3(0.0)
+            v_t.z += (-fx * v_J[0, 0] - fy * v_J[1, 1] + fx * u * v_J[0, 2] + fy * v * v_J[1, 2]) / (z * z)
+            v_u = -fx / z * v_J[0, 2]
+            v_v = -fy / z * v_J[1, 2]
+            if -lx0 < t.x / z < lx1:
+                v_t.x += v_u / z
+                v_t.z -= v_u * t.x / (z * z)
+            if -ly0 < t.y / z < ly1:
+                v_t.y += v_v / z
+                v_t.z -= v_v * t.y / (z * z)
+            # mean2d = f * t.xy / z + c, and depth = z
+            if given & GIVEN_MEANS2D:
+                gx, gy = v_means2d[c, n, 0], v_means2d[c, n, 1]
+                v_t += ti.math.vec3(fx * gx / z, fy * gy / z, -(fx * gx * t.x + fy * gy * t.y) / (z * z))
+            if given & GIVEN_DEPTHS:
+                v_t.z += v_depths[c, n]
+            v_p = Rv.transpose() @ v_t
+            if ti.static(sh_degree >= 0):
+                v_color = ti.math.vec3(0.0)
+                if given & GIVEN_RGB:
+                    v_color = ti.math.vec3(v_rgb[c, n, 0], v_rgb[c, n, 1], v_rgb[c, n, 2])
+                v_p += sh_to_rgb_backward(sh, v_sh, n, p + Rv.transpose() @ tv, v_color, sh_degree,
+                                          accumulate)
+
+            if ti.static(given_cov):
+                v_cov6 = ti.Vector([v_S3[0, 0], v_S3[0, 1] + v_S3[1, 0], v_S3[0, 2] + v_S3[2, 0],
+                                    v_S3[1, 1], v_S3[1, 2] + v_S3[2, 1], v_S3[2, 2]])
+            else:
+                M, R, s, q, q_raw = _scale_rotation(quats, scales, n)
+                v_M = (v_S3 + v_S3.transpose()) @ M
+                v_R = ti.Matrix([[v_M[i, j] * s[j] for j in ti.static(range(3))] for i in ti.static(range(3))])
+                for j in ti.static(range(3)):
+                    v_s[j] = v_M[0, j] * R[0, j] + v_M[1, j] * R[1, j] + v_M[2, j] * R[2, j]
+                v_q = _rotation_backward(q, v_R)
+                v_q_raw = (v_q - q * q.dot(v_q)) / q_raw.norm()
+
+        return visible, v_p, v_op, v_cov6, v_s, v_q_raw
 
     @ti.func
-    def put_row(arr: ti.template(), n, values):
-        for k in ti.static(range(values.n)):
-            if ti.static(accumulate):
-                arr[n, k] += values[k]
-            else:
-                arr[n, k] = values[k]
+    def unproject(n, means: ti.template(), quats: ti.template(), scales: ti.template(), covars: ti.template(),
+                  opacities: ti.template(), sh: ti.template(), viewmats: ti.template(), Ks: ti.template(), width,
+                  height, rects: ti.template(), v_means2d: ti.template(), v_conics: ti.template(),
+                  v_depths: ti.template(), v_rgb: ti.template(), v_opac_out: ti.template(), given,
+                  v_means: ti.template(), v_quats: ti.template(), v_scales: ti.template(), v_covars: ti.template(),
+                  v_opacities: ti.template(), v_sh: ti.template()):
+        """Every gradient element of Gaussian n, written once: the sum over the cameras, taken in this
+        thread (no zero-filled arrays, no atomics across threads, the same sum on every run)."""
+        v_p = ti.math.vec3(0.0)
+        v_op = 0.0
+        v_cov6 = ti.Vector.zero(ti.f32, 6)
+        v_s = ti.math.vec3(0.0)
+        v_q_raw = ti.math.vec4(0.0)
+        if ti.static(accumulate and sh_degree >= 0):
+            for k in range(v_sh.shape[1]):
+                for ch in ti.static(range(3)):
+                    v_sh[n, k, ch] = 0.0
+        for c in range(viewmats.shape[0]):
+            visible, p_c, op_c, cov6_c, s_c, q_c = camera_grads(
+                c, n, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects, v_means2d,
+                v_conics, v_depths, v_rgb, v_opac_out, given, v_sh)
+            if ti.static(not accumulate and sh_degree >= 0):  # one camera: SH rows it did not write
+                for k in range(ti.select(visible, sh_rows_used, 0), v_sh.shape[1]):
+                    for ch in ti.static(range(3)):
+                        v_sh[n, k, ch] = 0.0
+            v_p += p_c
+            v_op += op_c
+            v_cov6 += cov6_c
+            v_s += s_c
+            v_q_raw += q_c
+        v_opacities[n] = v_op
+        for k in ti.static(range(3)):
+            v_means[n, k] = v_p[k]
+        if ti.static(given_cov):
+            for k in ti.static(range(6)):
+                v_covars[n, k] = v_cov6[k]
+        else:
+            for k in ti.static(range(3)):
+                v_scales[n, k] = v_s[k]
+            for k in ti.static(range(4)):
+                v_quats[n, k] = v_q_raw[k]
 
     @ti.kernel
     def backward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
@@ -242,106 +389,18 @@ def _backward_kernel(config: ProjectionConfig):
                  v_rgb: nd(ti.f32, ndim=3), v_opac_out: nd(ti.f32, ndim=2), given: ti.i32,
                  v_means: nd(ti.f32, ndim=2), v_quats: nd(ti.f32, ndim=2), v_scales: nd(ti.f32, ndim=2),
                  v_covars: nd(ti.f32, ndim=2), v_opacities: nd(ti.f32, ndim=1), v_sh: nd(ti.f32, ndim=3)):
-        N = means.shape[0]
-        for idx in range(viewmats.shape[0] * N):
-            c, n = idx // N, idx % N
-            visible = rects[idx, 2] > rects[idx, 0] and rects[idx, 3] > rects[idx, 1]
-            v_p = ti.math.vec3(0.0)
-            v_op = 0.0
-            v_cov6 = ti.Vector.zero(ti.f32, 6)
-            v_s = ti.math.vec3(0.0)
-            v_q_raw = ti.math.vec4(0.0)
-            if visible:
-                Rv, tv, fx, fy, cx, cy = _camera(viewmats, Ks, c)
-                p = ti.math.vec3(means[n, 0], means[n, 1], means[n, 2])
-                t = Rv @ p + tv
-                z = t.z
-                lx0, lx1, ly0, ly1 = _frustum_limits(fx, fy, cx, cy, width, height)
-                u = ti.math.clamp(t.x / z, -lx0, lx1)
-                v = ti.math.clamp(t.y / z, -ly0, ly1)
-                J = ti.Matrix([[fx / z, 0.0, -fx * u / z], [0.0, fy / z, -fy * v / z]])
-                A = J @ Rv
-                S3 = _cov3(quats, scales, covars, n, given_cov)
-                cov2 = A @ S3 @ A.transpose()
-                a = cov2[0, 0] + DILATION
-                b = cov2[0, 1]
-                d = cov2[1, 1] + DILATION
-                det = a * d - b * b
-                conic = ti.Matrix([[d / det, -b / det], [-b / det, a / det]])
-
-                # conic = inverse(cov2 + 0.3 I): dL/dcov2 = -conic G conic, G the symmetric dL/dconic
-                G = ti.Matrix.zero(ti.f32, 2, 2)
-                if given & GIVEN_CONICS:
-                    G = ti.Matrix([[v_conics[c, n, 0], 0.5 * v_conics[c, n, 1]],
-                                   [0.5 * v_conics[c, n, 1], v_conics[c, n, 2]]])
-                v_cov2 = -(conic @ G @ conic)
-                if given & GIVEN_OPACITIES:
-                    v_op = v_opac_out[c, n]
-                if ti.static(antialiased):
-                    det_orig = cov2[0, 0] * cov2[1, 1] - b * b
-                    comp = ti.sqrt(ti.max(det_orig / det, 0.0))
-                    if comp > 0.0:
-                        # d det(X)/dX = adj(X) for symmetric 2x2 X
-                        adj_orig = ti.Matrix([[cov2[1, 1], -b], [-b, cov2[0, 0]]])
-                        adj_dil = ti.Matrix([[d, -b], [-b, a]])
-                        v_comp = v_op * opacities[n]
-                        v_cov2 += v_comp * 0.5 / comp * (adj_orig / det - det_orig / (det * det) * adj_dil)
-                    v_op *= comp
-
-                # cov2 = A S3 A^T with A = J Rv
-                v_S3 = A.transpose() @ v_cov2 @ A
-                v_A = 2.0 * v_cov2 @ A @ S3
-                v_J = v_A @ Rv.transpose()
-                v_t = ti.math.vec3(0.0)
-                v_t.z += (-fx * v_J[0, 0] - fy * v_J[1, 1] + fx * u * v_J[0, 2] + fy * v * v_J[1, 2]) / (z * z)
-                v_u = -fx / z * v_J[0, 2]
-                v_v = -fy / z * v_J[1, 2]
-                if -lx0 < t.x / z < lx1:
-                    v_t.x += v_u / z
-                    v_t.z -= v_u * t.x / (z * z)
-                if -ly0 < t.y / z < ly1:
-                    v_t.y += v_v / z
-                    v_t.z -= v_v * t.y / (z * z)
-                # mean2d = f * t.xy / z + c, and depth = z
-                if given & GIVEN_MEANS2D:
-                    gx, gy = v_means2d[c, n, 0], v_means2d[c, n, 1]
-                    v_t += ti.math.vec3(fx * gx / z, fy * gy / z, -(fx * gx * t.x + fy * gy * t.y) / (z * z))
-                if given & GIVEN_DEPTHS:
-                    v_t.z += v_depths[c, n]
-                v_p = Rv.transpose() @ v_t
-                if ti.static(sh_degree >= 0):
-                    v_color = ti.math.vec3(0.0)
-                    if given & GIVEN_RGB:
-                        v_color = ti.math.vec3(v_rgb[c, n, 0], v_rgb[c, n, 1], v_rgb[c, n, 2])
-                    v_p += sh_to_rgb_backward(sh, v_sh, n, p + Rv.transpose() @ tv, v_color, sh_degree, accumulate)
-
-                if ti.static(given_cov):
-                    v_cov6 = ti.Vector([v_S3[0, 0], v_S3[0, 1] + v_S3[1, 0], v_S3[0, 2] + v_S3[2, 0],
-                                        v_S3[1, 1], v_S3[1, 2] + v_S3[2, 1], v_S3[2, 2]])
-                else:
-                    M, R, s, q, q_raw = _scale_rotation(quats, scales, n)
-                    v_M = (v_S3 + v_S3.transpose()) @ M
-                    v_R = ti.Matrix([[v_M[i, j] * s[j] for j in ti.static(range(3))] for i in ti.static(range(3))])
-                    for j in ti.static(range(3)):
-                        v_s[j] = v_M[0, j] * R[0, j] + v_M[1, j] * R[1, j] + v_M[2, j] * R[2, j]
-                    v_q = _rotation_backward(q, v_R)
-                    v_q_raw = (v_q - q * q.dot(v_q)) / q_raw.norm()
-
-            write = visible  # with accumulate, invisible splats add nothing; without, they write zeros
-            if ti.static(not accumulate):
-                write = True
-                if ti.static(sh_degree >= 0):
-                    for k in range(ti.select(visible, sh_rows_used, 0), v_sh.shape[1]):
-                        for ch in ti.static(range(3)):
-                            v_sh[n, k, ch] = 0.0
-            if write:
-                put(v_opacities, n, v_op)
-                put_row(v_means, n, v_p)
-                if ti.static(given_cov):
-                    put_row(v_covars, n, v_cov6)
-                else:
-                    put_row(v_scales, n, v_s)
-                    put_row(v_quats, n, v_q_raw)
+        if ti.static(lanes):
+            for lane in range(lanes):
+                n = lane
+                while n < means.shape[0]:
+                    unproject(n, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects,
+                              v_means2d, v_conics, v_depths, v_rgb, v_opac_out, given, v_means, v_quats, v_scales,
+                              v_covars, v_opacities, v_sh)
+                    n += lanes
+        else:
+            for n in range(means.shape[0]):
+                unproject(n, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects,
+                          v_means2d, v_conics, v_depths, v_rgb, v_opac_out, given, v_means, v_quats, v_scales,
+                          v_covars, v_opacities, v_sh)
 
     return TorchKernel(backward)
-

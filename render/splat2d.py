@@ -11,12 +11,14 @@ symmetric dL/dconic), and cov = L L^T gives dL/dL = 2 (dL/dcov) L, lower triangl
 """
 
 import functools
+from typing import Optional
 
 import taichi as ti
 
 from taichi_mpm.launch import TorchKernel
 
 from .binning import TILE_SIZE as TILE
+from .lanes import item_lanes
 from .projection import ALPHA_MIN
 
 nd = ti.types.ndarray
@@ -32,56 +34,84 @@ def _cov_conic(chol: ti.template(), n):
     return L, cov, conic, det
 
 
-@functools.cache
-def preprocess_kernels():
-    """(forward, backward) TorchKernels of the 2D preprocess stage.
+def preprocess_kernels(lanes: Optional[int] = None):
+    """(forward, backward) TorchKernels of the 2D preprocess stage (cached).
 
     forward(means (N, 2), chol (N, 3), opacities (N,), width, height,
             conics (1, N, 3) out, rects (N, 4) int32 out, pair_counts (N,) int32 out)
     backward(chol (N, 3), rects (N, 4) int32, v_conics (1, N, 3), v_chol (N, 3) out)
     Conics are one image's (C = 1, N, 3), the layout the blend kernels read and write.
+    lanes: the item loops' form (render/lanes.py); None takes the arch's.
     """
+    return _preprocess_kernels(item_lanes() if lanes is None else lanes)
+
+
+@functools.cache
+def _preprocess_kernels(lanes: int):
+    @ti.func
+    def forward_one(n, means: ti.template(), chol: ti.template(), opacities: ti.template(), width, height,
+                    conics: ti.template(), rects: ti.template(), pair_counts: ti.template()):
+        tiles_x = (width + TILE - 1) // TILE
+        tiles_y = (height + TILE - 1) // TILE
+        _, cov, conic, det = _cov_conic(chol, n)
+        op = opacities[n]
+        rect = ti.math.ivec4(0)
+        if det > 0.0 and op >= ALPHA_MIN:
+            mx, my = means[n, 0], means[n, 1]
+            extent = ti.sqrt(2.0 * ti.log(255.0 * op))
+            rx = extent * ti.sqrt(cov[0, 0])
+            ry = extent * ti.sqrt(cov[1, 1])
+            # pixels whose centre lies within [mean - r, mean + r], clipped before the integer
+            # conversion so that huge or far-away Gaussians cannot overflow it
+            px0 = ti.cast(ti.ceil(ti.min(ti.max(mx - rx - 0.5, 0.0), width * 1.0)), ti.i32)
+            px1 = ti.cast(ti.floor(ti.max(ti.min(mx + rx - 0.5, width - 1.0), -1.0)), ti.i32)
+            py0 = ti.cast(ti.ceil(ti.min(ti.max(my - ry - 0.5, 0.0), height * 1.0)), ti.i32)
+            py1 = ti.cast(ti.floor(ti.max(ti.min(my + ry - 0.5, height - 1.0), -1.0)), ti.i32)
+            if px0 <= px1 and py0 <= py1:
+                rect = ti.math.ivec4(px0 // TILE, py0 // TILE,
+                                     ti.min(px1 // TILE + 1, tiles_x), ti.min(py1 // TILE + 1, tiles_y))
+        conics[0, n, 0], conics[0, n, 1], conics[0, n, 2] = conic[0, 0], conic[0, 1], conic[1, 1]
+        for k in ti.static(range(4)):
+            rects[n, k] = rect[k]
+        pair_counts[n] = (rect[2] - rect[0]) * (rect[3] - rect[1])
 
     @ti.kernel
     def forward(means: nd(ti.f32, ndim=2), chol: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
                 width: ti.i32, height: ti.i32,
                 conics: nd(ti.f32, ndim=3), rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
-        tiles_x = (width + TILE - 1) // TILE
-        tiles_y = (height + TILE - 1) // TILE
-        for n in range(means.shape[0]):
-            _, cov, conic, det = _cov_conic(chol, n)
-            op = opacities[n]
-            rect = ti.math.ivec4(0)
-            if det > 0.0 and op >= ALPHA_MIN:
-                mx, my = means[n, 0], means[n, 1]
-                extent = ti.sqrt(2.0 * ti.log(255.0 * op))
-                rx = extent * ti.sqrt(cov[0, 0])
-                ry = extent * ti.sqrt(cov[1, 1])
-                # pixels whose centre lies within [mean - r, mean + r], clipped before the integer
-                # conversion so that huge or far-away Gaussians cannot overflow it
-                px0 = ti.cast(ti.ceil(ti.min(ti.max(mx - rx - 0.5, 0.0), width * 1.0)), ti.i32)
-                px1 = ti.cast(ti.floor(ti.max(ti.min(mx + rx - 0.5, width - 1.0), -1.0)), ti.i32)
-                py0 = ti.cast(ti.ceil(ti.min(ti.max(my - ry - 0.5, 0.0), height * 1.0)), ti.i32)
-                py1 = ti.cast(ti.floor(ti.max(ti.min(my + ry - 0.5, height - 1.0), -1.0)), ti.i32)
-                if px0 <= px1 and py0 <= py1:
-                    rect = ti.math.ivec4(px0 // TILE, py0 // TILE,
-                                         ti.min(px1 // TILE + 1, tiles_x), ti.min(py1 // TILE + 1, tiles_y))
-            conics[0, n, 0], conics[0, n, 1], conics[0, n, 2] = conic[0, 0], conic[0, 1], conic[1, 1]
-            for k in ti.static(range(4)):
-                rects[n, k] = rect[k]
-            pair_counts[n] = (rect[2] - rect[0]) * (rect[3] - rect[1])
+        if ti.static(lanes):
+            for lane in range(lanes):
+                n = lane
+                while n < means.shape[0]:
+                    forward_one(n, means, chol, opacities, width, height, conics, rects, pair_counts)
+                    n += lanes
+        else:
+            for n in range(means.shape[0]):
+                forward_one(n, means, chol, opacities, width, height, conics, rects, pair_counts)
+
+    @ti.func
+    def backward_one(n, chol: ti.template(), rects: ti.template(), v_conics: ti.template(),
+                     v_chol: ti.template()):
+        v_L = ti.Matrix.zero(ti.f32, 2, 2)
+        if rects[n, 2] > rects[n, 0] and rects[n, 3] > rects[n, 1]:  # blended somewhere
+            L, _, conic, _ = _cov_conic(chol, n)
+            G = ti.Matrix([[v_conics[0, n, 0], 0.5 * v_conics[0, n, 1]],
+                           [0.5 * v_conics[0, n, 1], v_conics[0, n, 2]]])
+            v_cov = -(conic @ G @ conic)
+            v_L = 2.0 * v_cov @ L
+        v_chol[n, 0], v_chol[n, 1], v_chol[n, 2] = v_L[0, 0], v_L[1, 0], v_L[1, 1]
 
     @ti.kernel
     def backward(chol: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), v_conics: nd(ti.f32, ndim=3),
                  v_chol: nd(ti.f32, ndim=2)):
-        for n in range(chol.shape[0]):
-            v_L = ti.Matrix.zero(ti.f32, 2, 2)
-            if rects[n, 2] > rects[n, 0] and rects[n, 3] > rects[n, 1]:  # blended somewhere
-                L, _, conic, _ = _cov_conic(chol, n)
-                G = ti.Matrix([[v_conics[0, n, 0], 0.5 * v_conics[0, n, 1]],
-                               [0.5 * v_conics[0, n, 1], v_conics[0, n, 2]]])
-                v_cov = -(conic @ G @ conic)
-                v_L = 2.0 * v_cov @ L
-            v_chol[n, 0], v_chol[n, 1], v_chol[n, 2] = v_L[0, 0], v_L[1, 0], v_L[1, 1]
+        if ti.static(lanes):
+            for lane in range(lanes):
+                n = lane
+                while n < chol.shape[0]:
+                    backward_one(n, chol, rects, v_conics, v_chol)
+                    n += lanes
+        else:
+            for n in range(chol.shape[0]):
+                backward_one(n, chol, rects, v_conics, v_chol)
 
     return TorchKernel(forward), TorchKernel(backward)
