@@ -326,9 +326,9 @@ class _Substeps:
         state 0 becomes the incoming one (slot 1) and slot 0 is zeroed. ``adjoint`` holds the
         state adjoints [2, N, ...] (slot 1 in, slot 0 accumulated); the adjoints of E, nu, aux
         accumulate into ``parameter_grads``; control_grad: [N, 3, 3] adjoint of the control or None;
-        stress_ready: whether the per-particle scratch (affine, SVD) is that of this substep.
-        Elastic scenes: one call (substep_adjoint: g2p, grid_update, p2g, stress adjoints, all
-        hand-written). With plastic particles: the transfers' adjoints, Taichi's
+        stress_ready: whether the plastic scenes' per-particle scratch (affine, SVD) is that of this
+        substep. Elastic scenes: one call (substep_adjoint: the stress again, then the g2p,
+        grid_update, p2g and stress adjoints, all hand-written). With plastic particles: the transfers' adjoints, Taichi's
         particle_stress_svd.grad and the hand-written SVD adjoint."""
         sc, k, setup = self.scene, self.k, self.setup
         n, inv_dx = sc.n_particles, 1.0 / sc.dx
@@ -342,7 +342,7 @@ class _Substeps:
                               c["nu"], c["density"], c["volume"], c["aux"], dFc, scale, self.affine, *grid,
                               *self.grid_grads[:2], self.grid_grads[2], *(adjoint[key] for key in STATE_KEYS),
                               parameter_grads["E"], parameter_grads["nu"], g_dFc, self.affine_grad, setup.origin,
-                              inv_dx, sc.dt, *walls, not stress_ready)
+                              inv_dx, sc.dt, *walls)
             return
         if not stress_ready:
             self.recompute_stress(pair, constants, control)

@@ -22,7 +22,8 @@ scalar is set element by element at index (slot, row * m + col)).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import taichi as ti
@@ -42,8 +43,10 @@ class TorchKernel:
     """Wraps a ti.kernel (its reverse-mode .grad with reverse=True); call it with the kernel's own
     arguments (torch tensors for ndarrays)."""
 
-    def __init__(self, kernel, reverse: bool = False) -> None:
+    def __init__(self, kernel, reverse: bool = False, compile_config: Optional[Mapping[str, object]] = None) -> None:
         self._kernel = kernel.grad if reverse else kernel
+        # Taichi compile settings changed for this kernel's compile only (see compile_settings)
+        self._compile_config = dict(compile_config or {})
         self._primal = kernel._adjoint if reverse else kernel._primal
         self._reverse = reverse
         self._name = self._primal.func.__name__ + (".grad" if reverse else "")
@@ -160,7 +163,8 @@ class TorchKernel:
         prog = impl.get_runtime().prog
         data = self._data.get(key)
         if data is None or data[0] is not prog:  # Taichi looks this up on every launch; keep it
-            data = self._data[key] = (prog, prog.compile_kernel(prog.config(), prog.get_device_caps(), compiled))
+            with compile_settings(self._compile_config):  # the settings are part of the lookup key
+                data = self._data[key] = (prog, prog.compile_kernel(prog.config(), prog.get_device_caps(), compiled))
         prog.launch_kernel(data[1], ctx)
 
     def _first_call(self, key: tuple, args: tuple) -> None:
@@ -170,5 +174,21 @@ class TorchKernel:
             setter(None, slot, args[position])
         if not self._reverse:  # a plain call would give every input that requires grad a zero .grad
             args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        self._kernel(*args)
+        with compile_settings(self._compile_config):
+            self._kernel(*args)
         self._compiled[key] = self._primal.compiled_kernels[self._primal.ensure_compiled(*args)]
+
+
+@contextmanager
+def compile_settings(settings: Mapping[str, object]):
+    """Taichi's compile config with ``settings`` (CompileConfig attributes) changed inside the block:
+    Taichi reads it when a kernel compiles and keys its kernel caches on it."""
+    cfg = impl.current_cfg()
+    saved = {name: getattr(cfg, name) for name in settings}
+    try:
+        for name, value in settings.items():
+            setattr(cfg, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(cfg, name, value)

@@ -412,22 +412,22 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     @ti.func
     def grid_update_at(I, grid_mv: ti.template(), grid_m: ti.template(), grid_v: ti.template(), dt, gravity,
                        origin, dx, wall_mode, wall_friction, colliders: ti.template(),
-                       n_colliders: ti.template(), time, consume: ti.template()):
+                       n_colliders: ti.template(), time, consume):
         """One node of grid_update."""
         v_node = ti.Vector.zero(real, 3)
         if grid_m[I] > MIN_NODE_MASS:
             v_node, _ = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
                                       colliders, n_colliders, time)
         grid_v[I] = v_node
-        if ti.static(consume):
+        if consume:
             grid_mv[I] = ti.Vector.zero(real, 3)
             grid_m[I] = 0.0
 
     @ti.kernel
     def grid_update(grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, dt: real,
                     gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
-                    colliders: table, n_colliders: ti.template(), time: real, consume: ti.template()):
-        """consume: zero mv and m once read, so the next substep's P2G finds a clear grid (no
+                    colliders: table, n_colliders: ti.template(), time: real, consume: ti.i32):
+        """consume (0/1): zero mv and m once read, so the next substep's P2G finds a clear grid (no
         clear_grid launch); off where the adjoint needs them afterwards."""
         for I in ti.grouped(grid_m):
             grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
@@ -592,9 +592,15 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                         dFc: per_particle_mat, control_scale: real, grid_mv: grid_vec, grid_m: grid_scalar,
                         grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real, gravity: vec3, dx: real,
                         wall_mode: ti.i32, wall_friction: real, colliders: table, n_colliders: ti.template(),
-                        time: real, tiled: ti.template()):
-        """A forward-only substep: stress_p2g (tiled: through shared memory, CUDA), grid_update
-        consuming the grid, g2p. The grid must be clear on entry and is left clear."""
+                        time: real, keep_grid: ti.i32, tiled: ti.template()):
+        """One substep without the plastic return maps' SVD: stress and P2G in one pass (tiled:
+        through shared memory, CUDA), grid_update, g2p. keep_grid 0: the grid must be clear on entry
+        and is left clear (grid_update zeroes it once read); 1: it is cleared first and kept (mv, m,
+        v) for an adjoint. Run-time flags rather than template ones: one compile serves the
+        forward, the backward's recomputes and the solver."""
+        for I in ti.grouped(grid_m):
+            if keep_grid:
+                clear_grid_at(I, grid_mv, grid_m)
         if ti.static(tiled):
             ti.loop_config(block_dim=BLOCK)
             for i in range(blocked(n)):
@@ -606,39 +612,9 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                               control_scale, grid_mv, grid_m, origin, inv_dx, dt)
         for I in ti.grouped(grid_m):
             grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
-                           colliders, n_colliders, time, True)
+                           colliders, n_colliders, time, 1 - keep_grid)
         for p in range(n):
             g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt)
-
-    @ti.kernel
-    def substep_forward_kept(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
-                             F: steps_mat, plastic: steps_scalar, material: per_particle_int, E: per_particle,
-                             nu: per_particle, density: per_particle, volume: per_particle, aux: table,
-                             dFc: per_particle_mat, control_scale: real, affine: per_particle_mat,
-                             grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, origin: vec3, inv_dx: real,
-                             dt: real, gravity: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
-                             colliders: table, n_colliders: ti.template(), time: real,
-                             move_particles: ti.template(), tiled: ti.template()):
-        """A substep whose grid and affine an adjoint reads afterwards: clear_grid, particle_stress,
-        p2g (tiled on CUDA), grid_update (grid kept), and g2p if move_particles."""
-        for I in ti.grouped(grid_m):
-            clear_grid_at(I, grid_mv, grid_m)
-        for p in range(n):
-            affine[p] = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
-                                  control_scale, inv_dx, dt)
-        if ti.static(tiled):
-            ti.loop_config(block_dim=BLOCK)
-            for i in range(blocked(n)):
-                p2g_tiled_at(i, n, src, x, v, density, volume, affine, grid_mv, grid_m, origin, inv_dx)
-        else:
-            for p in range(n):
-                p2g_at(p, src, x, v, density, volume, affine, grid_mv, grid_m, origin, inv_dx)
-        for I in ti.grouped(grid_m):
-            grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
-                           colliders, n_colliders, time, False)
-        if ti.static(move_particles):
-            for p in range(n):
-                g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt)
 
     @ti.kernel
     def substep_adjoint(n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat, plastic: steps_scalar,
@@ -649,17 +625,16 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                         g_C: steps_mat, g_F: steps_mat, g_plastic: steps_scalar, g_E: per_particle,
                         g_nu: per_particle, g_dFc: per_particle_mat, g_affine: per_particle_mat, origin: vec3,
                         inv_dx: real, dt: real, gravity: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
-                        colliders: table, n_colliders: ti.template(), time: real,
-                        recompute_stress: ti.template()):
+                        colliders: table, n_colliders: ti.template(), time: real):
         """The reverse of the elastic substep from slot 0 to 1 of x .. plastic, on its grid (mv, m,
         v as its forward left them), then the adjoint step to the previous substep: particle_stress
-        again if recompute_stress (affine; its F, plastic [1] are rewritten with the same values),
-        g2p_grad, grid_update_grad, p2g_grad, particle_stress_grad, advance_adjoint. The state
-        adjoints g_* [2, N, ...] hold the incoming ones in slot 1 and leave with them in slot 1."""
-        if ti.static(recompute_stress):
-            for p in range(n):
-                affine[p] = stress_of(p, 0, 1, C, F, plastic, material, E, nu, density, volume, aux, dFc,
-                                      control_scale, inv_dx, dt)
+        again (affine, the per-substep scratch no forward keeps; F, plastic [1] are rewritten with
+        the same values), g2p_grad, grid_update_grad, p2g_grad, particle_stress_grad,
+        advance_adjoint. The state adjoints g_* [2, N, ...] hold the incoming ones in slot 1 and
+        leave with them in slot 1."""
+        for p in range(n):
+            affine[p] = stress_of(p, 0, 1, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                                  control_scale, inv_dx, dt)
         for p in range(n):
             g2p_grad_at(p, 0, 1, x, grid_v, g_x, g_v, g_C, g_grid_v, origin, inv_dx, dt)
         for I in ti.grouped(grid_m):
@@ -679,20 +654,28 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                            grid_update=grid_update, grid_update_grad=grid_update_grad, g2p=g2p, trial_svd=trial_svd,
                            particle_stress_svd=particle_stress_svd, trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad, substep_forward=substep_forward,
-                           substep_forward_kept=substep_forward_kept, substep_adjoint=substep_adjoint)
+                           substep_adjoint=substep_adjoint)
 
 
+
+
+# Taichi's control-flow-graph optimisation pass grows faster than linearly with a kernel's size: with
+# it the three whole-substep kernels took 24 s to compile on a 2-core CPU (float64), without it 12 s,
+# while LLVM still optimises each loop (store forwarding, dead stores). Render kernels keep it: some
+# of them abort Taichi's code generation without it (taichi 1.7.4, measured 2026-11-27).
+FAST_COMPILE = {"cfg_optimization": False}
 
 
 @lru_cache(maxsize=None)
 def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
     """substep_kernels behind TorchKernel launchers (~2 us of host time per tensor argument instead
     of ~20 us: an MPM substep passes ~40 over five launches, so this is the difference between a
-    host-bound and a GPU-bound substep at 100k particles): every kernel under its own name, and
-    Taichi's reverse-mode kernel of the plastic stress as ``particle_stress_svd_reverse`` (pass
-    tensors whose .grad holds the adjoints)."""
+    host-bound and a GPU-bound substep at 100k particles): every kernel under its own name, compiled
+    with FAST_COMPILE, and Taichi's reverse-mode kernel of the plastic stress as
+    ``particle_stress_svd_reverse`` (pass tensors whose .grad holds the adjoints; Taichi's own
+    settings)."""
     kernels = substep_kernels(real, plastic_models)
-    launchers = {name: TorchKernel(kernel) for name, kernel in vars(kernels).items()}
+    launchers = {name: TorchKernel(kernel, compile_config=FAST_COMPILE) for name, kernel in vars(kernels).items()}
     launchers.update(particle_stress_svd_reverse=TorchKernel(kernels.particle_stress_svd, reverse=True))
     return SimpleNamespace(**launchers)
 
@@ -737,11 +720,12 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     grid: (grid_mv, grid_m, grid_v); control: (dFc, control_scale). ``move_particles=False`` stops
     after grid_update (a backward recomputing the grid of a substep); ``svd_separation``: see
     trial_svd (the backward's recompute passes constitutive.svd_separation, the forward 0).
-    ``keep_grid=False`` is the forward-only form: the grid must be clear on entry and is left clear
+    Without ``svd``, ``move_particles=False`` still moves them (one kernel, substep_forward): the
+    destination slot must be one the caller may overwrite. ``keep_grid=False`` is the forward-only form: the grid must be clear on entry and is left clear
     (grid_update zeroes mv and m once read: no clear_grid), and without ``svd`` the stress and P2G
     run as one pass that writes no ``affine``. ``tiled``: P2G through shared memory (CUDA only,
-    :func:`tiled_p2g`). Without ``svd`` the whole substep is one kernel call (substep_forward or
-    substep_forward_kept).
+    :func:`tiled_p2g`). Without ``svd`` the whole substep is one kernel call (substep_forward), which
+    writes no ``affine`` (substep_adjoint recomputes it).
     """
     grid_mv, grid_m, grid_v = grid
     dFc, scale = control
@@ -751,13 +735,8 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     inv_dx = 1.0 / setup.dx
     walls = (setup.gravity, setup.dx, setup.wall_mode, setup.wall_friction, setup.colliders, setup.n_colliders, time)
     if svd is None:
-        if keep_grid:
-            k.substep_forward_kept(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
-                                   affine, grid_mv, grid_m, grid_v, setup.origin, inv_dx, dt, *walls,
-                                   move_particles, tiled)
-        else:
-            k.substep_forward(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
-                              grid_mv, grid_m, grid_v, setup.origin, inv_dx, dt, *walls, tiled)
+        k.substep_forward(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
+                          grid_mv, grid_m, grid_v, setup.origin, inv_dx, dt, *walls, int(keep_grid), tiled)
         return
     U, sig, V = svd
     if keep_grid:
@@ -767,6 +746,6 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
                           U, sig, V, affine, inv_dx, dt)
     (k.p2g_tiled if tiled else k.p2g)(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx)
     k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
-                  setup.wall_friction, setup.colliders, setup.n_colliders, time, not keep_grid)
+                  setup.wall_friction, setup.colliders, setup.n_colliders, time, int(not keep_grid))
     if move_particles:
         k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt)

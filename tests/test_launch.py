@@ -131,3 +131,36 @@ def test_forward_launcher_leaves_grad_alone(device):
     args[0] = args[0].requires_grad_()
     TorchKernel(mix)(*args)
     assert args[0].grad is None and args[-1].abs().sum() > 0
+
+
+def test_compile_config_applies_to_its_kernel_only(device):
+    """A launcher's compile_config (the MPM substeps compile without Taichi's CFG pass) holds while
+    its kernel compiles -- the first call and the compiled-kernel lookup of later calls, which Taichi
+    keys on the settings -- and Taichi's own settings are back afterwards, for the kernels that
+    need them (some render kernels abort Taichi's code generation without the CFG pass)."""
+    from taichi.lang import impl
+
+    @ti.kernel
+    def copy(src: ti.types.ndarray(dtype=ti.f32, ndim=1), dst: ti.types.ndarray(dtype=ti.f32, ndim=1)):
+        for i in range(src.shape[0]):
+            dst[i] = src[i]
+
+    launcher = TorchKernel(copy, compile_config={"cfg_optimization": False})
+    seen = []
+    compile_and_launch = launcher._kernel  # Taichi's own call: compiles the kernel on first use
+
+    def recording(*args):
+        seen.append(impl.current_cfg().cfg_optimization)
+        return compile_and_launch(*args)
+
+    launcher._kernel = recording
+    before = impl.current_cfg().cfg_optimization
+    src, dst = torch.arange(5.0, device=device), torch.zeros(5, device=device)
+    for _ in range(2):
+        launcher(src, dst)
+        assert impl.current_cfg().cfg_optimization == before
+    assert torch.equal(dst, src)
+    assert seen == [False]  # compiled under the launcher's settings, once
+    with pytest.raises(ValueError):
+        launcher(src.double(), dst)  # a failing call leaves the settings alone too
+    assert impl.current_cfg().cfg_optimization == before
