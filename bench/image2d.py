@@ -125,22 +125,27 @@ def bench_render(n: int, width: int, height: int, iters: int, with_gsplat: bool)
 
 def host_overhead(repeats: int = 5, calls: int = 100) -> dict:
     """Host time of one alpha-mode render of 200 Gaussians at 32x32 outside Taichi's launch calls,
-    forward and forward+backward, with its torch-op and launch counts (bench/host_overhead.py)."""
+    forward and forward+backward (validate=False), and the forward with validate=True (the default:
+    ``validated_forward``), with their torch-op and launch counts (bench/host_overhead.py)."""
     n, w, h = 200, 32, 32
     dev = device()
     leaves = {k: v.to(dev).requires_grad_(True) for k, v in random_gaussians(n, w, h).items()}
     weights = torch.rand(h, w, 3, generator=torch.Generator().manual_seed(1)).to(dev)
 
-    def forward():
+    def forward(validate=False):
         return splat2d(leaves["means"], leaves["chol"], leaves["colors"], w, h, leaves["opacities"],
-                       mode="alpha", validate=False)[0]
+                       mode="alpha", validate=validate)[0]
+
+    def validated_forward():
+        return forward(validate=True)
 
     def fwd_bwd():
         (forward() * weights).sum().backward()
 
     fwd_bwd()
     return {"arch": dev.type, "scene": f"{n} Gaussians, {w}x{h}, alpha mode",
-            **measure_host({"forward": forward, "fwd_bwd": fwd_bwd}, repeats, calls)}
+            **measure_host({"forward": forward, "fwd_bwd": fwd_bwd, "validated_forward": validated_forward},
+                            repeats, calls)}
 
 
 def bench_fit(num: int, max_iters: int, target_psnr: float, size: int, grow: bool) -> dict:

@@ -160,10 +160,12 @@ def gsplat_render(leaves, viewmats, Ks):
     return img
 
 
-def host_overhead(repeats: int = 5, calls: int = 100) -> dict:
+def host_overhead(repeats: int = 5, calls: int = 100, batch: int = 4) -> dict:
     """Host time of one render of a tiny scene (200 Gaussians, 32x32, SH3) outside Taichi's launch
-    calls, forward and forward+backward, with its torch-op and launch counts (bench/host_overhead.py).
-    Median of `repeats` runs of `calls` renders, in microseconds."""
+    calls, forward and forward+backward from one camera, and forward+backward from a batch of
+    `batch` cameras in one call (``batch_fwd_bwd``), all with validate=False, and the one-camera
+    forward with validate=True (the default: ``validated_forward``), with their torch-op and launch
+    counts (bench/host_overhead.py). Median of `repeats` runs of `calls` renders, in microseconds."""
     g = torch.Generator().manual_seed(0)
     n, w, h = 200, 32, 32
     dev = torch.device("cuda" if ensure_init() == "cuda" else "cpu")
@@ -171,19 +173,30 @@ def host_overhead(repeats: int = 5, calls: int = 100) -> dict:
                  quats=torch.randn(n, 4, generator=g), scales=torch.rand(n, 3, generator=g) * 0.05 + 0.01,
                  opacities=torch.rand(n, generator=g), sh=torch.randn(n, 16, 3, generator=g) * 0.3)
     leaves = {k: v.to(dev).requires_grad_(True) for k, v in scene.items()}
-    viewmats, Ks = (t.to(dev) for t in stack_cameras([Camera.look_at((0, 0, 0), (0, 0, 3), (0, -1, 0), w, h, 50)]))
-    weights = torch.randn(1, h, w, 3, generator=g).to(dev)
+    cameras = [Camera.look_at((0.2 * k, 0, 0), (0, 0, 3), (0, -1, 0), w, h, 50) for k in range(batch)]
+    one, several = ((t.to(dev) for t in stack_cameras(cams)) for cams in (cameras[:1], cameras))
+    (viewmats, Ks), (batch_viewmats, batch_Ks) = tuple(one), tuple(several)
+    weights = torch.randn(batch, h, w, 3, generator=g).to(dev)
+    weights_one = weights[:1].clone()
 
-    def forward():
+    def forward(viewmats=viewmats, Ks=Ks, validate=False):
         return rasterize(leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"], leaves["sh"],
-                         viewmats, Ks, w, h, sh_degree=3, validate=False)[0]
+                         viewmats, Ks, w, h, sh_degree=3, validate=validate)[0]
+
+    def validated_forward():
+        return forward(validate=True)
 
     def fwd_bwd():
-        (forward() * weights).sum().backward()
+        (forward() * weights_one).sum().backward()
+
+    def batch_fwd_bwd():
+        (forward(batch_viewmats, batch_Ks) * weights).sum().backward()
 
     fwd_bwd()
-    return {"arch": dev.type, "scene": f"{n} Gaussians, {w}x{h}, SH3",
-            **measure_host({"forward": forward, "fwd_bwd": fwd_bwd}, repeats, calls)}
+    batch_fwd_bwd()
+    return {"arch": dev.type, "scene": f"{n} Gaussians, {w}x{h}, SH3; batch: {batch} cameras",
+            **measure_host({"forward": forward, "fwd_bwd": fwd_bwd, "batch_fwd_bwd": batch_fwd_bwd,
+                            "validated_forward": validated_forward}, repeats, calls)}
 
 
 GRID_CAMERAS = (1, 4, 8)

@@ -11,6 +11,7 @@ autograd), the reference the tests compare the kernels against.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -24,7 +25,8 @@ from render.splat2d import preprocess_kernels
 from taichi_mpm.runtime import ensure_init
 from taichi_mpm.validation import check_int, check_tensor
 
-from .rasterization import MAX_CHANNELS, _check_values, _device, _device_index, _given, _is_f32, _no_items
+from .rasterization import (MAX_CHANNELS, _check_values, _device, _device_index, _given, _is_f32, _no_items,
+                            _nonzero)
 
 
 class _Splat2D(torch.autograd.Function):
@@ -108,8 +110,8 @@ def _validate(means, chol, colors, opacities, background, width, height, mode, v
             check_tensor("background", background, (K,), means.dtype, means.device)
     N, K = means.shape[0], colors.shape[1]
     if validate:  # one device sync
-        with torch.no_grad():
-            conditions = [((chol[:, 0] * chol[:, 2] != 0).all(),
+        with torch.no_grad():  # the smallest |l0 * l2|: zero for a degenerate factor
+            conditions = [(torch.linalg.vector_norm(torch.prod(chol[:, ::2], 1), ord=-math.inf), _nonzero,
                            "chol has a zero diagonal entry (l0 * l2 == 0): a degenerate covariance")] if N else []
         _check_values(dict(means=means, chol=chol, colors=colors, opacities=opacities, background=background),
                       conditions)
