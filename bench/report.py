@@ -151,6 +151,8 @@ def first_gradient_table() -> str:
                       "| device | code | set-up (s) | forward (s) | backward (s) | total (s) | 'Loading variable' warnings |",
                       "|---|---|---|---|---|---|---|"]
         where = f"{d['device']} ({d['cpu_count']} cores)" if d["arch"] == "cpu" else d["device"]
+        if d.get("note"):
+            where += f" ({d['note']})"
         for r in shown:
             code = {"before": d.get("before", "before"), "this tree": "now"}.get(r["code"], r["code"])
             if r["cache"] == "warm":
