@@ -1,4 +1,4 @@
-"""The MLS-MPM substep: one short Taichi kernel per stage, shared by the forward solver and the
+"""The MLS-MPM substep: one short Taichi loop per stage, shared by the forward solver and the
 differentiable rollout.
 
 Convention (read this before building on these kernels)
@@ -66,6 +66,14 @@ grid_update_grad writes g_mv and g_m (and resets g_grid_v, g2p_grad's atomic tar
 p2g_grad writes g_affine. advance_adjoint moves the state adjoints one substep back.
 The forward solver ping-pongs between S = 2 slots (src, dst) = (0, 1), (1, 0), ...; a
 differentiable rollout uses S = K + 1 and (s, s + 1).
+
+What runs: each stage's loop body is a ``ti.func`` (``*_at``), and besides the one-stage kernels
+above (tests, benchmarks, the plastic path) there are two whole-substep kernels, because at 100k
+particles the host time of separate calls (~60-80 us each on the H200 machine) was the substep's
+cost: ``substep_forward`` (stress and P2G in one pass, grid_update, g2p; run-time flag keep_grid)
+serves the solver, the rollout's forward and the backward's recomputes, and ``substep_adjoint``
+(the stress again, then the four adjoints above and advance_adjoint) is an elastic substep's
+reverse. On CUDA the P2G goes through shared memory (block_scatter.py, ``tiled``).
 
 Particles read grid nodes base..base+2 per axis with base clamped to [0, shape - 3], so no index
 leaves the grid even for particles that left the domain (``MPMSolver.check`` reports those).
