@@ -335,14 +335,12 @@ class _Substeps:
         dFc, scale = control
         c = constants
         g_dFc = self.no_control if control_grad is None else control_grad
-        walls = (setup.gravity, setup.dx, setup.wall_mode, setup.wall_friction, setup.colliders, setup.n_colliders,
-                 0.0)
         if self.svd is None:
             k.substep_adjoint(n, pair["x"], pair["v"], pair["C"], pair["F"], pair["plastic"], c["material"], c["E"],
                               c["nu"], c["density"], c["volume"], c["aux"], dFc, scale, self.affine, *grid,
                               *self.grid_grads[:2], self.grid_grads[2], *(adjoint[key] for key in STATE_KEYS),
                               parameter_grads["E"], parameter_grads["nu"], g_dFc, self.affine_grad, setup.origin,
-                              inv_dx, sc.dt, *walls)
+                              inv_dx, sc.dt, setup.gravity, setup.dx, *setup.boundary(0.0))
             return
         if not stress_ready:
             self.recompute_stress(pair, constants, control)
@@ -351,7 +349,7 @@ class _Substeps:
         k.g2p_grad(0, 1, n, pair["x"], grid[2], adjoint["x"], adjoint["v"], adjoint["C"], self.grid_grads[2],
                    setup.origin, inv_dx, sc.dt)
         k.grid_update_grad(grid[0], grid[1], self.grid_grads[2], self.grid_grads[0], self.grid_grads[1], sc.dt,
-                           setup.gravity, setup.origin, *walls[1:])
+                           setup.gravity, setup.origin, setup.dx, *setup.boundary(0.0))
         k.p2g_grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, self.affine, self.grid_grads[0],
                    self.grid_grads[1], adjoint["x"], adjoint["v"], self.affine_grad, setup.origin, inv_dx)
         # Taichi's reverse kernel: fresh leaves whose .grad are the adjoint buffers it accumulates into

@@ -713,6 +713,11 @@ class GridSetup:
     def inv_dx(self) -> float:
         return 1.0 / self.dx
 
+    def boundary(self, time: float) -> tuple:
+        """(wall_mode, wall_friction, colliders, n_colliders, time): the arguments that end every
+        grid-update kernel's list (grid_update, grid_update_grad, substep_forward, substep_adjoint)."""
+        return self.wall_mode, self.wall_friction, self.colliders, self.n_colliders, time
+
 
 def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constants: Mapping[str, Any],
                 grid: Tuple[Any, Any, Any], affine, control: Tuple[Any, float], setup: GridSetup,
@@ -741,10 +746,10 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     material, E, nu, aux = constants["material"], constants["E"], constants["nu"], constants["aux"]
     density, volume = constants["density"], constants["volume"]
     inv_dx = 1.0 / setup.dx
-    walls = (setup.gravity, setup.dx, setup.wall_mode, setup.wall_friction, setup.colliders, setup.n_colliders, time)
     if svd is None:
         k.substep_forward(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
-                          grid_mv, grid_m, grid_v, setup.origin, inv_dx, dt, *walls, int(keep_grid), tiled)
+                          grid_mv, grid_m, grid_v, setup.origin, inv_dx, dt, setup.gravity, setup.dx,
+                          *setup.boundary(time), int(keep_grid), tiled)
         return
     U, sig, V = svd
     if keep_grid:
@@ -753,7 +758,7 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     k.particle_stress_svd(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
                           U, sig, V, affine, inv_dx, dt)
     (k.p2g_tiled if tiled else k.p2g)(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx)
-    k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, setup.wall_mode,
-                  setup.wall_friction, setup.colliders, setup.n_colliders, time, int(not keep_grid))
+    k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, *setup.boundary(time),
+                  int(not keep_grid))
     if move_particles:
         k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt)
