@@ -22,7 +22,7 @@ import torch
 from taichi_mpm.launch import TorchKernel
 from taichi_mpm.runtime import ensure_init
 
-from .lanes import item_lanes
+from .lanes import for_items, item_lanes
 
 TILE_SIZE = 16
 DEFAULT_MAX_PAIRS = 1 << 27  # binning holds ~40 bytes a pair (5 GiB here); raise it explicitly for larger scenes
@@ -93,15 +93,8 @@ def _emit_keys_kernel(key_dtype, by_depth: bool, lanes: int):
     @ti.func
     def emit_all(depth_order: ti.template(), rects: ti.template(), offsets: ti.template(), items_per_image,
                  tiles_x, num_tiles, keys: ti.template(), values: ti.template()):
-        if ti.static(lanes):
-            for lane in range(lanes):
-                rank = lane
-                while rank < rects.shape[0]:
-                    emit(rank, depth_order, rects, offsets, items_per_image, tiles_x, num_tiles, keys, values)
-                    rank += lanes
-        else:
-            for rank in range(rects.shape[0]):
-                emit(rank, depth_order, rects, offsets, items_per_image, tiles_x, num_tiles, keys, values)
+        for_items(rects.shape[0], lanes, emit, (depth_order, rects, offsets, items_per_image, tiles_x, num_tiles,
+                  keys, values))
 
     if by_depth:
         @ti.kernel

@@ -20,7 +20,7 @@ import taichi as ti
 
 from taichi_mpm.launch import TorchKernel
 
-from .lanes import item_lanes
+from .lanes import for_items, item_lanes
 from .sh import num_sh_bases, sh_to_rgb, sh_to_rgb_backward
 
 DILATION = 0.3      # px^2 added to the projected covariance
@@ -221,17 +221,9 @@ def _forward_kernel(config: ProjectionConfig, lanes: int):
                 rgb: nd(ti.f32, ndim=3), opac_out: nd(ti.f32, ndim=2), radii: nd(ti.i32, ndim=3),
                 rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
         # rects (C*N, 4) and pair_counts (C*N,) are laid out flat, as binning reads them
-        if ti.static(lanes):
-            for lane in range(lanes):
-                idx = lane
-                while idx < viewmats.shape[0] * means.shape[0]:
-                    project(idx, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
-                            means2d, conics, depths, rgb, opac_out, radii, rects, pair_counts)
-                    idx += lanes
-        else:
-            for idx in range(viewmats.shape[0] * means.shape[0]):
-                project(idx, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
-                        means2d, conics, depths, rgb, opac_out, radii, rects, pair_counts)
+        for_items(viewmats.shape[0] * means.shape[0], lanes, project,
+                  (means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far, means2d,
+                   conics, depths, rgb, opac_out, radii, rects, pair_counts))
 
     return TorchKernel(forward)
 
@@ -389,18 +381,9 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
                  v_rgb: nd(ti.f32, ndim=3), v_opac_out: nd(ti.f32, ndim=2), given: ti.i32,
                  v_means: nd(ti.f32, ndim=2), v_quats: nd(ti.f32, ndim=2), v_scales: nd(ti.f32, ndim=2),
                  v_covars: nd(ti.f32, ndim=2), v_opacities: nd(ti.f32, ndim=1), v_sh: nd(ti.f32, ndim=3)):
-        if ti.static(lanes):
-            for lane in range(lanes):
-                n = lane
-                while n < means.shape[0]:
-                    unproject(n, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects,
-                              v_means2d, v_conics, v_depths, v_rgb, v_opac_out, given, v_means, v_quats, v_scales,
-                              v_covars, v_opacities, v_sh)
-                    n += lanes
-        else:
-            for n in range(means.shape[0]):
-                unproject(n, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects,
-                          v_means2d, v_conics, v_depths, v_rgb, v_opac_out, given, v_means, v_quats, v_scales,
-                          v_covars, v_opacities, v_sh)
+        for_items(means.shape[0], lanes, unproject,
+                  (means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects, v_means2d,
+                   v_conics, v_depths, v_rgb, v_opac_out, given, v_means, v_quats, v_scales, v_covars,
+                   v_opacities, v_sh))
 
     return TorchKernel(backward)

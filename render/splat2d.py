@@ -18,7 +18,7 @@ import taichi as ti
 from taichi_mpm.launch import TorchKernel
 
 from .binning import TILE_SIZE as TILE
-from .lanes import item_lanes
+from .lanes import for_items, item_lanes
 from .projection import ALPHA_MIN
 
 nd = ti.types.ndarray
@@ -79,15 +79,8 @@ def _preprocess_kernels(lanes: int):
     def forward(means: nd(ti.f32, ndim=2), chol: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
                 width: ti.i32, height: ti.i32,
                 conics: nd(ti.f32, ndim=3), rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
-        if ti.static(lanes):
-            for lane in range(lanes):
-                n = lane
-                while n < means.shape[0]:
-                    forward_one(n, means, chol, opacities, width, height, conics, rects, pair_counts)
-                    n += lanes
-        else:
-            for n in range(means.shape[0]):
-                forward_one(n, means, chol, opacities, width, height, conics, rects, pair_counts)
+        for_items(means.shape[0], lanes, forward_one, (means, chol, opacities, width, height, conics, rects,
+                  pair_counts))
 
     @ti.func
     def backward_one(n, chol: ti.template(), rects: ti.template(), v_conics: ti.template(),
@@ -104,14 +97,6 @@ def _preprocess_kernels(lanes: int):
     @ti.kernel
     def backward(chol: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), v_conics: nd(ti.f32, ndim=3),
                  v_chol: nd(ti.f32, ndim=2)):
-        if ti.static(lanes):
-            for lane in range(lanes):
-                n = lane
-                while n < chol.shape[0]:
-                    backward_one(n, chol, rects, v_conics, v_chol)
-                    n += lanes
-        else:
-            for n in range(chol.shape[0]):
-                backward_one(n, chol, rects, v_conics, v_chol)
+        for_items(chol.shape[0], lanes, backward_one, (chol, rects, v_conics, v_chol))
 
     return TorchKernel(forward), TorchKernel(backward)
