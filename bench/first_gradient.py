@@ -38,6 +38,42 @@ import torch
 from taichi_mpm.runtime import init
 # the cache folder as an init argument: TI_OFFLINE_CACHE_FILE_PATH alone left the folder empty
 init(offline_cache_file_path=sys.argv[2])
+# where the compile time goes, per kernel: Taichi's front end (Python AST -> IR, ensure_compiled), its
+# back end (IR passes, LLVM, offline cache: Program.compile_kernel) and launches over 50 ms (on CUDA
+# a kernel's first launch generates its PTX and the driver compiles that to machine code)
+from taichi.lang import impl, kernel_impl
+stages, current = {}, []
+def timed(stage, fn):
+    def wrapper(*a, **k):
+        if not current:
+            return fn(*a, **k)
+        start = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            seconds = time.perf_counter() - start
+            if seconds > 0.05 or stage != "launch_s":  # a launch that loaded a module, not a plain one
+                row = stages.setdefault(current[-1], {"front_s": 0.0, "compile_s": 0.0, "launch_s": 0.0})
+                row[stage] += seconds
+    return wrapper
+class TimedProgram:
+    def __init__(self, prog):
+        self.prog = prog
+        self.compile_kernel = timed("compile_s", prog.compile_kernel)
+        self.launch_kernel = timed("launch_s", prog.launch_kernel)
+    def __getattr__(self, name):
+        return getattr(self.prog, name)
+impl.get_runtime().prog = TimedProgram(impl.get_runtime().prog)
+call, ensure = kernel_impl.Kernel.__call__, kernel_impl.Kernel.ensure_compiled
+def kernel_call(self, *a, **k):
+    name = self.func.__name__ + ("" if self.autodiff_mode == kernel_impl.AutodiffMode.NONE else ".grad")
+    current.append(name)
+    try:
+        return call(self, *a, **k)
+    finally:
+        current.pop()
+kernel_impl.Kernel.__call__ = kernel_call
+kernel_impl.Kernel.ensure_compiled = timed("front_s", ensure)
 from bridge.rollout import RolloutScene, simulate
 from taichi_mpm import Elastic, MPMSolver, Sand, Snow, VonMises
 from taichi_mpm.runtime import device
@@ -59,7 +95,8 @@ loss.backward()
 float(E.grad)
 t3, c3 = time.perf_counter(), cpu()
 print("RESULT " + json.dumps({"setup_s": t1 - t0, "forward_s": t2 - t1, "backward_s": t3 - t2,
-                              "setup_cpu_s": c1 - c0, "forward_cpu_s": c2 - c1, "backward_cpu_s": c3 - c2}))
+                              "setup_cpu_s": c1 - c0, "forward_cpu_s": c2 - c1, "backward_cpu_s": c3 - c2,
+                              "kernels": dict(sorted(stages.items(), key=lambda kv: -sum(kv[1].values())))}))
 """
 
 
@@ -103,6 +140,9 @@ def main(argv=None) -> dict:
                 print(f"{label:10s} {state:4s} | {r['setup_s']:6.1f} {r['forward_s']:6.1f} {r['backward_s']:6.1f} "
                       f"{r['total_s']:6.1f} | {r['setup_cpu_s']:6.1f} {r['forward_cpu_s']:6.1f} {r['backward_cpu_s']:6.1f} "
                       f"| {r['loading_variable_warnings']:4d}", flush=True)
+                for name, t in list(r["kernels"].items())[:6]:  # the slowest compiles
+                    print(f"    {name:28s} front {t['front_s']:5.2f}  compile {t['compile_s']:5.2f}  "
+                          f"slow launches {t['launch_s']:5.2f} s", flush=True)
     import taichi_mpm.runtime as rt  # noqa: F401  (device name below)
     arch = os.environ.get("TAICHI_MPM_ARCH", "cpu")
     device = platform.processor() or platform.machine()

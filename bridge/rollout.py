@@ -257,7 +257,7 @@ class _Substeps:
         self.scene = scene
         real = ti.f64 if scene.dtype == torch.float64 else ti.f32
         self.k = substep_launchers(real, plastic_models=False)
-        self.tiled = tiled_p2g()  # P2G through shared memory (CUDA)
+        self.tiled = tiled_p2g(scene.n_particles)  # P2G through shared memory (CUDA, large scenes)
         self.separation = svd_separation(real)
         self.has_plastic = bool(torch.isin(scene.material, torch.tensor(PLASTIC_IDS, device=scene.material.device)).any())
         self.setup = GridSetup(origin=ti.Vector(list(scene.origin), real), dx=scene.dx,

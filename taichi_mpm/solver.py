@@ -169,7 +169,6 @@ class MPMSolver:
         self.sort_every = int(sort_every)
 
         self.kernels = substep_launchers(self.real, plastic_models=False)
-        self.tiled = tiled_p2g()  # P2G through shared memory (CUDA)
         self._origin_vec = ti.Vector(self.lower.tolist(), self.real)
         self._gravity_vec = ti.Vector(self.gravity.tolist(), self.real)
         zeros = dict(dtype=self.torch_dtype, device=self.device)
@@ -390,6 +389,11 @@ class MPMSolver:
         return len(self.colliders) - 1
 
     # ------------------------------------------------------------------ stepping
+    @property
+    def tiled(self) -> bool:
+        """Whether P2G goes through shared memory (CUDA, large scenes: substep.tiled_p2g)."""
+        return tiled_p2g(self.n_particles)
+
     def _substep(self, dt: float) -> None:
         k, s = self.kernels, self.state
         src, dst = self.src, 1 - self.src

@@ -202,7 +202,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                       origin, inv_dx):
         """scatter() of the particle at index i of a tiled kernel's loop (block_scatter: i >= n are
         idle lanes): through the block's shared tile, or straight to the grid where the block's
-        stencils spread over more than TILE_NODES nodes."""
+        stencils spread over more than TILE_NODES nodes. One unrolled stencil serves both targets
+        (the choice is per block, at run time): a second copy doubled the kernel's compile time."""
         lane = i % BLOCK
         bounds = ti.simt.block.SharedArray((6,), ti.i32)
         tile = ti.simt.block.SharedArray((CHANNELS * TILE_NODES,), real)
@@ -210,15 +211,20 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
         base, fx, w = stencil(xp, origin, inv_dx, shape)
         lo, extent = tiles.tile_of_block(lane, active, base, bounds)
-        if extent.max() <= TILE_NODES and extent[0] * extent[1] * extent[2] <= TILE_NODES:  # same on every lane
+        in_tile = extent.max() <= TILE_NODES and extent[0] * extent[1] * extent[2] <= TILE_NODES  # same on every lane
+        if in_tile:
             tiles.tile_clear(lane, extent[0] * extent[1] * extent[2], tile)
-            if active:
-                for a, b, c in ti.static(ti.ndrange(3, 3, 3)):
-                    node_mv, node_m = node_share(a, b, c, fx, w, momentum, mass, affine_p, inv_dx)
-                    tiles.tile_add(base + ti.Vector([a, b, c]), lo, extent, node_mv, node_m, tile)
+        if active:
+            for a, b, c in ti.static(ti.ndrange(3, 3, 3)):
+                node_mv, node_m = node_share(a, b, c, fx, w, momentum, mass, affine_p, inv_dx)
+                node = base + ti.Vector([a, b, c])
+                if in_tile:
+                    tiles.tile_add(node, lo, extent, node_mv, node_m, tile)
+                else:
+                    grid_mv[node] += node_mv
+                    grid_m[node] += node_m
+        if in_tile:
             tiles.tile_flush(lane, lo, extent, tile, grid_mv, grid_m)
-        elif active:
-            scatter(xp, momentum, mass, affine_p, grid_mv, grid_m, origin, inv_dx)
         ti.simt.block.sync()  # the block's next pass reuses bounds and tile
 
     @ti.kernel
@@ -330,29 +336,26 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         mass = density[p] * volume[p]
         scatter(x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
 
-    @ti.kernel
-    def p2g(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
-            volume: per_particle, affine: per_particle_mat, grid_mv: grid_vec, grid_m: grid_scalar,
-            origin: vec3, inv_dx: real):
-        for p in range(n):
-            p2g_at(p, src, x, v, density, volume, affine, grid_mv, grid_m, origin, inv_dx)
-
     @ti.func
     def p2g_tiled_at(i, n, src, x: ti.template(), v: ti.template(), density: ti.template(), volume: ti.template(),
                      affine: ti.template(), grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx):
-        """Loop index i of p2g_tiled (i >= n: an idle lane of the last block)."""
+        """Loop index i of the tiled p2g (i >= n: an idle lane of the last block)."""
         p = ti.min(i, n - 1)
         mass = density[p] * volume[p]
         scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
 
     @ti.kernel
-    def p2g_tiled(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
-                  volume: per_particle, affine: per_particle_mat, grid_mv: grid_vec, grid_m: grid_scalar,
-                  origin: vec3, inv_dx: real):
-        """p2g through shared-memory tiles (CUDA only; block_scatter)."""
-        ti.loop_config(block_dim=BLOCK)
-        for i in range(blocked(n)):
-            p2g_tiled_at(i, n, src, x, v, density, volume, affine, grid_mv, grid_m, origin, inv_dx)
+    def p2g(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
+            volume: per_particle, affine: per_particle_mat, grid_mv: grid_vec, grid_m: grid_scalar,
+            origin: vec3, inv_dx: real, tiled: ti.template()):
+        """tiled: through shared-memory tiles (CUDA only; block_scatter)."""
+        if ti.static(tiled):
+            ti.loop_config(block_dim=BLOCK)
+            for i in range(blocked(n)):
+                p2g_tiled_at(i, n, src, x, v, density, volume, affine, grid_mv, grid_m, origin, inv_dx)
+        else:
+            for p in range(n):
+                p2g_at(p, src, x, v, density, volume, affine, grid_mv, grid_m, origin, inv_dx)
 
     @ti.func
     def stress_p2g_at(p, src, dst, x: ti.template(), v: ti.template(), C: ti.template(), F: ti.template(),
@@ -365,25 +368,13 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         mass = density[p] * volume[p]
         scatter(x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
 
-    @ti.kernel
-    def stress_p2g(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat,
-                   plastic: steps_scalar, material: per_particle_int, E: per_particle, nu: per_particle,
-                   density: per_particle, volume: per_particle, aux: table, dFc: per_particle_mat,
-                   control_scale: real, grid_mv: grid_vec, grid_m: grid_scalar, origin: vec3, inv_dx: real,
-                   dt: real):
-        """particle_stress and p2g in one pass (a forward that keeps no affine scratch): one launch
-        and no affine round trip through memory."""
-        for p in range(n):
-            stress_p2g_at(p, src, dst, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
-                          control_scale, grid_mv, grid_m, origin, inv_dx, dt)
-
     @ti.func
     def stress_p2g_tiled_at(i, n, src, dst, x: ti.template(), v: ti.template(), C: ti.template(),
                             F: ti.template(), plastic: ti.template(), material: ti.template(), E: ti.template(),
                             nu: ti.template(), density: ti.template(), volume: ti.template(), aux: ti.template(),
                             dFc: ti.template(), control_scale, grid_mv: ti.template(), grid_m: ti.template(),
                             origin, inv_dx, dt):
-        """Loop index i of stress_p2g_tiled (i >= n: an idle lane of the last block)."""
+        """Loop index i of the tiled stress_p2g (i >= n: an idle lane of the last block)."""
         p = ti.min(i, n - 1)
         affine_p = ti.Matrix.zero(real, 3, 3)
         if i < n:
@@ -392,17 +383,33 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         mass = density[p] * volume[p]
         scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
 
+    @ti.func
+    def stress_p2g_loop(src, dst, n, x: ti.template(), v: ti.template(), C: ti.template(), F: ti.template(),
+                        plastic: ti.template(), material: ti.template(), E: ti.template(), nu: ti.template(),
+                        density: ti.template(), volume: ti.template(), aux: ti.template(), dFc: ti.template(),
+                        control_scale, grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx, dt,
+                        tiled: ti.template()):
+        """particle_stress and p2g in one parallel loop (tiled: through shared memory, CUDA)."""
+        if ti.static(tiled):
+            ti.loop_config(block_dim=BLOCK)
+            for i in range(blocked(n)):
+                stress_p2g_tiled_at(i, n, src, dst, x, v, C, F, plastic, material, E, nu, density, volume, aux,
+                                    dFc, control_scale, grid_mv, grid_m, origin, inv_dx, dt)
+        else:
+            for p in range(n):
+                stress_p2g_at(p, src, dst, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                              control_scale, grid_mv, grid_m, origin, inv_dx, dt)
+
     @ti.kernel
-    def stress_p2g_tiled(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
-                         F: steps_mat, plastic: steps_scalar, material: per_particle_int, E: per_particle,
-                         nu: per_particle, density: per_particle, volume: per_particle, aux: table,
-                         dFc: per_particle_mat, control_scale: real, grid_mv: grid_vec, grid_m: grid_scalar,
-                         origin: vec3, inv_dx: real, dt: real):
-        """stress_p2g through shared-memory tiles (CUDA only; block_scatter)."""
-        ti.loop_config(block_dim=BLOCK)
-        for i in range(blocked(n)):
-            stress_p2g_tiled_at(i, n, src, dst, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
-                                control_scale, grid_mv, grid_m, origin, inv_dx, dt)
+    def stress_p2g(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat,
+                   plastic: steps_scalar, material: per_particle_int, E: per_particle, nu: per_particle,
+                   density: per_particle, volume: per_particle, aux: table, dFc: per_particle_mat,
+                   control_scale: real, grid_mv: grid_vec, grid_m: grid_scalar, origin: vec3, inv_dx: real,
+                   dt: real, tiled: ti.template()):
+        """particle_stress and p2g in one pass (a forward that keeps no affine scratch): one launch
+        and no affine round trip through memory."""
+        stress_p2g_loop(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                        control_scale, grid_mv, grid_m, origin, inv_dx, dt, tiled)
 
     @ti.func
     def node_velocity(I, grid_mv: ti.template(), grid_m: ti.template(), dt, gravity, origin, dx, wall_mode,
@@ -609,15 +616,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         for I in ti.grouped(grid_m):
             if keep_grid:
                 clear_grid_at(I, grid_mv, grid_m)
-        if ti.static(tiled):
-            ti.loop_config(block_dim=BLOCK)
-            for i in range(blocked(n)):
-                stress_p2g_tiled_at(i, n, src, dst, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
-                                    control_scale, grid_mv, grid_m, origin, inv_dx, dt)
-        else:
-            for p in range(n):
-                stress_p2g_at(p, src, dst, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
-                              control_scale, grid_mv, grid_m, origin, inv_dx, dt)
+        stress_p2g_loop(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                        control_scale, grid_mv, grid_m, origin, inv_dx, dt, tiled)
         for I in ti.grouped(grid_m):
             grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
                            colliders, n_colliders, time, 1 - keep_grid)
@@ -658,7 +658,6 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
 
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, advance_adjoint=advance_adjoint,
                            particle_stress_grad=particle_stress_grad, p2g=p2g, stress_p2g=stress_p2g,
-                           p2g_tiled=p2g_tiled, stress_p2g_tiled=stress_p2g_tiled,
                            grid_update=grid_update, grid_update_grad=grid_update_grad, g2p=g2p, trial_svd=trial_svd,
                            particle_stress_svd=particle_stress_svd, trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad, substep_forward=substep_forward,
@@ -688,11 +687,24 @@ def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
     return SimpleNamespace(**launchers)
 
 
-def tiled_p2g() -> bool:
-    """Whether P2G goes through shared-memory tiles: on CUDA (where shared memory exists), unless
-    TAICHI_MPM_TILED_P2G=0 (the plain kernels, for comparison)."""
+# Below this many particles a substep is launch-bound (100k particles on an H200: 0.16 ms of GPU
+# work in 0.33 ms of wall time), so the shared-memory P2G gains nothing there, while its kernel
+# compiled in 9.9 s against 4.9 s for the plain one (float64 forward substep, H200, 2026-11-27):
+# a new user's small first scene should not wait for it.
+TILED_P2G_MIN_PARTICLES = 1 << 18
+
+
+def tiled_p2g(n_particles: int) -> bool:
+    """Whether P2G goes through shared-memory tiles: on CUDA (where shared memory exists) for scenes
+    of at least TILED_P2G_MIN_PARTICLES particles. TAICHI_MPM_TILED_P2G=0 turns it off, =1 on at
+    any size (comparisons, tests)."""
     from taichi.lang import impl
-    return impl.current_cfg().arch == ti.cuda and os.environ.get("TAICHI_MPM_TILED_P2G", "1") != "0"
+    if impl.current_cfg().arch != ti.cuda:
+        return False
+    setting = os.environ.get("TAICHI_MPM_TILED_P2G", "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return n_particles >= TILED_P2G_MIN_PARTICLES
 
 
 @dataclass(frozen=True)
@@ -757,7 +769,7 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     k.trial_svd(src, n, C, F, material, dFc, scale, U, sig, V, dt, svd_separation)
     k.particle_stress_svd(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
                           U, sig, V, affine, inv_dx, dt)
-    (k.p2g_tiled if tiled else k.p2g)(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx)
+    k.p2g(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx, tiled)
     k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, *setup.boundary(time),
                   int(not keep_grid))
     if move_particles:
