@@ -77,12 +77,11 @@ def stage_profile(solver: MPMSolver, dt: float, reps: int) -> dict:
     origin = solver._origin_vec
     # the three stages of the solver's one substep call, timed alone; every stage writes the other
     # slot or scratch, so repetitions see the same state (the grid's sums grow, which costs nothing)
-    stress_p2g = k.stress_p2g_tiled if solver.tiled else k.stress_p2g
     stages = {
-        "stress_p2g": lambda: stress_p2g(
+        "stress_p2g": lambda: k.stress_p2g(
             src, 1 - src, n, s["x"], s["v"], s["C"], s["F"], s["plastic"], s["material"], s["E"], s["nu"],
             s["density"], s["volume"], s["aux"], solver._no_control, 0.0, solver.grid_mv, solver.grid_m, origin,
-            solver.inv_dx, dt),
+            solver.inv_dx, dt, solver.tiled),
         "grid_update": lambda: k.grid_update(solver.grid_mv, solver.grid_m, solver.grid_v, dt,
                                              solver._gravity_vec, origin, solver.dx, solver.wall_mode,
                                              solver.wall_friction, solver.collider_table, 0, solver.time, 1),
