@@ -5,7 +5,8 @@ samplers produce it: 1M particles in a 128^3 grid and 8M in 256^3 (``--quick``: 
 For each size it times, at the same fixed dt:
   - taichi_mpm: ``MPMSolver.step`` (state checks every 8 substeps included) and a per-stage
     profile (each stage timed alone);
-  - on CUDA, taichi_mpm with the plain P2G (TAICHI_MPM_TILED_P2G=0: no shared-memory tiles);
+  - on CUDA, taichi_mpm with the kernels it runs below 2^17 particles (TAICHI_MPM_TILED_P2G=0:
+    no shared-memory tiles, run-time stencil loops: taichi_mpm.substep.for_stencil);
   - taichi_mpm on randomly shuffled particles, unsorted and with ``sort_every=16`` (1M only);
   - the plain reference (bench/mpm_reference.py): Taichi fields, one kernel per stage;
   - taichi_elements' solver (bench/mpm_peer_taichi_elements.py, in its own process) where its

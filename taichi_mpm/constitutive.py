@@ -73,20 +73,32 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return E / (2.0 * (1.0 + nu)), E * nu / ((1.0 + nu) * (1.0 - 2.0 * nu))
 
     @ti.func
-    def polar_rotation(F):
-        """Orthogonal polar factor of F by determinant-scaled Newton iteration."""
+    def polar_step(R):
+        """One determinant-scaled Newton step R <- (g R + R^-T / g) / 2 towards the polar factor."""
+        c0, c1, c2 = R[:, 0], R[:, 1], R[:, 2]
+        cof0, cof1, cof2 = c1.cross(c2), c2.cross(c0), c0.cross(c1)
+        det = c0.dot(cof0)
+        # keep the sign, bound the magnitude away from 0 (degenerate F)
+        det = ti.select(det >= 0, ti.max(det, 1e-12), ti.min(det, -1e-12))
+        inv_t = mat3([[cof0[0], cof1[0], cof2[0]],
+                      [cof0[1], cof1[1], cof2[1]],
+                      [cof0[2], cof1[2], cof2[2]]]) / det
+        g = ti.pow(ti.abs(det), -1.0 / 3.0)
+        return 0.5 * (g * R + inv_t / g)
+
+    @ti.func
+    def polar_rotation(F, unrolled: ti.template()):
+        """Orthogonal polar factor of F by determinant-scaled Newton iteration. unrolled: the
+        iterations as straight-line code, for the kernels Taichi's reverse mode differentiates;
+        otherwise a run-time loop, which compiles in a fraction of the time (the hand-written
+        adjoints never differentiate the iteration)."""
         R = F
-        for _ in ti.static(range(POLAR_ITERATIONS)):
-            c0, c1, c2 = R[:, 0], R[:, 1], R[:, 2]
-            cof0, cof1, cof2 = c1.cross(c2), c2.cross(c0), c0.cross(c1)
-            det = c0.dot(cof0)
-            # keep the sign, bound the magnitude away from 0 (degenerate F)
-            det = ti.select(det >= 0, ti.max(det, 1e-12), ti.min(det, -1e-12))
-            inv_t = mat3([[cof0[0], cof1[0], cof2[0]],
-                          [cof0[1], cof1[1], cof2[1]],
-                          [cof0[2], cof1[2], cof2[2]]]) / det
-            g = ti.pow(ti.abs(det), -1.0 / 3.0)
-            R = 0.5 * (g * R + inv_t / g)
+        if ti.static(unrolled):
+            for _ in ti.static(range(POLAR_ITERATIONS)):
+                R = polar_step(R)
+        else:
+            for _ in range(POLAR_ITERATIONS):
+                R = polar_step(R)
         return R
 
     @ti.func
@@ -104,8 +116,9 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return ti.Matrix([[d[0], 0, 0], [0, d[1], 0], [0, 0, d[2]]], real)
 
     @ti.func
-    def elastic_update(material_id, F, E, nu):
-        """Elastic models and the fluid, blended by id (zero stress for plastic ids)."""
+    def elastic_update(material_id, F, E, nu, unrolled: ti.template()):
+        """Elastic models and the fluid, blended by id (zero stress for plastic ids); unrolled: see
+        polar_rotation."""
         mu, lam = lame(E, nu)
         J = F.determinant()
         J_safe = ti.max(J, MIN_SINGULAR_VALUE)
@@ -115,7 +128,7 @@ def constitutive_funcs(real, plastic_models: bool = True):
         is_corotated = ti.cast(material_id == FIXED_COROTATED_ID, real)
         is_neo_hookean = ti.cast(material_id == NEO_HOOKEAN_ID, real)
         is_fluid = ti.cast(material_id == FLUID_ID, real)
-        tau = is_corotated * corotated_tau(F, polar_rotation(F), J, mu, lam) \
+        tau = is_corotated * corotated_tau(F, polar_rotation(F, unrolled), J, mu, lam) \
             + is_neo_hookean * (mu * (F @ F.transpose() - identity()) + identity() * (lam * ti.log(J_safe))) \
             + is_fluid * identity() * (E * (J_safe - 1.0) * J_safe)
         # the fluid keeps only its volume change: F reset to J^(1/3) I stops it from drifting
@@ -165,7 +178,7 @@ def constitutive_funcs(real, plastic_models: bool = True):
 
     @ti.func
     def update_and_stress(material_id, F, plastic, E, nu, aux):
-        F_new, tau = elastic_update(material_id, F, E, nu)
+        F_new, tau = elastic_update(material_id, F, E, nu, False)
         plastic_new = plastic
         if ti.static(plastic_models):
             if material_id >= VON_MISES_ID and material_id <= SAND_ID:  # return maps on the SVD
@@ -176,7 +189,7 @@ def constitutive_funcs(real, plastic_models: bool = True):
 
     @ti.func
     def plastic_update(material_id, F, U, sig, V, plastic, E, nu, aux):
-        F_elastic, tau_elastic = elastic_update(material_id, F, E, nu)
+        F_elastic, tau_elastic = elastic_update(material_id, F, E, nu, True)  # Taichi differentiates it
         weight, F_plastic, plastic_new, tau_plastic = return_maps(material_id, U, sig, V, plastic, E, nu, aux)
         return (F_elastic + F_plastic - weight * F_elastic, plastic_new + (1.0 - weight) * plastic,
                 tau_elastic + tau_plastic)
@@ -225,7 +238,7 @@ def constitutive_funcs(real, plastic_models: bool = True):
         zero = ti.cast(0.0, real)  # typed: a bare 0.0 would be the runtime's default float
         g_mu, g_lam, g_J, g_J_safe, g_E = zero, zero, zero, zero, zero
         if material_id == FIXED_COROTATED_ID:  # tau = 2 mu (F - R) F^T + lam (J - 1) J I
-            R = polar_rotation(F)
+            R = polar_rotation(F, False)
             D = F - R
             g_D = 2.0 * mu * g_tau @ F
             g_F += g_D + 2.0 * mu * g_tau.transpose() @ D + polar_rotation_grad(F, R, -g_D)

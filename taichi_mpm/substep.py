@@ -98,6 +98,23 @@ from .materials import SAND_ID, VON_MISES_ID
 # particle's outermost stencil weights leave on a node; such nodes carry no momentum worth keeping.
 MIN_NODE_MASS = 1e-15
 
+@ti.func
+def for_stencil(unrolled: ti.template(), body: ti.template(), args: ti.template()):
+    """body(offset, *args) for the 27 offsets (ti.Vector) of the 3x3x3 stencil. unrolled: 27 copies
+    of the body (ti.static), else a run-time loop. The copies make Taichi's own compile passes see
+    27 nodes: the small-scene forward substep (float64) compiled in 1.1 s as loops against 7.3 s
+    unrolled on the H200, where unrolled P2G and G2P with global atomics ran 1.42x faster at 1M
+    particles (1.09 against 1.55 ms a substep; the shared-memory P2G's own stencil as fast either
+    way), 2026-11-27. So the large-scene kernels (tiled_p2g) unroll, the small-scene and adjoint
+    ones loop."""
+    if ti.static(unrolled):
+        for offset in ti.static(ti.grouped(ti.ndrange(3, 3, 3))):
+            body(offset, *args)
+    else:
+        for offset in ti.grouped(ti.ndrange(3, 3, 3)):
+            body(offset, *args)
+
+
 @lru_cache(maxsize=None)
 def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     vec3 = ti.types.vector(3, real)
@@ -122,18 +139,19 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
 
     @ti.func
     def stencil(xp, origin, inv_dx, shape):
-        """Base node (clamped inside the grid), fractional offset and quadratic B-spline weights."""
+        """Base node (clamped inside the grid), fractional offset and the quadratic B-spline weights
+        (3x3: row a for stencil offset a, a column per axis)."""
         local = (xp - origin) * inv_dx
         base = ti.cast(ti.floor(local - 0.5), ti.i32)
         base = ti.max(ti.min(base, shape - 3), 0)
         fx = local - ti.cast(base, real)
-        w = [0.5 * (1.5 - fx) ** 2, 0.75 - (fx - 1.0) ** 2, 0.5 * (fx - 0.5) ** 2]
-        return base, fx, w
+        W = ti.Matrix.rows([0.5 * (1.5 - fx) ** 2, 0.75 - (fx - 1.0) ** 2, 0.5 * (fx - 0.5) ** 2])
+        return base, fx, W
 
     @ti.func
     def weight_slopes(fx):
-        """d w / d fx of the three quadratic B-spline weights (per axis); d fx / d x = inv_dx."""
-        return [fx - 1.5, 2.0 * (1.0 - fx), fx - 0.5]
+        """d W / d fx of stencil's weights (same layout); d fx / d x = inv_dx."""
+        return ti.Matrix.rows([fx - 1.5, 2.0 * (1.0 - fx), fx - 0.5])
 
     @ti.func
     def clear_grid_at(I, grid_mv: ti.template(), grid_m: ti.template()):
@@ -180,51 +198,55 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         return store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
 
     @ti.func
-    def node_share(i: ti.template(), j: ti.template(), k: ti.template(), fx, w, momentum, mass, affine_p, inv_dx):
-        """What a particle gives the node at stencil offset (i, j, k) (unrolled): weight (momentum
-        + affine (x_i - x_p)) and weight mass."""
-        dpos = (ti.Vector([i, j, k], real) - fx) / inv_dx
-        weight = w[i][0] * w[j][1] * w[k][2]
+    def node_share(offset, fx, W, momentum, mass, affine_p, inv_dx):
+        """What a particle gives the node at stencil offset (i, j, k): weight (momentum + affine
+        (x_i - x_p)) and weight mass. W: the weights, row a for offset a, a column per axis."""
+        dpos = (ti.cast(offset, real) - fx) / inv_dx
+        weight = W[offset[0], 0] * W[offset[1], 1] * W[offset[2], 2]
         return weight * (momentum + affine_p @ dpos), weight * mass
 
     @ti.func
-    def scatter(xp, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx):
-        """P2G of one particle: mass and momentum + affine (x_i - x_p) to its 27 nodes (atomics)."""
+    def scatter_node(offset, base, fx, W, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(),
+                     inv_dx):
+        node_mv, node_m = node_share(offset, fx, W, momentum, mass, affine_p, inv_dx)
+        grid_mv[base + offset] += node_mv
+        grid_m[base + offset] += node_m
+
+    @ti.func
+    def scatter(xp, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx,
+                unrolled: ti.template()):
+        """P2G of one particle: mass and momentum + affine (x_i - x_p) to its 27 nodes (global
+        atomics); unrolled: see for_stencil."""
         shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
-        base, fx, w = stencil(xp, origin, inv_dx, shape)
-        for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
-            node_mv, node_m = node_share(i, j, k, fx, w, momentum, mass, affine_p, inv_dx)
-            grid_mv[base + ti.Vector([i, j, k])] += node_mv
-            grid_m[base + ti.Vector([i, j, k])] += node_m
+        base, fx, W = stencil(xp, origin, inv_dx, shape)
+        for_stencil(unrolled, scatter_node, (base, fx, W, momentum, mass, affine_p, grid_mv, grid_m, inv_dx))
+
+    @ti.func
+    def tile_node(offset, base, fx, W, momentum, mass, affine_p, lo, extent, tile: ti.template(), inv_dx):
+        node_mv, node_m = node_share(offset, fx, W, momentum, mass, affine_p, inv_dx)
+        tiles.tile_add(base + offset, lo, extent, node_mv, node_m, tile)
 
     @ti.func
     def scatter_block(i, n, xp, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(),
                       origin, inv_dx):
         """scatter() of the particle at index i of a tiled kernel's loop (block_scatter: i >= n are
         idle lanes): through the block's shared tile, or straight to the grid where the block's
-        stencils spread over more than TILE_NODES nodes. One unrolled stencil serves both targets
-        (the choice is per block, at run time): a second copy doubled the kernel's compile time."""
+        stencils spread over more than TILE_NODES nodes (unrolled: the faster form for global
+        atomics; the shared ones ran as fast in a loop, which compiles in a fraction of the time)."""
         lane = i % BLOCK
         bounds = ti.simt.block.SharedArray((6,), ti.i32)
         tile = ti.simt.block.SharedArray((CHANNELS * TILE_NODES,), real)
         active = i < n
         shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
-        base, fx, w = stencil(xp, origin, inv_dx, shape)
+        base, fx, W = stencil(xp, origin, inv_dx, shape)
         lo, extent = tiles.tile_of_block(lane, active, base, bounds)
-        in_tile = extent.max() <= TILE_NODES and extent[0] * extent[1] * extent[2] <= TILE_NODES  # same on every lane
-        if in_tile:
+        if extent.max() <= TILE_NODES and extent[0] * extent[1] * extent[2] <= TILE_NODES:  # same on every lane
             tiles.tile_clear(lane, extent[0] * extent[1] * extent[2], tile)
-        if active:
-            for a, b, c in ti.static(ti.ndrange(3, 3, 3)):
-                node_mv, node_m = node_share(a, b, c, fx, w, momentum, mass, affine_p, inv_dx)
-                node = base + ti.Vector([a, b, c])
-                if in_tile:
-                    tiles.tile_add(node, lo, extent, node_mv, node_m, tile)
-                else:
-                    grid_mv[node] += node_mv
-                    grid_m[node] += node_m
-        if in_tile:
+            if active:
+                for_stencil(False, tile_node, (base, fx, W, momentum, mass, affine_p, lo, extent, tile, inv_dx))
             tiles.tile_flush(lane, lo, extent, tile, grid_mv, grid_m)
+        elif active:
+            scatter(xp, momentum, mass, affine_p, grid_mv, grid_m, origin, inv_dx, True)
         ti.simt.block.sync()  # the block's next pass reuses bounds and tile
 
     @ti.kernel
@@ -334,7 +356,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                affine: ti.template(), grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx):
         """One particle of p2g."""
         mass = density[p] * volume[p]
-        scatter(x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
+        scatter(x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx, False)
 
     @ti.func
     def p2g_tiled_at(i, n, src, x: ti.template(), v: ti.template(), density: ti.template(), volume: ti.template(),
@@ -366,7 +388,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         affine_p = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
                              control_scale, inv_dx, dt)
         mass = density[p] * volume[p]
-        scatter(x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
+        scatter(x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx, False)
 
     @ti.func
     def stress_p2g_tiled_at(i, n, src, dst, x: ti.template(), v: ti.template(), C: ti.template(),
@@ -478,20 +500,23 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                                 wall_friction, colliders, n_colliders, time)
 
     @ti.func
+    def gather_node(offset, base, fx, W, grid_v: ti.template(), inv_dx, new_v: ti.template(),
+                    new_C: ti.template()):
+        dpos = ti.cast(offset, real) - fx
+        weight = W[offset[0], 0] * W[offset[1], 1] * W[offset[2], 2]
+        g_v = grid_v[base + offset]
+        new_v += weight * g_v
+        new_C += (4.0 * inv_dx * weight) * g_v.outer_product(dpos)
+
+    @ti.func
     def g2p_at(p, src, dst, x: ti.template(), v: ti.template(), C: ti.template(), grid_v: ti.template(),
-               origin, inv_dx, dt):
-        """One particle of g2p."""
+               origin, inv_dx, dt, unrolled: ti.template()):
+        """One particle of g2p (unrolled: see for_stencil)."""
         shape = ti.Vector([grid_v.shape[0], grid_v.shape[1], grid_v.shape[2]])
-        base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
+        base, fx, W = stencil(x[src, p], origin, inv_dx, shape)
         new_v = ti.Vector.zero(real, 3)
         new_C = ti.Matrix.zero(real, 3, 3)
-        for i, j, k in ti.static(ti.ndrange(3, 3, 3)):
-            offset = ti.Vector([i, j, k])
-            dpos = ti.cast(offset, real) - fx
-            weight = w[i][0] * w[j][1] * w[k][2]
-            g_v = grid_v[base + offset]
-            new_v += weight * g_v
-            new_C += (4.0 * inv_dx * weight) * g_v.outer_product(dpos)
+        for_stencil(unrolled, gather_node, (base, fx, W, grid_v, inv_dx, new_v, new_C))
         v[dst, p] = new_v
         C[dst, p] = new_C
         x[dst, p] = x[src, p] + dt * new_v
@@ -500,7 +525,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def g2p(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
             grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real):
         for p in range(n):
-            g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt)
+            g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt, False)
 
     # ---- hand-written adjoints of the transfers (Taichi's took 64 s and 25 s to compile) --------
     @ti.func
@@ -509,17 +534,16 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                     g_v: ti.template(), g_affine: ti.template(), origin, inv_dx):
         """One particle of p2g_grad."""
         shape = ti.Vector([g_m.shape[0], g_m.shape[1], g_m.shape[2]])
-        base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
-        dw = weight_slopes(fx)
+        base, fx, W = stencil(x[src, p], origin, inv_dx, shape)
+        dW = weight_slopes(fx)
         mass = density[p] * volume[p]
         momentum = mass * v[src, p]
         A = affine[p]
-        W, dW = ti.Matrix.rows([w[0], w[1], w[2]]), ti.Matrix.rows([dw[0], dw[1], dw[2]])
         gx = ti.Vector.zero(real, 3)
         gv = ti.Vector.zero(real, 3)
         gA = ti.Matrix.zero(real, 3, 3)
-        # a run-time loop over the 27 nodes, not unrolled: a hand-written adjoint needs no static
-        # loop, and the unrolled one took 10 s of LLVM code generation on every process start
+        # a run-time loop over the 27 nodes (see scatter): the unrolled one took 10 s of LLVM code
+        # generation on every process start
         for i, j, k in ti.ndrange(3, 3, 3):
             offset = ti.Vector([i, j, k])
             dpos = (ti.cast(offset, real) - fx) / inv_dx
@@ -552,12 +576,11 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                     g_v: ti.template(), g_C: ti.template(), g_grid_v: ti.template(), origin, inv_dx, dt):
         """One particle of g2p_grad."""
         shape = ti.Vector([grid_v.shape[0], grid_v.shape[1], grid_v.shape[2]])
-        base, fx, w = stencil(x[src, p], origin, inv_dx, shape)
-        dw = weight_slopes(fx)
+        base, fx, W = stencil(x[src, p], origin, inv_dx, shape)
+        dW = weight_slopes(fx)
         g_new_v = g_v[dst, p] + dt * g_x[dst, p]
         gC = g_C[dst, p]
         gx = g_x[dst, p]
-        W, dW = ti.Matrix.rows([w[0], w[1], w[2]]), ti.Matrix.rows([dw[0], dw[1], dw[2]])
         for i, j, k in ti.ndrange(3, 3, 3):  # run-time loop: see p2g_grad
             offset = ti.Vector([i, j, k])
             dpos = ti.cast(offset, real) - fx  # in cells: d dpos / d x = -inv_dx I
@@ -622,7 +645,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
                            colliders, n_colliders, time, 1 - keep_grid)
         for p in range(n):
-            g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt)
+            g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt, tiled)
 
     @ti.kernel
     def substep_adjoint(n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat, plastic: steps_scalar,
@@ -688,10 +711,12 @@ def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
 
 
 # Below this many particles a substep is launch-bound (100k particles on an H200: 0.16 ms of GPU
-# work in 0.33 ms of wall time), so the shared-memory P2G gains nothing there, while its kernel
-# compiled in 9.9 s against 4.9 s for the plain one (float64 forward substep, H200, 2026-11-27):
-# a new user's small first scene should not wait for it.
-TILED_P2G_MIN_PARTICLES = 1 << 18
+# work in 0.33 ms of wall time), so the large-scene kernels (shared-memory P2G, unrolled stencils)
+# gain little there, while they compile several times longer (float64 forward substep, H200: 9.9 s
+# tiled against 1.1 s): a new user's small first scene should not wait for them. At 1M particles
+# they take 0.77 ms a substep against 1.55 ms (2026-11-27), so the small-scene ones are GPU-bound
+# from about 2^17 particles on.
+TILED_P2G_MIN_PARTICLES = 1 << 17
 
 
 def tiled_p2g(n_particles: int) -> bool:
