@@ -109,11 +109,18 @@ def main(argv=None) -> dict:
             steps = result["step_ms"][warmup:]
             # each rank's own share (before the all-reduce): grows with n under host contention,
             # differs between ranks under load imbalance
-            compute = [float(np.median(ms[warmup:])) for ms in result["rank_compute_ms"]]
+            per_step = np.array([ms[warmup:] for ms in result["rank_compute_ms"]])  # (ranks, steps)
+            compute = [float(np.median(ms)) for ms in per_step]
+            # where a step's time goes on rank 0: the slowest rank's share of that step, rank 0's wait
+            # for it plus the all-reduces, and the rest (Adam, bookkeeping)
+            slowest = float(np.median(per_step.max(0)))
+            sync = float(np.median(result["sync_ms"][warmup:]))
             rows.append({"gpus": n, "step_ms": float(np.median(steps)), "step_ms_all": result["step_ms"],
-                         "rank_compute_ms": compute, "loss_first": result["loss"]["first"]})
+                         "rank_compute_ms": compute, "slowest_rank_ms": slowest, "rank0_sync_ms": sync,
+                         "loss_first": result["loss"]["first"]})
             print(f"{n} process(es): {rows[-1]['step_ms']:.1f} ms/step (median of {len(steps)}); ranks' own "
-                  f"share {min(compute):.1f} .. {max(compute):.1f} ms", flush=True)
+                  f"share {min(compute):.1f} .. {max(compute):.1f} ms, the slowest of each step {slowest:.1f} ms; "
+                  f"rank 0 waits + all-reduces {sync:.1f} ms", flush=True)
     losses = [r["loss_first"] for r in rows]  # the same workload: the same first loss up to float32 sums
     if max(losses) - min(losses) > 1e-5 * abs(losses[0]):
         sys.exit(f"the runs disagree on the first loss ({losses}): not the same workload")

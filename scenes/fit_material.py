@@ -225,7 +225,7 @@ def body(args, info=distributed.DistInfo()):
                                   {"params": params[2:], "lr": args.lr_velocity}])
     schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine from 1 down to --lr-end times each group's step
         optimizer, lambda it: args.lr_end + (1 - args.lr_end) * 0.5 * (1 + math.cos(math.pi * it / args.iters)))
-    losses, history, step_ms, compute_ms, gradient = [], {"E": [], "nu": [], "v0": []}, [], [], None
+    losses, history, step_ms, compute_ms, sync_ms, gradient = [], {"E": [], "nu": [], "v0": []}, [], [], [], None
     for it in (bar := tqdm(range(args.iters), desc="fit E, nu, v0 from video", disable=not info.is_main)):
         start = time.perf_counter()
         optimizer.zero_grad()
@@ -237,9 +237,11 @@ def body(args, info=distributed.DistInfo()):
             loss.backward()
         if device().type == "cuda":
             torch.cuda.synchronize()
-        compute_ms.append(1e3 * (time.perf_counter() - start))  # this rank's own share, before waiting
+        computed = time.perf_counter()
+        compute_ms.append(1e3 * (computed - start))  # this rank's own share, before waiting
         distributed.sum_gradients(params, info)
         total = distributed.all_sum(loss, info).item()
+        sync_ms.append(1e3 * (time.perf_counter() - computed))  # waiting for the others + the all-reduces
         if gradient is None:
             gradient = {"log_E": material.log_E.grad.item(), "nu_logit": material.nu_logit.grad.item(),
                         "velocity": material.velocity.grad.cpu().double().tolist()}
@@ -268,7 +270,7 @@ def body(args, info=distributed.DistInfo()):
               "v0": {"true": true_v0, "start": start_v0, "fit": history["v0"][-1]},
               "loss": {"first": losses[0], "last": losses[-1]},
               "experiments": K, "world_size": info.world_size, "gradient": gradient, "step_ms": step_ms,
-              "rank_compute_ms": rank_compute_ms}
+              "rank_compute_ms": rank_compute_ms, "sync_ms": sync_ms}
     result["E"]["error"] = abs(result["E"]["fit"] / args.true_E - 1)
     result["nu"]["error"] = abs(result["nu"]["fit"] / args.true_nu - 1)
     fit_v0 = np.asarray(history["v0"][-1]).reshape(K, 3)
