@@ -87,7 +87,7 @@ def stage_profile(solver: MPMSolver, dt: float, reps: int) -> dict:
                                              solver._gravity_vec, origin, solver.dx, solver.wall_mode,
                                              solver.wall_friction, solver.collider_table, 0, solver.time, 1),
         "g2p": lambda: k.g2p(src, 1 - src, n, s["x"], s["v"], s["C"], solver.grid_v, origin,
-                             solver.inv_dx, dt),
+                             solver.inv_dx, dt, solver.tiled),
         "check": lambda: solver.check(),
     }
     profile = {}

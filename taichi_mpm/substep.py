@@ -523,9 +523,10 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
 
     @ti.kernel
     def g2p(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
-            grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real):
+            grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real, unrolled: ti.template()):
+        """unrolled: see for_stencil (the large-scene form)."""
         for p in range(n):
-            g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt, False)
+            g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt, unrolled)
 
     # ---- hand-written adjoints of the transfers (Taichi's took 64 s and 25 s to compile) --------
     @ti.func
@@ -798,4 +799,4 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, *setup.boundary(time),
                   int(not keep_grid))
     if move_particles:
-        k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt)
+        k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt, tiled)
