@@ -289,7 +289,7 @@ class _Substeps:
         ``taichi_mpm.constitutive.SVD_SEPARATION``); never for states that are kept."""
         from taichi_mpm.substep import run_substep
 
-        # a plain forward step on the scratch grid takes the three-launch form, which leaves the grid
+        # a plain forward step on the scratch grid runs with keep_grid=False, which leaves the grid
         # clear; a step whose grid the adjoint reads (or a stored grid slot) keeps it
         forward_only = grid is None and move_particles and not for_adjoint
         if forward_only and not self.grid_clear:

@@ -73,7 +73,8 @@ particles the host time of separate calls (~60-80 us each on the H200 machine) w
 cost: ``substep_forward`` (stress and P2G in one pass, grid_update, g2p; run-time flag keep_grid)
 serves the solver, the rollout's forward and the backward's recomputes, and ``substep_adjoint``
 (the stress again, then the four adjoints above and advance_adjoint) is an elastic substep's
-reverse. On CUDA the P2G goes through shared memory (block_scatter.py, ``tiled``).
+reverse. On CUDA, scenes of TILED_P2G_MIN_PARTICLES or more run P2G through shared memory
+(block_scatter.py, ``tiled``) and unroll their stencils (for_stencil).
 
 Particles read grid nodes base..base+2 per axis with base clamped to [0, shape - 3], so no index
 leaves the grid even for particles that left the domain (``MPMSolver.check`` reports those).
@@ -543,8 +544,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         gx = ti.Vector.zero(real, 3)
         gv = ti.Vector.zero(real, 3)
         gA = ti.Matrix.zero(real, 3, 3)
-        # a run-time loop over the 27 nodes (see scatter): the unrolled one took 10 s of LLVM code
-        # generation on every process start
+        # a run-time loop over the 27 nodes (see for_stencil): the unrolled one took 10 s of LLVM
+        # code generation on every process start
         for i, j, k in ti.ndrange(3, 3, 3):
             offset = ti.Vector([i, j, k])
             dpos = (ti.cast(offset, real) - fx) / inv_dx
@@ -688,8 +689,6 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                            substep_adjoint=substep_adjoint)
 
 
-
-
 # Taichi's control-flow-graph optimisation pass grows faster than linearly with a kernel's size: with
 # it the three whole-substep kernels took 24 s to compile on a 2-core CPU (float64), without it 12 s,
 # while LLVM still optimises each loop (store forwarding, dead stores). Render kernels keep it: some
@@ -771,12 +770,12 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     grid: (grid_mv, grid_m, grid_v); control: (dFc, control_scale). ``move_particles=False`` stops
     after grid_update (a backward recomputing the grid of a substep); ``svd_separation``: see
     trial_svd (the backward's recompute passes constitutive.svd_separation, the forward 0).
-    Without ``svd``, ``move_particles=False`` still moves them (one kernel, substep_forward): the
-    destination slot must be one the caller may overwrite. ``keep_grid=False`` is the forward-only form: the grid must be clear on entry and is left clear
-    (grid_update zeroes mv and m once read: no clear_grid), and without ``svd`` the stress and P2G
-    run as one pass that writes no ``affine``. ``tiled``: P2G through shared memory (CUDA only,
-    :func:`tiled_p2g`). Without ``svd`` the whole substep is one kernel call (substep_forward), which
-    writes no ``affine`` (substep_adjoint recomputes it).
+    Without ``svd`` the whole substep is one kernel call (substep_forward), which writes no
+    ``affine`` (substep_adjoint recomputes it) and moves the particles even with
+    ``move_particles=False``: the destination slot must be one the caller may overwrite.
+    ``keep_grid=False`` is the forward-only form: the grid must be clear on entry and is left clear
+    (grid_update zeroes mv and m once read: no clear_grid). ``tiled``: the large-scene kernels
+    (shared-memory P2G, unrolled stencils; :func:`tiled_p2g`).
     """
     grid_mv, grid_m, grid_v = grid
     dFc, scale = control
