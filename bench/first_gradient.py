@@ -1,6 +1,6 @@
 """Time to the first gradient: a new user's first ``bridge.simulate(...).backward()``, cold Taichi cache.
 
-    python bench/first_gradient.py [--before DIR] [--material elastic|von_mises|sand|snow]
+    python bench/first_gradient.py [--before DIR] [--material elastic|von_mises|sand|snow] [--substeps T]
                                    [--out bench/results/first_gradient_cpu.json]
 
 Each measurement runs in a fresh interpreter with its own empty Taichi offline cache (a temporary
@@ -87,7 +87,8 @@ v0 = torch.zeros_like(x0)
 E = torch.tensor(2e4, dtype=torch.float64, device=x0.device, requires_grad=True)
 nu = torch.tensor(0.3, dtype=torch.float64, device=x0.device)
 t1, c1 = time.perf_counter(), cpu()
-traj = simulate(scene, x0, v0, {"E": E, "nu": nu}, n_substeps=8, frames=[8])
+T = int(sys.argv[3])
+traj = simulate(scene, x0, v0, {"E": E, "nu": nu}, n_substeps=T, frames=[T])
 loss = traj.x[-1].square().sum() + traj.F[-1].square().sum()
 float(loss)
 t2, c2 = time.perf_counter(), cpu()
@@ -100,13 +101,13 @@ print("RESULT " + json.dumps({"setup_s": t1 - t0, "forward_s": t2 - t1, "backwar
 """
 
 
-def measure(code_dir: Path, material: str, cache: str) -> dict:
+def measure(code_dir: Path, material: str, cache: str, substeps: int = 8) -> dict:
     path = os.pathsep.join([str(code_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                               if p and Path(p).resolve() != ROOT])
     env = dict(os.environ, PYTHONPATH=path)
     env.setdefault("TAICHI_MPM_ARCH", "cpu")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, material, cache], cwd=code_dir, env=env,
+    proc = subprocess.run([sys.executable, "-c", CHILD, material, cache, str(substeps)], cwd=code_dir, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -124,6 +125,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, default=None, help="checkout of the code to compare against")
     parser.add_argument("--material", default="elastic", choices=("elastic", "von_mises", "sand", "snow"))
+    parser.add_argument("--substeps", type=int, default=8, help="rollout length")
     parser.add_argument("--quick", action="store_true", help="accepted; the scene is always tiny")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/first_gradient_cpu.json")
     args = parser.parse_args(argv)
@@ -134,7 +136,7 @@ def main(argv=None) -> dict:
     for label, code in codes:
         with tempfile.TemporaryDirectory(prefix="ti_cache_") as cache:
             for state in ("cold", "warm"):
-                r = measure(Path(code).resolve(), args.material, cache)
+                r = measure(Path(code).resolve(), args.material, cache, args.substeps)
                 r.update(code=label, cache=state)
                 runs.append(r)
                 print(f"{label:10s} {state:4s} | {r['setup_s']:6.1f} {r['forward_s']:6.1f} {r['backward_s']:6.1f} "
@@ -151,7 +153,7 @@ def main(argv=None) -> dict:
         device = torch.cuda.get_device_name(0)
     result = {"benchmark": "first_gradient", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "device": device, "arch": arch, "cpu_count": os.cpu_count(), "material": args.material,
-              "scene": "16^3 grid, 1 particle a cell cube (~300 particles), 8 substeps, float64",
+              "scene": f"16^3 grid, 1 particle a cell cube (~300 particles), {args.substeps} substeps, float64",
               "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

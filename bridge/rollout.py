@@ -61,6 +61,8 @@ class RolloutScene:
     ``body`` [N] int64 body index (for per-body parameters), ``n_bodies``.
     ``control_stride``: F controls act on substeps 0, stride, 2 stride, ...
     ``valid_lower/valid_upper``: particles outside this box are an error (grid stencil margin).
+    ``time0``: the colliders' clock at x0 (a moving collider is at origin + velocity * time; substep
+    s of a rollout runs at time0 + s * dt).
     """
 
     grid_shape: Tuple[int, int, int]
@@ -82,6 +84,7 @@ class RolloutScene:
     control_stride: int = 1
     valid_lower: Tuple[float, float, float] = field(default=None)
     valid_upper: Tuple[float, float, float] = field(default=None)
+    time0: float = 0.0
 
     @property
     def n_particles(self) -> int:
@@ -128,7 +131,7 @@ class RolloutScene:
                    n_colliders=len(solver.colliders), gravity=tuple(solver.gravity.tolist()),
                    wall_mode=solver.wall_mode, wall_friction=solver.wall_friction,
                    control_stride=control_stride, valid_lower=tuple(solver.valid_lower.tolist()),
-                   valid_upper=tuple(solver.valid_upper.tolist()))
+                   valid_upper=tuple(solver.valid_upper.tolist()), time0=float(solver.time))
 
     def n_controls(self, n_substeps: int) -> int:
         """How many F controls a rollout of n_substeps takes (one every control_stride substeps)."""
@@ -283,8 +286,9 @@ class _Substeps:
         return {"material": sc.material, "E": E, "nu": nu, "aux": aux, "density": sc.density, "volume": sc.volume}
 
     def forward(self, state: dict, j: int, constants: dict, control, grid=None, move_particles: bool = True,
-                for_adjoint: bool = False):
-        """Substep from slot j to j + 1 (on the scratch grid, or the given (mv, m, v) buffers).
+                for_adjoint: bool = False, substep: int = 0):
+        """Substep from slot j to j + 1 (on the scratch grid, or the given (mv, m, v) buffers);
+        ``substep``: its index in the rollout, which sets the colliders' clock.
         ``for_adjoint``: a recompute whose scratch feeds the adjoint (singular values spread, see
         ``taichi_mpm.constitutive.SVD_SEPARATION``); never for states that are kept."""
         from taichi_mpm.substep import run_substep
@@ -295,11 +299,15 @@ class _Substeps:
         if forward_only and not self.grid_clear:
             self.k.clear_grid(self.grid[0], self.grid[1])
         run_substep(self.k, j, j + 1, self.scene.n_particles, state, constants, grid or self.grid, self.affine,
-                    control, self.setup, self.scene.dt, svd=self.svd, move_particles=move_particles,
-                    svd_separation=self.separation if for_adjoint else 0.0, keep_grid=not forward_only,
+                    control, self.setup, self.scene.dt, self.time(substep), svd=self.svd,
+                    move_particles=move_particles, svd_separation=self.separation if for_adjoint else 0.0, keep_grid=not forward_only,
                     tiled=self.tiled)
         if grid is None:
             self.grid_clear = forward_only
+
+    def time(self, substep: int) -> float:
+        """The colliders' clock at the start of the rollout's substep ``substep``."""
+        return self.scene.time0 + substep * self.scene.dt
 
     def recompute_stress(self, state: dict, constants: dict, control):
         """The per-particle stage of substep 0 -> 1 of ``state`` again (affine, SVD scratch), for
@@ -320,15 +328,16 @@ class _Substeps:
                                   self.affine, inv_dx, sc.dt)
 
     def backward(self, pair: dict, adjoint: dict, grid, constants: dict, parameter_grads: dict, control,
-                 control_grad, stress_ready: bool) -> None:
+                 control_grad, stress_ready: bool, substep: int = 0) -> None:
         """Reverse of one substep whose forward (up to grid_update) was just recomputed on
         ``pair`` (slots 0 -> 1) and ``grid``, then the step to the previous substep: the adjoint of
         state 0 becomes the incoming one (slot 1) and slot 0 is zeroed. ``adjoint`` holds the
         state adjoints [2, N, ...] (slot 1 in, slot 0 accumulated); the adjoints of E, nu, aux
         accumulate into ``parameter_grads``; control_grad: [N, 3, 3] adjoint of the control or None;
         stress_ready: whether the plastic scenes' per-particle scratch (affine, SVD) is that of this
-        substep. Elastic scenes: one call (substep_adjoint: the stress again, then the g2p,
-        grid_update, p2g and stress adjoints, all hand-written). With plastic particles: the transfers' adjoints, Taichi's
+        substep; substep: its index in the rollout (the colliders' clock). Elastic scenes: one call
+        (substep_adjoint: the stress again, then the g2p, grid_update, p2g and stress adjoints, all
+        hand-written). With plastic particles: the transfers' adjoints, Taichi's
         particle_stress_svd.grad and the hand-written SVD adjoint."""
         sc, k, setup = self.scene, self.k, self.setup
         n, inv_dx = sc.n_particles, 1.0 / sc.dx
@@ -340,7 +349,7 @@ class _Substeps:
                               c["nu"], c["density"], c["volume"], c["aux"], dFc, scale, self.affine, *grid,
                               *self.grid_grads[:2], self.grid_grads[2], *(adjoint[key] for key in STATE_KEYS),
                               parameter_grads["E"], parameter_grads["nu"], g_dFc, self.affine_grad, setup.origin,
-                              inv_dx, sc.dt, setup.gravity, setup.dx, *setup.boundary(0.0))
+                              inv_dx, sc.dt, setup.gravity, setup.dx, *setup.boundary(self.time(substep)))
             return
         if not stress_ready:
             self.recompute_stress(pair, constants, control)
@@ -349,7 +358,7 @@ class _Substeps:
         k.g2p_grad(0, 1, n, pair["x"], grid[2], adjoint["x"], adjoint["v"], adjoint["C"], self.grid_grads[2],
                    setup.origin, inv_dx, sc.dt)
         k.grid_update_grad(grid[0], grid[1], self.grid_grads[2], self.grid_grads[0], self.grid_grads[1], sc.dt,
-                           setup.gravity, setup.origin, setup.dx, *setup.boundary(0.0))
+                           setup.gravity, setup.origin, setup.dx, *setup.boundary(self.time(substep)))
         k.p2g_grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, self.affine, self.grid_grads[0],
                    self.grid_grads[1], adjoint["x"], adjoint["v"], self.affine_grad, setup.origin, inv_dx)
         # Taichi's reverse kernel: fresh leaves whose .grad are the adjoint buffers it accumulates into
@@ -417,7 +426,8 @@ class _Rollout(torch.autograd.Function):
                 if any(ctx.needs_input_grad[4:]):
                     checkpoints.append(_store(state, plan.storage, pin))
                 for j in range(length):
-                    substeps.forward(state, j, constants, _control_for(scene, controls, start + j, substeps.no_control))
+                    substeps.forward(state, j, constants, _control_for(scene, controls, start + j, substeps.no_control),
+                                     substep=start + j)
                     record(start + j + 1, j + 1)
                 substeps.check(state, length, start + length)
         ctx.scene, ctx.n_substeps, ctx.frames, ctx.plan = scene, n_substeps, frames, plan
@@ -467,16 +477,16 @@ class _Rollout(torch.autograd.Function):
                 control = _control_for(scene, controls, start + j, substeps.no_control)
                 if stored_grids is not None:
                     substeps.forward(segment, j, constants, control, [g[j] for g in stored_grids],
-                                     move_particles=j < length - 1)
+                                     move_particles=j < length - 1, substep=start + j)
                 elif j < length - 1:
-                    substeps.forward(segment, j, constants, control)
+                    substeps.forward(segment, j, constants, control, substep=start + j)
 
-        def recompute(pair: dict, j: int, control):
+        def recompute(pair: dict, j: int, control, s: int):
             """The grid of substep j of the segment as its forward had it, and whether the
             per-particle scratch was recomputed with it."""
             if stored_grids is not None:
                 return [g[j] for g in stored_grids], False
-            substeps.forward(pair, 0, constants, control, move_particles=False, for_adjoint=True)
+            substeps.forward(pair, 0, constants, control, move_particles=False, for_adjoint=True, substep=s)
             return substeps.grid, True
 
         starts = list(range(0, n_substeps, segment_length))
@@ -490,9 +500,9 @@ class _Rollout(torch.autograd.Function):
                 control = _control_for(scene, controls, s, substeps.no_control)
                 control_grad = None if controls_grad is None or control[1] == 0.0 \
                     else controls_grad[s // scene.control_stride]
-                grid, stress_ready = recompute(pair, j, control)
+                grid, stress_ready = recompute(pair, j, control, s)
                 substeps.backward(pair, adjoint, grid, constants, parameter_grads, control, control_grad,
-                                  stress_ready)
+                                  stress_ready, substep=s)
         add_output_grads(0)
         # free the segment buffers (and the last views into them) before the results are copied out
         ctx.checkpoints = segment = stored_grids = substeps = pair = grid = None

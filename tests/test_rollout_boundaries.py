@@ -84,3 +84,46 @@ def test_float32_rollout_gives_the_float64_gradients(device):
     reference = gradients(build("separate", "float64", device))
     ours = gradients(build("separate", "float32", device))
     assert_grads_close(ours, reference, rtol=2e-4)
+
+
+
+def test_moving_box_runs_on_the_solver_clock(device):
+    """A box sweeping into a body: a rollout started from a solver at t0 > 0 (RolloutScene.time0)
+    ends where the solver's own substeps end, and its gradient (v0, along a random direction)
+    matches central differences, so the backward runs on the forward's clock too. Seen to fail
+    with the rollout's colliders frozen at time 0 (forward and backward: positions off by 1e-2),
+    and with only the backward's clock at time 0 (the gradient off by 4%)."""
+    from bridge.rollout import RolloutScene, simulate
+    from taichi_mpm import Elastic, MPMSolver
+    from taichi_mpm.boundary import Box
+
+    dt, T = 1e-3, 40
+    solver = MPMSolver(res=16, dtype="float64", boundary="slip")
+    solver.add_collider(Box(lower=(0.15, 0.3, 0.3), upper=(0.25, 0.6, 0.6), velocity=(1.9, 0.0, 0.0),
+                            friction=0.0))
+    solver.add_cube((0.31, 0.3, 0.35), (0.3, 0.2, 0.3), Elastic(E=3e4, nu=0.3), particles_per_cell=1)
+    solver.step(5 * dt, dt=dt)  # the clock at 5 ms, the box 9.5 mm along
+    scene = RolloutScene.from_solver(solver, dt=dt)
+    assert scene.time0 == pytest.approx(5 * dt)
+    start = {key: solver.state[key][solver.src].clone() for key in ("x", "v", "C", "F")}
+    params = {"E": torch.tensor([3e4], dtype=torch.float64, device=device),
+              "nu": torch.tensor([0.3], dtype=torch.float64, device=device)}
+    g = torch.Generator().manual_seed(5)
+    w, direction = (torch.randn(start["x"].shape, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+
+    def loss(v0):
+        traj = simulate(scene, start["x"], v0, params, T, [T], C0=start["C"], F0=start["F"])
+        return (traj.x[-1] * w).sum(), traj.x[-1]
+
+    v0 = start["v"].clone().requires_grad_()
+    value, ours = loss(v0)
+    value.backward()
+    solver.step(T * dt, dt=dt)
+    theirs = solver.positions(as_torch=True)
+    assert (theirs - start["x"])[:, 0].max() > 0.03  # the box reached the body and pushed it along x
+    torch.testing.assert_close(ours.detach(), theirs, rtol=0, atol=1e-10)
+    h = 1e-6
+    with torch.no_grad():
+        fd = float((loss(start["v"] + h * direction)[0] - loss(start["v"] - h * direction)[0]) / (2 * h))
+    analytic = float((v0.grad * direction).sum())
+    assert abs(analytic - fd) <= RTOL * abs(fd) + ATOL, (analytic, fd)
