@@ -139,7 +139,8 @@ def transient_table() -> str:
 
 def first_gradient_table() -> str:
     parts = []
-    for name in ("first_gradient_cpu.json", "first_gradient_cuda.json"):
+    for name in ("first_gradient_cpu.json", "first_gradient_cuda.json", "first_gradient_cpu_von_mises.json",
+                 "first_gradient_cuda_von_mises.json"):
         d = load(name)
         if d is None:
             continue
@@ -148,8 +149,8 @@ def first_gradient_table() -> str:
             parts += [f"**Time to the first gradient** (`bench/first_gradient.py`): a fresh process, empty Taichi "
                       f"cache, {d['scene']}: set-up, first forward, first backward (wall seconds; every kernel "
                       f"compiles inside these); and the next process, which finds them in Taichi's cache.", "",
-                      "| device | code | set-up (s) | forward (s) | backward (s) | total (s) | 'Loading variable' warnings |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| device | material | code | set-up (s) | forward (s) | backward (s) | total (s) | 'Loading variable' warnings |",
+                      "|---|---|---|---|---|---|---|---|"]
         where = f"{d['device']} ({d['cpu_count']} cores)" if d["arch"] == "cpu" else d["device"]
         if d.get("note"):
             where += f" ({d['note']})"
@@ -157,7 +158,8 @@ def first_gradient_table() -> str:
             code = {"before": d.get("before", "before"), "this tree": "now"}.get(r["code"], r["code"])
             if r["cache"] == "warm":
                 code += ", next process (kernels cached)"
-            parts.append(f"| {where}, {r.get('date', d['date'])[:10]} | {code} | {r['setup_s']:.1f} | {r['forward_s']:.1f} | "
+            parts.append(f"| {where}, {r.get('date', d['date'])[:10]} | {d.get('material', 'elastic')} | {code} | "
+                         f"{r['setup_s']:.1f} | {r['forward_s']:.1f} | "
                          f"{r['backward_s']:.1f} | **{r['total_s']:.1f}** | {r['loading_variable_warnings']} |")
     return "\n".join(parts)
 

@@ -15,8 +15,8 @@ x, v, C, F, plastic = 25 reals a particle), on the device or in pinned host memo
 walks the segments in reverse: it copies the checkpoint into a (K + 1)-slot buffer, runs the K
 substeps forward again to refill the slots, then for each substep s (last first) runs its adjoint
 on the two slots (s, s + 1): g2p_grad, grid_update_grad, p2g_grad and the stress's adjoint
-(hand-written; with plastic particles Taichi's particle_stress_svd.grad and the hand-written SVD
-adjoint) (``_Substeps.backward``; taichi_mpm.substep). The grid
+(hand-written; the plastic particles' return maps through Taichi's plastic_stress_svd.grad and
+the hand-written SVD adjoint) (``_Substeps.backward``; taichi_mpm.substep). The grid
 of substep s is either kept from the refill pass (``store_grids``: K grids on the device, only
 the per-particle stress is recomputed) or recomputed (clear_grid, particle_stress, p2g,
 grid_update). Particle memory: N * (T / K + K + 2) states instead of N * T; K defaults to
@@ -178,23 +178,6 @@ def _compile_notice(stage: str, dtype: torch.dtype):
         timer.cancel()
 
 
-@contextmanager
-def _stress_grad_build():
-    """Scope for calls of particle_stress_svd.grad (the first one compiles it) with Taichi's
-    advanced IR optimisation off: on the reverse of the stress (polar decomposition unrolled) its
-    passes cost 76 s of build against 19 s without (CPU, f64, measured 2026-11-22 beside another
-    job; over 15 minutes when stress and scatter were one kernel). Only this kernel's build is
-    affected."""
-    cfg = ti.lang.impl.current_cfg()
-    original = cfg.advanced_optimization
-    cfg.advanced_optimization = False
-    try:
-        yield
-    finally:
-        cfg.advanced_optimization = original
-
-
-# ----------------------------------------------------------------------------- schedule
 @dataclass(frozen=True)
 class CheckpointPlan:
     """K substeps a segment (``every``), where the checkpoints live ("device" or "host"), and
@@ -262,7 +245,10 @@ class _Substeps:
         self.k = substep_launchers(real, plastic_models=False)
         self.tiled = tiled_p2g(scene.n_particles)  # P2G through shared memory (CUDA, large scenes)
         self.separation = svd_separation(real)
-        self.has_plastic = bool(torch.isin(scene.material, torch.tensor(PLASTIC_IDS, device=scene.material.device)).any())
+        # which plastic models (PLASTIC_IDS order) the scene holds: the backward builds only their return maps
+        present = set(torch.unique(scene.material).tolist())
+        self.plastic_models = tuple(model in present for model in PLASTIC_IDS)
+        self.has_plastic = any(self.plastic_models)
         self.setup = GridSetup(origin=ti.Vector(list(scene.origin), real), dx=scene.dx,
                                gravity=ti.Vector(list(scene.gravity), real), wall_mode=scene.wall_mode,
                                wall_friction=scene.wall_friction, colliders=scene.colliders,
@@ -337,8 +323,9 @@ class _Substeps:
         stress_ready: whether the plastic scenes' per-particle scratch (affine, SVD) is that of this
         substep; substep: its index in the rollout (the colliders' clock). Elastic scenes: one call
         (substep_adjoint: the stress again, then the g2p, grid_update, p2g and stress adjoints, all
-        hand-written). With plastic particles: the transfers' adjoints, Taichi's
-        particle_stress_svd.grad and the hand-written SVD adjoint."""
+        hand-written). With plastic particles: the transfers' adjoints, the elastic particles'
+        stress adjoint (hand-written), the plastic ones' (Taichi's plastic_stress_svd.grad) and the
+        hand-written SVD adjoint."""
         sc, k, setup = self.scene, self.k, self.setup
         n, inv_dx = sc.n_particles, 1.0 / sc.dx
         dFc, scale = control
@@ -361,16 +348,17 @@ class _Substeps:
                            setup.gravity, setup.origin, setup.dx, *setup.boundary(self.time(substep)))
         k.p2g_grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, self.affine, self.grid_grads[0],
                    self.grid_grads[1], adjoint["x"], adjoint["v"], self.affine_grad, setup.origin, inv_dx)
-        # Taichi's reverse kernel: fresh leaves whose .grad are the adjoint buffers it accumulates into
+        # the stress's adjoint: the elastic particles' hand-written, the plastic ones' from Taichi's
+        # reverse kernel, on fresh leaves whose .grad are the adjoint buffers it accumulates into
+        k.particle_stress_grad(0, 1, n, pair["C"], pair["F"], c["material"], c["E"], c["nu"], c["density"],
+                               c["volume"], dFc, scale, self.affine_grad, adjoint["C"], adjoint["F"],
+                               adjoint["plastic"], parameter_grads["E"], parameter_grads["nu"], g_dFc, inv_dx, sc.dt)
         leaves = {key: _leaf(pair[key], adjoint[key]) for key in ("C", "F", "plastic")}
         E, nu, aux = (_leaf(c[key], parameter_grads[key]) for key in ("E", "nu", "aux"))
         affine = _leaf(self.affine, self.affine_grad)
-        dFc_leaf = dFc if control_grad is None else _leaf(dFc, control_grad)
         svd = [_leaf(t, g) for t, g in zip(self.svd, self.svd_grads)]
-        with _stress_grad_build():
-            k.particle_stress_svd_reverse(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"],
-                                          E, nu, c["density"], c["volume"], aux, dFc_leaf, scale, *svd, affine,
-                                          inv_dx, sc.dt)
+        k.plastic_stress_svd_reverse(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"], E, nu,
+                                     c["density"], c["volume"], aux, *svd, affine, inv_dx, sc.dt, self.plastic_models)
         k.trial_svd_grad(0, n, pair["C"], pair["F"], c["material"], dFc, scale, *self.svd, *self.svd_grads,
                          adjoint["C"], adjoint["F"], g_dFc, sc.dt)
         k.advance_adjoint(n, *(adjoint[key] for key in STATE_KEYS))

@@ -57,6 +57,8 @@ SVD_GAP = 0.1
 # Snow's hardening factor exp(xi (1 - Jp)) is clamped to [SNOW_MIN_HARDENING, SNOW_MAX_HARDENING];
 # its exponent is clamped before exp so that neither exp nor its derivative overflows.
 SNOW_MIN_HARDENING = 0.1
+# return_maps' model flags: (von Mises, snow, sand)
+ALL_PLASTIC_MODELS = (True, True, True)
 
 
 @lru_cache(maxsize=None)
@@ -136,44 +138,59 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return F_new, tau
 
     @ti.func
-    def return_maps(material_id, U, sig, V, plastic, E, nu, aux):
+    def return_maps(material_id, U, sig, V, plastic, E, nu, aux, models: ti.template()):
         """von Mises, snow and sand on the SVD, branch-free, blended by id. Returns (weight, F_new,
-        plastic_new, tau) with weight 1 for a plastic id (0 otherwise: the rest is then unused)."""
+        plastic_new, tau) with weight 1 for a plastic id (0 otherwise: the rest is then unused).
+        models: which of (von Mises, snow, sand) to build (compile-time flags); a particle of a
+        model left out gets weight 0. Taichi's reverse-mode compile of all three took 40 s on the
+        2-core CPU (float64), of von Mises alone 15 s, so the rollout's backward builds the ones
+        its scene holds (2026-11-27)."""
         mu, lam = lame(E, nu)
-        is_von_mises = ti.cast(material_id == VON_MISES_ID, real)
-        is_snow = ti.cast(material_id == SNOW_ID, real)
-        is_sand = ti.cast(material_id == SAND_ID, real)
         sig = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
-        # snow (Stomakhin 2013): clamp the singular values, harden with the volume lost plastically
-        clamped = ti.min(ti.max(sig, 1.0 - aux[1]), 1.0 + aux[2])
-        J_elastic = clamped[0] * clamped[1] * clamped[2]
-        Jp_snow = plastic * (sig[0] * sig[1] * sig[2]) / J_elastic
-        exponent = ti.min(ti.max(aux[0] * (1.0 - Jp_snow), ti.log(SNOW_MIN_HARDENING)), ti.log(SNOW_MAX_HARDENING))
-        hardening = ti.exp(exponent)
-        F_snow = U @ diag(clamped) @ V.transpose()
-        tau_snow = corotated_tau(F_snow, U @ V.transpose(), J_elastic, mu * hardening, lam * hardening)
-        # von Mises on the Hencky strain: radial return of the deviator onto |dev| = yield / (2 mu)
-        eps = ti.log(sig)
-        dev = eps - eps.sum() / 3.0
-        dev_norm = dev.norm(1e-20)
-        eps_von_mises = eps - ti.max(dev_norm - aux[0] / (2.0 * mu), 0.0) / dev_norm * dev
-        # Drucker-Prager sand (Klar 2016), plastic = volume gained in tension (Tampubolon 2017):
-        # in tension project to the cone's tip and remember the volume, else return onto the cone
-        trace = eps.sum() + plastic
-        sand_dev = eps - trace / 3.0
-        sand_dev_norm = sand_dev.norm(1e-20)
-        overshoot = ti.max(sand_dev_norm + (3.0 * lam + 2.0 * mu) / (2.0 * mu) * trace * aux[0], 0.0)
-        in_tension = ti.cast(trace >= 0.0, real)
-        eps_sand = (1.0 - in_tension) * (eps - overshoot / sand_dev_norm * sand_dev)
-        plastic_sand = in_tension * trace
-        eps_hencky = is_von_mises * eps_von_mises + is_sand * eps_sand
-        F_hencky = U @ diag(ti.exp(eps_hencky)) @ V.transpose()
-        tau_hencky = hencky_tau(U, eps_hencky, mu, lam)
-        is_hencky = is_von_mises + is_sand
-        weight = is_hencky + is_snow
-        F_new = is_snow * F_snow + is_hencky * F_hencky
-        plastic_new = is_snow * Jp_snow + is_sand * plastic_sand + is_von_mises * plastic
-        tau = is_snow * tau_snow + is_hencky * tau_hencky
+        zero = ti.cast(0.0, real)
+        weight, plastic_new = zero, zero
+        F_new, tau = ti.Matrix.zero(real, 3, 3), ti.Matrix.zero(real, 3, 3)
+        if ti.static(models[1]):
+            # snow (Stomakhin 2013): clamp the singular values, harden with the volume lost plastically
+            is_snow = ti.cast(material_id == SNOW_ID, real)
+            clamped = ti.min(ti.max(sig, 1.0 - aux[1]), 1.0 + aux[2])
+            J_elastic = clamped[0] * clamped[1] * clamped[2]
+            Jp_snow = plastic * (sig[0] * sig[1] * sig[2]) / J_elastic
+            exponent = ti.min(ti.max(aux[0] * (1.0 - Jp_snow), ti.log(SNOW_MIN_HARDENING)),
+                              ti.log(SNOW_MAX_HARDENING))
+            hardening = ti.exp(exponent)
+            F_snow = U @ diag(clamped) @ V.transpose()
+            weight += is_snow
+            F_new += is_snow * F_snow
+            plastic_new += is_snow * Jp_snow
+            tau += is_snow * corotated_tau(F_snow, U @ V.transpose(), J_elastic, mu * hardening, lam * hardening)
+        if ti.static(models[0] or models[2]):
+            eps = ti.log(sig)
+            eps_hencky = ti.Vector.zero(real, 3)
+            is_hencky = zero
+            if ti.static(models[0]):
+                # von Mises on the Hencky strain: radial return of the deviator onto |dev| = yield / (2 mu)
+                is_von_mises = ti.cast(material_id == VON_MISES_ID, real)
+                dev = eps - eps.sum() / 3.0
+                dev_norm = dev.norm(1e-20)
+                eps_hencky += is_von_mises * (eps - ti.max(dev_norm - aux[0] / (2.0 * mu), 0.0) / dev_norm * dev)
+                plastic_new += is_von_mises * plastic
+                is_hencky += is_von_mises
+            if ti.static(models[2]):
+                # Drucker-Prager sand (Klar 2016), plastic = volume gained in tension (Tampubolon 2017):
+                # in tension project to the cone's tip and remember the volume, else return onto the cone
+                is_sand = ti.cast(material_id == SAND_ID, real)
+                trace = eps.sum() + plastic
+                sand_dev = eps - trace / 3.0
+                sand_dev_norm = sand_dev.norm(1e-20)
+                overshoot = ti.max(sand_dev_norm + (3.0 * lam + 2.0 * mu) / (2.0 * mu) * trace * aux[0], 0.0)
+                in_tension = ti.cast(trace >= 0.0, real)
+                eps_hencky += is_sand * (1.0 - in_tension) * (eps - overshoot / sand_dev_norm * sand_dev)
+                plastic_new += is_sand * in_tension * trace
+                is_hencky += is_sand
+            weight += is_hencky
+            F_new += is_hencky * (U @ diag(ti.exp(eps_hencky)) @ V.transpose())
+            tau += is_hencky * hencky_tau(U, eps_hencky, mu, lam)
         return weight, F_new, plastic_new, tau
 
     @ti.func
@@ -184,13 +201,14 @@ def constitutive_funcs(real, plastic_models: bool = True):
             if material_id >= VON_MISES_ID and material_id <= SAND_ID:  # return maps on the SVD
                 U, S, V = ti.svd(F, real)
                 _, F_new, plastic_new, tau = return_maps(material_id, U, vec3(S[0, 0], S[1, 1], S[2, 2]), V,
-                                                         plastic, E, nu, aux)
+                                                         plastic, E, nu, aux, ALL_PLASTIC_MODELS)
         return F_new, plastic_new, tau
 
     @ti.func
     def plastic_update(material_id, F, U, sig, V, plastic, E, nu, aux):
         F_elastic, tau_elastic = elastic_update(material_id, F, E, nu, True)  # Taichi differentiates it
-        weight, F_plastic, plastic_new, tau_plastic = return_maps(material_id, U, sig, V, plastic, E, nu, aux)
+        weight, F_plastic, plastic_new, tau_plastic = return_maps(material_id, U, sig, V, plastic, E, nu, aux,
+                                                                  ALL_PLASTIC_MODELS)
         return (F_elastic + F_plastic - weight * F_elastic, plastic_new + (1.0 - weight) * plastic,
                 tau_elastic + tau_plastic)
 
@@ -263,7 +281,8 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return g_F, g_E, g_nu
 
     return SimpleNamespace(update_and_stress=update_and_stress, plastic_update=plastic_update,
-                           polar_rotation=polar_rotation, elastic_update_grad=elastic_update_grad)
+                           return_maps=return_maps, polar_rotation=polar_rotation,
+                           elastic_update_grad=elastic_update_grad)
 
 
 def svd_separation(real) -> float:

@@ -49,10 +49,10 @@ grid_update (grid and affine are not kept), then
     g2p_grad        hand-written: adjoints of x, v, C [dst] -> x[src] and the grid velocities
     grid_update_grad  hand-written: grid velocity adjoints -> momentum and mass adjoints
     p2g_grad        hand-written: node adjoints -> x, v [src] and affine
-    particle_stress_grad  hand-written (scenes without plastic particles): -> C, F, plastic [src],
-                    E, nu, controls
-    particle_stress_svd.grad  Taichi's (plastic scenes): -> C, F, plastic [src], E, nu, aux,
-                    controls, U, sig, V
+    particle_stress_grad  hand-written, the elastic models' and the fluid's particles: -> C, F,
+                    plastic [src], E, nu, controls
+    plastic_stress_svd.grad  Taichi's, the plastic particles' return maps (plastic scenes): -> C,
+                    plastic [src], E, nu, aux, U, sig, V
     trial_svd_grad  hand-written SVD adjoint (plastic scenes): -> C, F [src], controls
 The transfers' adjoints are written by hand because Taichi's took the longest to compile (on the
 2-core CPU in float64, cold cache: p2g.grad 64 s, g2p.grad 25 s, particle_stress.grad 57 s);
@@ -132,7 +132,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     grid_scalar = ti.types.ndarray(dtype=real, ndim=3)
 
     models = constitutive_funcs(real, plastic_models)
-    update_and_stress, plastic_update = models.update_and_stress, models.plastic_update
+    update_and_stress, plastic_update, return_maps = models.update_and_stress, models.plastic_update, models.return_maps
     elastic_update_grad = models.elastic_update_grad
     svd_grad = svd_grad_funcs(real)
     apply_walls, apply_collider = boundary_funcs(real)
@@ -288,12 +288,14 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                              control_scale: real, g_affine: per_particle_mat, g_C: steps_mat, g_F: steps_mat,
                              g_plastic: steps_scalar, g_E: per_particle, g_nu: per_particle,
                              g_dFc: per_particle_mat, inv_dx: real, dt: real):
-        """Adjoint of particle_stress without the plastic models (hand-written): the adjoints of
-        affine, F[dst] and plastic[dst] -> C, F, plastic [src], E, nu and dFc (g_dFc: [N, 3, 3], or
-        [1, 3, 3] ignored when control_scale is 0)."""
+        """Adjoint of particle_stress for the elastic models and the fluid (hand-written; plastic
+        particles are left to plastic_stress_svd's reverse): the adjoints of affine, F[dst] and
+        plastic[dst] -> C, F, plastic [src], E, nu and dFc (g_dFc: [N, 3, 3], or [1, 3, 3] ignored
+        when control_scale is 0)."""
         for p in range(n):
-            particle_stress_grad_at(p, src, dst, C, F, material, E, nu, density, volume, dFc, control_scale,
-                                    g_affine, g_C, g_F, g_plastic, g_E, g_nu, g_dFc, inv_dx, dt)
+            if not is_plastic(material[p]):
+                particle_stress_grad_at(p, src, dst, C, F, material, E, nu, density, volume, dFc, control_scale,
+                                        g_affine, g_C, g_F, g_plastic, g_E, g_nu, g_dFc, inv_dx, dt)
 
     # ---- the differentiable stress of plastic materials: SVD outside, return maps inside -------
     @ti.kernel
@@ -333,6 +335,26 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                 material[p], F_trial, U[p], sig[p], V[p], plastic[src, p], E[p], nu[p],
                 ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
             affine[p] = store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
+
+    @ti.kernel
+    def plastic_stress_svd(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat, plastic: steps_scalar,
+                           material: per_particle_int, E: per_particle, nu: per_particle, density: per_particle,
+                           volume: per_particle, aux: table, U: per_particle_mat, sig: per_particle_vec,
+                           V: per_particle_mat, affine: per_particle_mat, inv_dx: real, dt: real,
+                           models: ti.template()):
+        """particle_stress_svd's plastic particles alone (their F_trial enters through U, sig, V),
+        for Taichi's reverse (``.grad``): the return maps' adjoints to U, sig, V, plastic, E, nu,
+        aux and C, while the elastic particles' go through the hand-written particle_stress_grad.
+        Differentiating particle_stress_svd itself (the elastic models' unrolled polar iteration
+        too) took 99 s of a 2-core CPU's cold first gradient (von Mises, float64, 2026-11-27).
+        models: the return maps to build (constitutive.return_maps; the scene's, see plastic_models)."""
+        for p in range(n):
+            if is_plastic(material[p]):
+                _, F_new, plastic_new, tau = return_maps(
+                    material[p], U[p], sig[p], V[p], plastic[src, p], E[p], nu[p],
+                    ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real), models)
+                affine[p] = store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume,
+                                         inv_dx, dt)
 
     @ti.kernel
     def trial_svd_grad(src: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat, material: per_particle_int,
@@ -684,7 +706,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, advance_adjoint=advance_adjoint,
                            particle_stress_grad=particle_stress_grad, p2g=p2g, stress_p2g=stress_p2g,
                            grid_update=grid_update, grid_update_grad=grid_update_grad, g2p=g2p, trial_svd=trial_svd,
-                           particle_stress_svd=particle_stress_svd, trial_svd_grad=trial_svd_grad,
+                           particle_stress_svd=particle_stress_svd, plastic_stress_svd=plastic_stress_svd,
+                           trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad, substep_forward=substep_forward,
                            substep_adjoint=substep_adjoint)
 
@@ -701,12 +724,14 @@ def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
     """substep_kernels behind TorchKernel launchers (~2 us of host time per tensor argument instead
     of ~20 us: an MPM substep passes ~40 over five launches, so this is the difference between a
     host-bound and a GPU-bound substep at 100k particles): every kernel under its own name, compiled
-    with FAST_COMPILE, and Taichi's reverse-mode kernel of the plastic stress as
-    ``particle_stress_svd_reverse`` (pass tensors whose .grad holds the adjoints; Taichi's own
-    settings)."""
+    with FAST_COMPILE, and Taichi's reverse-mode kernel of the plastic particles' stress as
+    ``plastic_stress_svd_reverse`` (pass tensors whose .grad holds the adjoints)."""
     kernels = substep_kernels(real, plastic_models)
     launchers = {name: TorchKernel(kernel, compile_config=FAST_COMPILE) for name, kernel in vars(kernels).items()}
-    launchers.update(particle_stress_svd_reverse=TorchKernel(kernels.particle_stress_svd, reverse=True))
+    # Taichi's advanced IR optimisation off for this kernel's build: its passes took 240 s against
+    # 40 s without (the reverse of the three return maps, 2-core CPU, float64, 2026-11-27)
+    launchers.update(plastic_stress_svd_reverse=TorchKernel(kernels.plastic_stress_svd, reverse=True,
+                                                            compile_config={"advanced_optimization": False}))
     return SimpleNamespace(**launchers)
 
 
