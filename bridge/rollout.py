@@ -14,19 +14,18 @@ segments of K. The forward keeps only the particle state at each segment start (
 x, v, C, F, plastic = 25 reals a particle), on the device or in pinned host memory. The backward
 walks the segments in reverse: it copies the checkpoint into a (K + 1)-slot buffer, runs the K
 substeps forward again to refill the slots, then for each substep s (last first) runs its adjoint
-on the two slots (s, s + 1): g2p_grad, grid_update_grad, p2g_grad and the stress's adjoint
-(hand-written; the plastic particles' return maps through Taichi's plastic_stress_svd.grad and
-the hand-written SVD adjoint) (``_Substeps.backward``; taichi_mpm.substep). The grid
-of substep s is either kept from the refill pass (``store_grids``: K grids on the device, only
-the per-particle stress is recomputed) or recomputed (clear_grid, particle_stress, p2g,
-grid_update). Particle memory: N * (T / K + K + 2) states instead of N * T; K defaults to
-sqrt(T), lowered when the segment buffer would not fit ``device_budget_bytes``
-(:class:`CheckpointPlan`).
+on the two slots (s, s + 1): g2p_grad, grid_update_grad, p2g_grad and the stress's adjoint, the
+plastic particles' through their return maps and their SVD, all hand-written
+(``_Substeps.backward``; taichi_mpm.substep). The grid of substep s is either kept from the
+refill pass (``store_grids``: K grids on the device, only the per-particle stress is recomputed)
+or recomputed (clear_grid, particle_stress, p2g, grid_update). Particle memory:
+N * (T / K + K + 2) states instead of N * T; K defaults to sqrt(T), lowered when the segment
+buffer would not fit ``device_budget_bytes`` (:class:`CheckpointPlan`).
 
 The substep kernels and their data convention are ``taichi_mpm.substep``; this module only
-schedules them. Gradients of Taichi kernels accumulate into ``tensor.grad``: the backward passes
-fresh leaf views with zeroed grad buffers it owns, never the caller's tensors, so calling the
-Function several times in one graph counts each gradient once.
+schedules them. The adjoint kernels accumulate into buffers the backward owns, never into the
+caller's tensors' ``.grad``, so calling the Function several times in one graph counts each
+gradient once.
 """
 from __future__ import annotations
 
@@ -245,10 +244,7 @@ class _Substeps:
         self.k = substep_launchers(real, plastic_models=False)
         self.tiled = tiled_p2g(scene.n_particles)  # P2G through shared memory (CUDA, large scenes)
         self.separation = svd_separation(real)
-        # which plastic models (PLASTIC_IDS order) the scene holds: the backward builds only their return maps
-        present = set(torch.unique(scene.material).tolist())
-        self.plastic_models = tuple(model in present for model in PLASTIC_IDS)
-        self.has_plastic = any(self.plastic_models)
+        self.has_plastic = bool(torch.isin(scene.material, torch.tensor(PLASTIC_IDS, device=scene.material.device)).any())
         self.setup = GridSetup(origin=ti.Vector(list(scene.origin), real), dx=scene.dx,
                                gravity=ti.Vector(list(scene.gravity), real), wall_mode=scene.wall_mode,
                                wall_friction=scene.wall_friction, colliders=scene.colliders,
@@ -324,8 +320,7 @@ class _Substeps:
         substep; substep: its index in the rollout (the colliders' clock). Elastic scenes: one call
         (substep_adjoint: the stress again, then the g2p, grid_update, p2g and stress adjoints, all
         hand-written). With plastic particles: the transfers' adjoints, the elastic particles'
-        stress adjoint (hand-written), the plastic ones' (Taichi's plastic_stress_svd.grad) and the
-        hand-written SVD adjoint."""
+        stress adjoint, the plastic ones' return maps' and the SVD's adjoint (all hand-written)."""
         sc, k, setup = self.scene, self.k, self.setup
         n, inv_dx = sc.n_particles, 1.0 / sc.dx
         dFc, scale = control
@@ -348,17 +343,14 @@ class _Substeps:
                            setup.gravity, setup.origin, setup.dx, *setup.boundary(self.time(substep)))
         k.p2g_grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, self.affine, self.grid_grads[0],
                    self.grid_grads[1], adjoint["x"], adjoint["v"], self.affine_grad, setup.origin, inv_dx)
-        # the stress's adjoint: the elastic particles' hand-written, the plastic ones' from Taichi's
-        # reverse kernel, on fresh leaves whose .grad are the adjoint buffers it accumulates into
+        # the stress's adjoint: the elastic particles', then the plastic ones' (both hand-written)
         k.particle_stress_grad(0, 1, n, pair["C"], pair["F"], c["material"], c["E"], c["nu"], c["density"],
                                c["volume"], dFc, scale, self.affine_grad, adjoint["C"], adjoint["F"],
                                adjoint["plastic"], parameter_grads["E"], parameter_grads["nu"], g_dFc, inv_dx, sc.dt)
-        leaves = {key: _leaf(pair[key], adjoint[key]) for key in ("C", "F", "plastic")}
-        E, nu, aux = (_leaf(c[key], parameter_grads[key]) for key in ("E", "nu", "aux"))
-        affine = _leaf(self.affine, self.affine_grad)
-        svd = [_leaf(t, g) for t, g in zip(self.svd, self.svd_grads)]
-        k.plastic_stress_svd_reverse(0, 1, n, leaves["C"], leaves["F"], leaves["plastic"], c["material"], E, nu,
-                                     c["density"], c["volume"], aux, *svd, affine, inv_dx, sc.dt, self.plastic_models)
+        k.plastic_stress_grad(0, 1, n, pair["plastic"], c["material"], c["E"], c["nu"], c["density"], c["volume"],
+                              c["aux"], *self.svd, self.affine_grad, adjoint["C"], adjoint["plastic"], adjoint["F"],
+                              parameter_grads["E"], parameter_grads["nu"], parameter_grads["aux"], *self.svd_grads,
+                              inv_dx, sc.dt)
         k.trial_svd_grad(0, n, pair["C"], pair["F"], c["material"], dFc, scale, *self.svd, *self.svd_grads,
                          adjoint["C"], adjoint["F"], g_dFc, sc.dt)
         k.advance_adjoint(n, *(adjoint[key] for key in STATE_KEYS))
@@ -498,13 +490,6 @@ class _Rollout(torch.autograd.Function):
             [parameter_grads["E"], parameter_grads["nu"], parameter_grads["aux"], controls_grad]
         return (None, None, None, None) + tuple(g if need else None
                                                 for g, need in zip(grads, ctx.needs_input_grad[4:]))
-
-
-def _leaf(t: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """A fresh leaf sharing t's memory whose .grad is our buffer (Taichi accumulates into it)."""
-    leaf = t.detach().requires_grad_(True)
-    leaf.grad = grad
-    return leaf
 
 
 def _store(S: dict, storage: str, pin: bool) -> dict:

@@ -12,21 +12,27 @@ a namespace of ti.funcs:
     plastic_update(material_id, F, U, sig, V, plastic, E, nu, aux) -> (F_new, plastic_new, tau)
         every model, with the plastic ones taking the SVD F = U diag(sig) V^T as inputs. The
         differentiable rollout computes the SVD in a kernel of its own (forward) and back-propagates
-        through it with :func:`svd_grad_funcs` (hand-written); Taichi's autodiff differentiates the
-        rest. The return maps are branch-free (ti.select / max), which keeps the reverse-mode compile
-        short and makes the yield surface's kink a subgradient (max(overshoot, 0)).
+        through it with :func:`svd_grad_funcs` (hand-written). The return maps are branch-free
+        (ti.select / max), blended by id; the yield surface's kink takes the subgradient of
+        max(overshoot, 0) that is zero on the surface.
+    plastic_grad(material_id, U, sig, V, plastic, E, nu, aux, g_F_new, g_tau, g_plastic_new)
+        -> (g_U, g_sig, g_V, g_plastic, g_E, g_nu, g_aux): the adjoint of a plastic particle's
+        return map, written by hand (von Mises and sand through the Hencky output's adjoint,
+        snow through its clamped singular values).
 
 Gradients. The elastic models need no SVD: fixed-corotated takes its rotation from a scaled Newton
-polar iteration (R <- (g R + R^-T / g) / 2, unrolled). Its adjoint is the polar factor's, in closed
+polar iteration (R <- (g R + R^-T / g) / 2). Its adjoint is the polar factor's, in closed
 form: with F = R S, dR = R [w]x where (tr(S) I - S) w = axial(R^T dF - dF^T R), so a rotation
 adjoint G_R sends G_F = R [y]x with y = (tr(S) I - S)^-1 axial(R^T G_R - G_R^T R). It divides by
 sums s_i + s_j of singular values, never by differences, so it stays finite when they repeat.
 Written by hand because Taichi's reverse of the unrolled iteration ran 19x slower than the forward
 stress on an H200 (405 us against 21 us a call at 100k particles) and took most of the cold
 first-gradient compile. Taichi 1.7 cannot differentiate ``ti.svd``
-(``kernel.grad`` fails to compile: "auto_diff.cpp Not supported"), hence the split above. The
-parameters of the plastic models (``aux``: yield stress, Drucker-Prager alpha, snow hardening and
-critical compression / stretch) are differentiable through ``plastic_update``.
+(``kernel.grad`` fails to compile: "auto_diff.cpp Not supported"), hence the SVD's own adjoint.
+The return maps' adjoints are written by hand too, in principal space, because Taichi's reverse of
+them compiled for 40 s on the 2-core CPU (float64; ~15 s for one model) and their PTX for 21 s
+more on the first CUDA launch (2026-11-27). They carry the plastic models' parameters (``aux``:
+yield stress, Drucker-Prager alpha, snow hardening and critical compression / stretch).
 """
 
 from functools import lru_cache
@@ -57,8 +63,6 @@ SVD_GAP = 0.1
 # Snow's hardening factor exp(xi (1 - Jp)) is clamped to [SNOW_MIN_HARDENING, SNOW_MAX_HARDENING];
 # its exponent is clamped before exp so that neither exp nor its derivative overflows.
 SNOW_MIN_HARDENING = 0.1
-# return_maps' model flags: (von Mises, snow, sand)
-ALL_PLASTIC_MODELS = (True, True, True)
 
 
 @lru_cache(maxsize=None)
@@ -75,6 +79,13 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return E / (2.0 * (1.0 + nu)), E * nu / ((1.0 + nu) * (1.0 - 2.0 * nu))
 
     @ti.func
+    def lame_grad(E, nu, g_mu, g_lam):
+        """Adjoint of lame: mu = E / (2 (1 + nu)), lam = E nu / ((1 + nu)(1 - 2 nu)) -> (g_E, g_nu)."""
+        denominator = (1.0 + nu) * (1.0 - 2.0 * nu)
+        return (g_mu / (2.0 * (1.0 + nu)) + g_lam * nu / denominator,
+                -g_mu * E / (2.0 * (1.0 + nu) ** 2) + g_lam * E * (1.0 + 2.0 * nu * nu) / denominator ** 2)
+
+    @ti.func
     def polar_step(R):
         """One determinant-scaled Newton step R <- (g R + R^-T / g) / 2 towards the polar factor."""
         c0, c1, c2 = R[:, 0], R[:, 1], R[:, 2]
@@ -89,18 +100,13 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return 0.5 * (g * R + inv_t / g)
 
     @ti.func
-    def polar_rotation(F, unrolled: ti.template()):
-        """Orthogonal polar factor of F by determinant-scaled Newton iteration. unrolled: the
-        iterations as straight-line code, for the kernels Taichi's reverse mode differentiates;
-        otherwise a run-time loop, which compiles in a fraction of the time (the hand-written
-        adjoints never differentiate the iteration)."""
+    def polar_rotation(F):
+        """Orthogonal polar factor of F by determinant-scaled Newton iteration: a run-time loop,
+        which compiles in a fraction of the time straight-line code takes (no kernel
+        differentiates the iteration: its adjoint is polar_rotation_grad)."""
         R = F
-        if ti.static(unrolled):
-            for _ in ti.static(range(POLAR_ITERATIONS)):
-                R = polar_step(R)
-        else:
-            for _ in range(POLAR_ITERATIONS):
-                R = polar_step(R)
+        for _ in range(POLAR_ITERATIONS):
+            R = polar_step(R)
         return R
 
     @ti.func
@@ -118,9 +124,8 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return ti.Matrix([[d[0], 0, 0], [0, d[1], 0], [0, 0, d[2]]], real)
 
     @ti.func
-    def elastic_update(material_id, F, E, nu, unrolled: ti.template()):
-        """Elastic models and the fluid, blended by id (zero stress for plastic ids); unrolled: see
-        polar_rotation."""
+    def elastic_update(material_id, F, E, nu):
+        """Elastic models and the fluid, blended by id (zero stress for plastic ids)."""
         mu, lam = lame(E, nu)
         J = F.determinant()
         J_safe = ti.max(J, MIN_SINGULAR_VALUE)
@@ -130,7 +135,7 @@ def constitutive_funcs(real, plastic_models: bool = True):
         is_corotated = ti.cast(material_id == FIXED_COROTATED_ID, real)
         is_neo_hookean = ti.cast(material_id == NEO_HOOKEAN_ID, real)
         is_fluid = ti.cast(material_id == FLUID_ID, real)
-        tau = is_corotated * corotated_tau(F, polar_rotation(F, unrolled), J, mu, lam) \
+        tau = is_corotated * corotated_tau(F, polar_rotation(F), J, mu, lam) \
             + is_neo_hookean * (mu * (F @ F.transpose() - identity()) + identity() * (lam * ti.log(J_safe))) \
             + is_fluid * identity() * (E * (J_safe - 1.0) * J_safe)
         # the fluid keeps only its volume change: F reset to J^(1/3) I stops it from drifting
@@ -138,77 +143,61 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return F_new, tau
 
     @ti.func
-    def return_maps(material_id, U, sig, V, plastic, E, nu, aux, models: ti.template()):
+    def return_maps(material_id, U, sig, V, plastic, E, nu, aux):
         """von Mises, snow and sand on the SVD, branch-free, blended by id. Returns (weight, F_new,
-        plastic_new, tau) with weight 1 for a plastic id (0 otherwise: the rest is then unused).
-        models: which of (von Mises, snow, sand) to build (compile-time flags); a particle of a
-        model left out gets weight 0. Taichi's reverse-mode compile of all three took 40 s on the
-        2-core CPU (float64), of von Mises alone 15 s, so the rollout's backward builds the ones
-        its scene holds (2026-11-27)."""
+        plastic_new, tau) with weight 1 for a plastic id (0 otherwise: the rest is then unused)."""
         mu, lam = lame(E, nu)
+        is_von_mises = ti.cast(material_id == VON_MISES_ID, real)
+        is_snow = ti.cast(material_id == SNOW_ID, real)
+        is_sand = ti.cast(material_id == SAND_ID, real)
         sig = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
-        zero = ti.cast(0.0, real)
-        weight, plastic_new = zero, zero
-        F_new, tau = ti.Matrix.zero(real, 3, 3), ti.Matrix.zero(real, 3, 3)
-        if ti.static(models[1]):
-            # snow (Stomakhin 2013): clamp the singular values, harden with the volume lost plastically
-            is_snow = ti.cast(material_id == SNOW_ID, real)
-            clamped = ti.min(ti.max(sig, 1.0 - aux[1]), 1.0 + aux[2])
-            J_elastic = clamped[0] * clamped[1] * clamped[2]
-            Jp_snow = plastic * (sig[0] * sig[1] * sig[2]) / J_elastic
-            exponent = ti.min(ti.max(aux[0] * (1.0 - Jp_snow), ti.log(SNOW_MIN_HARDENING)),
-                              ti.log(SNOW_MAX_HARDENING))
-            hardening = ti.exp(exponent)
-            F_snow = U @ diag(clamped) @ V.transpose()
-            weight += is_snow
-            F_new += is_snow * F_snow
-            plastic_new += is_snow * Jp_snow
-            tau += is_snow * corotated_tau(F_snow, U @ V.transpose(), J_elastic, mu * hardening, lam * hardening)
-        if ti.static(models[0] or models[2]):
-            eps = ti.log(sig)
-            eps_hencky = ti.Vector.zero(real, 3)
-            is_hencky = zero
-            if ti.static(models[0]):
-                # von Mises on the Hencky strain: radial return of the deviator onto |dev| = yield / (2 mu)
-                is_von_mises = ti.cast(material_id == VON_MISES_ID, real)
-                dev = eps - eps.sum() / 3.0
-                dev_norm = dev.norm(1e-20)
-                eps_hencky += is_von_mises * (eps - ti.max(dev_norm - aux[0] / (2.0 * mu), 0.0) / dev_norm * dev)
-                plastic_new += is_von_mises * plastic
-                is_hencky += is_von_mises
-            if ti.static(models[2]):
-                # Drucker-Prager sand (Klar 2016), plastic = volume gained in tension (Tampubolon 2017):
-                # in tension project to the cone's tip and remember the volume, else return onto the cone
-                is_sand = ti.cast(material_id == SAND_ID, real)
-                trace = eps.sum() + plastic
-                sand_dev = eps - trace / 3.0
-                sand_dev_norm = sand_dev.norm(1e-20)
-                overshoot = ti.max(sand_dev_norm + (3.0 * lam + 2.0 * mu) / (2.0 * mu) * trace * aux[0], 0.0)
-                in_tension = ti.cast(trace >= 0.0, real)
-                eps_hencky += is_sand * (1.0 - in_tension) * (eps - overshoot / sand_dev_norm * sand_dev)
-                plastic_new += is_sand * in_tension * trace
-                is_hencky += is_sand
-            weight += is_hencky
-            F_new += is_hencky * (U @ diag(ti.exp(eps_hencky)) @ V.transpose())
-            tau += is_hencky * hencky_tau(U, eps_hencky, mu, lam)
+        # snow (Stomakhin 2013): clamp the singular values, harden with the volume lost plastically
+        clamped = ti.min(ti.max(sig, 1.0 - aux[1]), 1.0 + aux[2])
+        J_elastic = clamped[0] * clamped[1] * clamped[2]
+        Jp_snow = plastic * (sig[0] * sig[1] * sig[2]) / J_elastic
+        exponent = ti.min(ti.max(aux[0] * (1.0 - Jp_snow), ti.log(SNOW_MIN_HARDENING)), ti.log(SNOW_MAX_HARDENING))
+        hardening = ti.exp(exponent)
+        F_snow = U @ diag(clamped) @ V.transpose()
+        tau_snow = corotated_tau(F_snow, U @ V.transpose(), J_elastic, mu * hardening, lam * hardening)
+        # von Mises on the Hencky strain: radial return of the deviator onto |dev| = yield / (2 mu)
+        eps = ti.log(sig)
+        dev = eps - eps.sum() / 3.0
+        dev_norm = dev.norm(1e-20)
+        eps_von_mises = eps - ti.max(dev_norm - aux[0] / (2.0 * mu), 0.0) / dev_norm * dev
+        # Drucker-Prager sand (Klar 2016), plastic = volume gained in tension (Tampubolon 2017):
+        # in tension project to the cone's tip and remember the volume, else return onto the cone
+        trace = eps.sum() + plastic
+        sand_dev = eps - trace / 3.0
+        sand_dev_norm = sand_dev.norm(1e-20)
+        overshoot = ti.max(sand_dev_norm + (3.0 * lam + 2.0 * mu) / (2.0 * mu) * trace * aux[0], 0.0)
+        in_tension = ti.cast(trace >= 0.0, real)
+        eps_sand = (1.0 - in_tension) * (eps - overshoot / sand_dev_norm * sand_dev)
+        plastic_sand = in_tension * trace
+        eps_hencky = is_von_mises * eps_von_mises + is_sand * eps_sand
+        F_hencky = U @ diag(ti.exp(eps_hencky)) @ V.transpose()
+        tau_hencky = hencky_tau(U, eps_hencky, mu, lam)
+        is_hencky = is_von_mises + is_sand
+        weight = is_hencky + is_snow
+        F_new = is_snow * F_snow + is_hencky * F_hencky
+        plastic_new = is_snow * Jp_snow + is_sand * plastic_sand + is_von_mises * plastic
+        tau = is_snow * tau_snow + is_hencky * tau_hencky
         return weight, F_new, plastic_new, tau
 
     @ti.func
     def update_and_stress(material_id, F, plastic, E, nu, aux):
-        F_new, tau = elastic_update(material_id, F, E, nu, False)
+        F_new, tau = elastic_update(material_id, F, E, nu)
         plastic_new = plastic
         if ti.static(plastic_models):
             if material_id >= VON_MISES_ID and material_id <= SAND_ID:  # return maps on the SVD
                 U, S, V = ti.svd(F, real)
                 _, F_new, plastic_new, tau = return_maps(material_id, U, vec3(S[0, 0], S[1, 1], S[2, 2]), V,
-                                                         plastic, E, nu, aux, ALL_PLASTIC_MODELS)
+                                                         plastic, E, nu, aux)
         return F_new, plastic_new, tau
 
     @ti.func
     def plastic_update(material_id, F, U, sig, V, plastic, E, nu, aux):
-        F_elastic, tau_elastic = elastic_update(material_id, F, E, nu, True)  # Taichi differentiates it
-        weight, F_plastic, plastic_new, tau_plastic = return_maps(material_id, U, sig, V, plastic, E, nu, aux,
-                                                                  ALL_PLASTIC_MODELS)
+        F_elastic, tau_elastic = elastic_update(material_id, F, E, nu)
+        weight, F_plastic, plastic_new, tau_plastic = return_maps(material_id, U, sig, V, plastic, E, nu, aux)
         return (F_elastic + F_plastic - weight * F_elastic, plastic_new + (1.0 - weight) * plastic,
                 tau_elastic + tau_plastic)
 
@@ -256,7 +245,7 @@ def constitutive_funcs(real, plastic_models: bool = True):
         zero = ti.cast(0.0, real)  # typed: a bare 0.0 would be the runtime's default float
         g_mu, g_lam, g_J, g_J_safe, g_E = zero, zero, zero, zero, zero
         if material_id == FIXED_COROTATED_ID:  # tau = 2 mu (F - R) F^T + lam (J - 1) J I
-            R = polar_rotation(F, False)
+            R = polar_rotation(F)
             D = F - R
             g_D = 2.0 * mu * g_tau @ F
             g_F += g_D + 2.0 * mu * g_tau.transpose() @ D + polar_rotation_grad(F, R, -g_D)
@@ -274,15 +263,153 @@ def constitutive_funcs(real, plastic_models: bool = True):
             g_J_safe = E * (2.0 * J_safe - 1.0) * tr_g + g_F_new.trace() / 3.0 * ti.pow(J_safe, -2.0 / 3.0)
         g_J += ti.select(J > MIN_SINGULAR_VALUE, g_J_safe, 0.0)
         g_F += g_J * cofactor(F)
-        # mu = E / (2 (1 + nu)), lam = E nu / ((1 + nu)(1 - 2 nu))
-        denominator = (1.0 + nu) * (1.0 - 2.0 * nu)
-        g_E += g_mu / (2.0 * (1.0 + nu)) + g_lam * nu / denominator
-        g_nu = -g_mu * E / (2.0 * (1.0 + nu) ** 2) + g_lam * E * (1.0 + 2.0 * nu * nu) / denominator ** 2
-        return g_F, g_E, g_nu
+        g_E_lame, g_nu = lame_grad(E, nu, g_mu, g_lam)
+        return g_F, g_E + g_E_lame, g_nu
+
+    @ti.func
+    def hencky_grad(U, V, e, mu, lam, g_F_new, g_tau):
+        """Adjoint of F_new = U diag(exp(e)) V^T, tau = U diag(2 mu e + lam tr(e)) U^T (the Hencky
+        models' output) -> (g_U, g_V, g_e, g_mu, g_lam)."""
+        d = ti.exp(e)
+        principal = 2.0 * mu * e + lam * e.sum()
+        A = U.transpose() @ g_F_new @ V
+        B = U.transpose() @ g_tau @ U
+        g_principal = vec3(B[0, 0], B[1, 1], B[2, 2])
+        g_U = g_F_new @ V @ diag(d) + (g_tau + g_tau.transpose()) @ U @ diag(principal)
+        g_V = g_F_new.transpose() @ U @ diag(d)
+        g_e = vec3(A[0, 0], A[1, 1], A[2, 2]) * d + 2.0 * mu * g_principal + lam * g_principal.sum()
+        return g_U, g_V, g_e, 2.0 * e.dot(g_principal), e.sum() * g_principal.sum()
+
+    @ti.func
+    def floored_grad(sig, g_s):
+        """Adjoint of s = max(|sig|, MIN_SINGULAR_VALUE)."""
+        return ti.select(ti.abs(sig) > MIN_SINGULAR_VALUE, g_s * ti.math.sign(sig), 0.0)
+
+    @ti.func
+    def von_mises_grad(U, sig, V, plastic, mu, lam, aux, g_F_new, g_tau, g_plastic_new):
+        """Adjoint of return_maps' von Mises branch -> (g_U, g_sig, g_V, g_plastic, g_mu, g_lam, g_aux)."""
+        s = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
+        eps = ti.log(s)
+        dev = eps - eps.sum() / 3.0
+        dev_norm = dev.norm(1e-20)
+        overshoot = dev_norm - aux[0] / (2.0 * mu)
+        k = ti.max(overshoot, 0.0) / dev_norm
+        g_U, g_V, g_e, g_mu, g_lam = hencky_grad(U, V, eps - k * dev, mu, lam, g_F_new, g_tau)
+        # e = eps - k dev, k = max(|dev| - yield / (2 mu), 0) / |dev|
+        g_k = -dev.dot(g_e)
+        g_dev = -k * g_e
+        g_aux = ti.Vector.zero(real, 4)
+        if overshoot > 0.0:  # k = 1 - yield / (2 mu |dev|)
+            g_dev += (g_k * aux[0] / (2.0 * mu * dev_norm ** 3)) * dev
+            g_aux[0] = -g_k / (2.0 * mu * dev_norm)
+            g_mu += g_k * aux[0] / (2.0 * mu * mu * dev_norm)
+        g_eps = g_e + g_dev - g_dev.sum() / 3.0
+        return g_U, floored_grad(sig, g_eps / s), g_V, g_plastic_new, g_mu, g_lam, g_aux
+
+    @ti.func
+    def sand_grad(U, sig, V, plastic, mu, lam, aux, g_F_new, g_tau, g_plastic_new):
+        """Adjoint of return_maps' Drucker-Prager branch -> (g_U, g_sig, g_V, g_plastic, g_mu, g_lam,
+        g_aux): in tension (trace >= 0) the strain returns to the cone's tip (e = 0) and plastic_new
+        = trace; else e = eps - max(|dev| + c trace alpha, 0) / |dev| dev, c = (3 lam + 2 mu) / (2 mu)."""
+        s = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
+        eps = ti.log(s)
+        trace = eps.sum() + plastic
+        dev = eps - trace / 3.0
+        dev_norm = dev.norm(1e-20)
+        c = (3.0 * lam + 2.0 * mu) / (2.0 * mu)
+        overshoot = dev_norm + c * trace * aux[0]
+        compressed = trace < 0.0
+        k = ti.max(overshoot, 0.0) / dev_norm
+        e = ti.Vector.zero(real, 3)
+        if compressed:
+            e = eps - k * dev
+        g_U, g_V, g_e, g_mu, g_lam = hencky_grad(U, V, e, mu, lam, g_F_new, g_tau)
+        g_eps = ti.Vector.zero(real, 3)
+        g_trace = ti.cast(0.0, real)
+        g_aux = ti.Vector.zero(real, 4)
+        if compressed:
+            g_k = -dev.dot(g_e)
+            g_dev = -k * g_e
+            g_eps = g_e
+            if overshoot > 0.0:  # k = 1 + c trace alpha / |dev|
+                g_dev += (-g_k * c * trace * aux[0] / dev_norm ** 3) * dev
+                g_trace += g_k * c * aux[0] / dev_norm
+                g_aux[0] = g_k * c * trace / dev_norm
+                g_c = g_k * trace * aux[0] / dev_norm
+                g_lam += g_c * 3.0 / (2.0 * mu)
+                g_mu -= g_c * 3.0 * lam / (2.0 * mu * mu)
+            g_eps += g_dev
+            g_trace -= g_dev.sum() / 3.0
+        else:
+            g_trace += g_plastic_new
+        g_eps += g_trace
+        return g_U, floored_grad(sig, g_eps / s), g_V, g_trace, g_mu, g_lam, g_aux
+
+    @ti.func
+    def snow_grad(U, sig, V, plastic, mu, lam, aux, g_F_new, g_tau, g_plastic_new):
+        """Adjoint of return_maps' snow branch -> (g_U, g_sig, g_V, g_plastic, g_mu, g_lam, g_aux).
+        With the clamped singular values c: F_new = U diag(c) V^T and tau = U diag(h q) U^T,
+        q_i = 2 mu (c_i - 1) c_i + lam (J - 1) J, J = c0 c1 c2, h the hardening factor."""
+        s = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
+        lower, upper = 1.0 - aux[1], 1.0 + aux[2]
+        clamped = ti.min(ti.max(s, lower), upper)
+        J = clamped[0] * clamped[1] * clamped[2]
+        S = s[0] * s[1] * s[2]
+        Jp = plastic * S / J
+        exponent = aux[0] * (1.0 - Jp)
+        lo, hi = ti.log(SNOW_MIN_HARDENING), ti.log(SNOW_MAX_HARDENING)
+        h = ti.exp(ti.min(ti.max(exponent, lo), hi))
+        q = 2.0 * mu * (clamped - 1.0) * clamped + lam * (J - 1.0) * J
+        A = U.transpose() @ g_F_new @ V
+        B = U.transpose() @ g_tau @ U
+        g_principal = vec3(B[0, 0], B[1, 1], B[2, 2])
+        g_U = g_F_new @ V @ diag(clamped) + (g_tau + g_tau.transpose()) @ U @ diag(h * q)
+        g_V = g_F_new.transpose() @ U @ diag(clamped)
+        g_q = h * g_principal
+        g_clamped = vec3(A[0, 0], A[1, 1], A[2, 2]) + g_q * 2.0 * mu * (2.0 * clamped - 1.0)
+        g_J = g_q.sum() * lam * (2.0 * J - 1.0)
+        g_mu = (g_q * 2.0 * (clamped - 1.0) * clamped).sum()
+        g_lam = g_q.sum() * (J - 1.0) * J
+        g_exponent = ti.select((exponent > lo) & (exponent < hi), g_principal.dot(q) * h, 0.0)
+        g_aux = ti.Vector.zero(real, 4)
+        g_aux[0] = g_exponent * (1.0 - Jp)
+        g_Jp = g_plastic_new - aux[0] * g_exponent
+        g_J -= g_Jp * Jp / J
+        g_S = g_Jp * plastic / J
+        g_clamped += g_J * vec3(clamped[1] * clamped[2], clamped[0] * clamped[2], clamped[0] * clamped[1])
+        g_s = g_S * vec3(s[1] * s[2], s[0] * s[2], s[0] * s[1])
+        for i in ti.static(range(3)):
+            if s[i] < lower:
+                g_aux[1] -= g_clamped[i]
+            elif s[i] > upper:
+                g_aux[2] += g_clamped[i]
+            else:
+                g_s[i] += g_clamped[i]
+        return g_U, floored_grad(sig, g_s), g_V, g_Jp * S / J, g_mu, g_lam, g_aux
+
+    @ti.func
+    def plastic_grad(material_id, U, sig, V, plastic, E, nu, aux, g_F_new, g_tau, g_plastic_new):
+        """Adjoint of return_maps for a plastic particle (hand-written): the adjoints of F_new, tau
+        and plastic_new -> (g_U, g_sig, g_V, g_plastic, g_E, g_nu, g_aux)."""
+        mu, lam = lame(E, nu)
+        g_U, g_sig, g_V = ti.Matrix.zero(real, 3, 3), ti.Vector.zero(real, 3), ti.Matrix.zero(real, 3, 3)
+        g_plastic, g_mu, g_lam = ti.cast(0.0, real), ti.cast(0.0, real), ti.cast(0.0, real)
+        g_aux = ti.Vector.zero(real, 4)
+        if material_id == VON_MISES_ID:
+            g_U, g_sig, g_V, g_plastic, g_mu, g_lam, g_aux = von_mises_grad(U, sig, V, plastic, mu, lam, aux,
+                                                                           g_F_new, g_tau, g_plastic_new)
+        elif material_id == SAND_ID:
+            g_U, g_sig, g_V, g_plastic, g_mu, g_lam, g_aux = sand_grad(U, sig, V, plastic, mu, lam, aux,
+                                                                      g_F_new, g_tau, g_plastic_new)
+        elif material_id == SNOW_ID:
+            g_U, g_sig, g_V, g_plastic, g_mu, g_lam, g_aux = snow_grad(U, sig, V, plastic, mu, lam, aux,
+                                                                      g_F_new, g_tau, g_plastic_new)
+        g_E, g_nu = lame_grad(E, nu, g_mu, g_lam)
+        return g_U, g_sig, g_V, g_plastic, g_E, g_nu, g_aux
 
     return SimpleNamespace(update_and_stress=update_and_stress, plastic_update=plastic_update,
                            return_maps=return_maps, polar_rotation=polar_rotation,
-                           elastic_update_grad=elastic_update_grad)
+                           elastic_update_grad=elastic_update_grad, plastic_grad=plastic_grad)
 
 
 def svd_separation(real) -> float:

@@ -12,9 +12,10 @@ whatever the array sizes (measured: sizes 24^3 / 32^3 grids and any N reuse one 
 (on ``ti.svd``, forward only: Taichi 1.7 cannot build ``kernel.grad`` of a kernel containing
 ``ti.svd``); the forward solver uses it only when the scene holds plastic materials. The
 differentiable rollout uses ``plastic_models=False`` and, for scenes with plastic particles, the
-stress in two kernels: ``trial_svd`` (the SVD of F_trial, forward only, adjoint ``trial_svd_grad``
-written by hand) and ``particle_stress_svd`` (every model, the plastic return maps on the given
-U, sig, V; Taichi's ``.grad``).
+stress in two kernels: ``trial_svd`` (the SVD of F_trial, adjoint ``trial_svd_grad``) and
+``particle_stress_svd`` (every model, the plastic return maps on the given U, sig, V; adjoints
+``particle_stress_grad`` for the elastic particles, ``plastic_stress_grad`` for the plastic ones).
+Every adjoint is written by hand.
 
 Particle state carries a leading local-step axis, ``[S, N, ...]``:
     x[s, p] vec3 position, v[s, p] vec3 velocity, C[s, p] mat3 APIC affine velocity,
@@ -51,15 +52,15 @@ grid_update (grid and affine are not kept), then
     p2g_grad        hand-written: node adjoints -> x, v [src] and affine
     particle_stress_grad  hand-written, the elastic models' and the fluid's particles: -> C, F,
                     plastic [src], E, nu, controls
-    plastic_stress_svd.grad  Taichi's, the plastic particles' return maps (plastic scenes): -> C,
-                    plastic [src], E, nu, aux, U, sig, V
+    plastic_stress_grad  hand-written, the plastic particles' return maps: -> C, plastic [src],
+                    E, nu, aux, U, sig, V
     trial_svd_grad  hand-written SVD adjoint (plastic scenes): -> C, F [src], controls
 The transfers' adjoints are written by hand because Taichi's took the longest to compile (on the
 2-core CPU in float64, cold cache: p2g.grad 64 s, g2p.grad 25 s, particle_stress.grad 57 s);
 what the hand-written ones cost is in bench/first_gradient.py's table. The grid update's is
 because Taichi's reverse pass of it gave all-zero adjoints in float32 on CUDA (2026-11-27, H200),
-the elastic stress's because Taichi's ran 19x slower than the forward stress on an H200
-(constitutive.py).
+the elastic stress's because Taichi's ran 19x slower than the forward stress on an H200, the
+return maps' because Taichi's took 40 s to compile (constitutive.py).
 Their arguments name the adjoint arrays explicitly (``g_*``: [S, N, ...] like the state, [N, ...]
 or grid-shaped) and accumulate into them, except where one kernel is an array's only writer:
 grid_update_grad writes g_mv and g_m (and resets g_grid_v, g2p_grad's atomic target, once read),
@@ -132,8 +133,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     grid_scalar = ti.types.ndarray(dtype=real, ndim=3)
 
     models = constitutive_funcs(real, plastic_models)
-    update_and_stress, plastic_update, return_maps = models.update_and_stress, models.plastic_update, models.return_maps
-    elastic_update_grad = models.elastic_update_grad
+    update_and_stress, plastic_update = models.update_and_stress, models.plastic_update
+    elastic_update_grad, plastic_grad = models.elastic_update_grad, models.plastic_grad
     svd_grad = svd_grad_funcs(real)
     apply_walls, apply_collider = boundary_funcs(real)
     tiles = block_scatter_funcs(real)
@@ -289,7 +290,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                              g_plastic: steps_scalar, g_E: per_particle, g_nu: per_particle,
                              g_dFc: per_particle_mat, inv_dx: real, dt: real):
         """Adjoint of particle_stress for the elastic models and the fluid (hand-written; plastic
-        particles are left to plastic_stress_svd's reverse): the adjoints of affine, F[dst] and
+        particles are plastic_stress_grad's): the adjoints of affine, F[dst] and
         plastic[dst] -> C, F, plastic [src], E, nu and dFc (g_dFc: [N, 3, 3], or [1, 3, 3] ignored
         when control_scale is 0)."""
         for p in range(n):
@@ -327,8 +328,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                             dFc: per_particle_mat, control_scale: real, U: per_particle_mat,
                             sig: per_particle_vec, V: per_particle_mat, affine: per_particle_mat,
                             inv_dx: real, dt: real):
-        """particle_stress for every model, the plastic ones on trial_svd's U, sig, V: its
-        ``.grad`` (Taichi's) sends the plastic particles' gradient to U.grad, sig.grad, V.grad."""
+        """particle_stress for every model, the plastic ones on trial_svd's U, sig, V (adjoints:
+        particle_stress_grad, plastic_stress_grad)."""
         for p in range(n):
             F_trial, _, _ = trial_gradient(p, src, C, F, dFc, control_scale, dt)
             F_new, plastic_new, tau = plastic_update(
@@ -337,24 +338,32 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             affine[p] = store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
 
     @ti.kernel
-    def plastic_stress_svd(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat, plastic: steps_scalar,
-                           material: per_particle_int, E: per_particle, nu: per_particle, density: per_particle,
-                           volume: per_particle, aux: table, U: per_particle_mat, sig: per_particle_vec,
-                           V: per_particle_mat, affine: per_particle_mat, inv_dx: real, dt: real,
-                           models: ti.template()):
-        """particle_stress_svd's plastic particles alone (their F_trial enters through U, sig, V),
-        for Taichi's reverse (``.grad``): the return maps' adjoints to U, sig, V, plastic, E, nu,
-        aux and C, while the elastic particles' go through the hand-written particle_stress_grad.
-        Differentiating particle_stress_svd itself (the elastic models' unrolled polar iteration
-        too) took 99 s of a 2-core CPU's cold first gradient (von Mises, float64, 2026-11-27).
-        models: the return maps to build (constitutive.return_maps; the scene's, see plastic_models)."""
+    def plastic_stress_grad(src: ti.i32, dst: ti.i32, n: ti.i32, plastic: steps_scalar, material: per_particle_int,
+                            E: per_particle, nu: per_particle, density: per_particle, volume: per_particle,
+                            aux: table, U: per_particle_mat, sig: per_particle_vec, V: per_particle_mat,
+                            g_affine: per_particle_mat, g_C: steps_mat, g_plastic: steps_scalar, g_F: steps_mat,
+                            g_E: per_particle, g_nu: per_particle, g_aux: table, g_U: per_particle_mat,
+                            g_sig: per_particle_vec, g_V: per_particle_mat, inv_dx: real, dt: real):
+        """Adjoint of particle_stress_svd for the plastic particles (hand-written,
+        constitutive.plastic_grad): the adjoints of affine, F[dst] and plastic[dst] -> C, plastic
+        [src], E, nu, aux and U, sig, V (whose adjoint trial_svd_grad takes on to C, F [src])."""
         for p in range(n):
             if is_plastic(material[p]):
-                _, F_new, plastic_new, tau = return_maps(
+                g_aff = g_affine[p]
+                g_tau = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * g_aff
+                gU, gsig, gV, gplastic, gE, gnu, gaux = plastic_grad(
                     material[p], U[p], sig[p], V[p], plastic[src, p], E[p], nu[p],
-                    ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real), models)
-                affine[p] = store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume,
-                                         inv_dx, dt)
+                    ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real), g_F[dst, p], g_tau,
+                    g_plastic[dst, p])
+                g_C[src, p] += (density[p] * volume[p]) * g_aff
+                g_plastic[src, p] += gplastic
+                g_E[p] += gE
+                g_nu[p] += gnu
+                for j in ti.static(range(4)):
+                    g_aux[p, j] += gaux[j]
+                g_U[p] += gU
+                g_sig[p] += gsig
+                g_V[p] += gV
 
     @ti.kernel
     def trial_svd_grad(src: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat, material: per_particle_int,
@@ -706,7 +715,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, advance_adjoint=advance_adjoint,
                            particle_stress_grad=particle_stress_grad, p2g=p2g, stress_p2g=stress_p2g,
                            grid_update=grid_update, grid_update_grad=grid_update_grad, g2p=g2p, trial_svd=trial_svd,
-                           particle_stress_svd=particle_stress_svd, plastic_stress_svd=plastic_stress_svd,
+                           particle_stress_svd=particle_stress_svd, plastic_stress_grad=plastic_stress_grad,
                            trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad, substep_forward=substep_forward,
                            substep_adjoint=substep_adjoint)
@@ -724,14 +733,9 @@ def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
     """substep_kernels behind TorchKernel launchers (~2 us of host time per tensor argument instead
     of ~20 us: an MPM substep passes ~40 over five launches, so this is the difference between a
     host-bound and a GPU-bound substep at 100k particles): every kernel under its own name, compiled
-    with FAST_COMPILE, and Taichi's reverse-mode kernel of the plastic particles' stress as
-    ``plastic_stress_svd_reverse`` (pass tensors whose .grad holds the adjoints)."""
+    with FAST_COMPILE."""
     kernels = substep_kernels(real, plastic_models)
     launchers = {name: TorchKernel(kernel, compile_config=FAST_COMPILE) for name, kernel in vars(kernels).items()}
-    # Taichi's advanced IR optimisation off for this kernel's build: its passes took 240 s against
-    # 40 s without (the reverse of the three return maps, 2-core CPU, float64, 2026-11-27)
-    launchers.update(plastic_stress_svd_reverse=TorchKernel(kernels.plastic_stress_svd, reverse=True,
-                                                            compile_config={"advanced_optimization": False}))
     return SimpleNamespace(**launchers)
 
 
