@@ -140,7 +140,7 @@ def transient_table() -> str:
 def first_gradient_table() -> str:
     parts = []
     for name in ("first_gradient_cpu.json", "first_gradient_cuda.json", "first_gradient_cpu_von_mises.json",
-                 "first_gradient_cuda_von_mises.json", "first_gradient_cpu_sand.json", "first_gradient_cuda_sand.json"):
+                 "first_gradient_cuda_von_mises.json", "first_gradient_cpu_sand.json"):
         d = load(name)
         if d is None:
             continue
