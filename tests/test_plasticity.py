@@ -19,6 +19,7 @@ import torch
 
 f64 = torch.float64
 RTOL, NOISE = 1e-5, 1e-10
+RTOL32 = 5e-2
 
 
 # ----------------------------------------------------------------------------- the SVD adjoint
@@ -235,3 +236,48 @@ def test_plastic_parameter_of_absent_material_is_refused(plastic_setup):
         simulate(scene, x0, torch.zeros_like(x0), {"E": 1e4, "nu": 0.3, "yield_stress": 100.0}, 2, [2])
     with pytest.raises(ValueError, match="unknown params"):
         simulate(scene, x0, torch.zeros_like(x0), {"E": 1e4, "nu": 0.3, "yeld_stress": 100.0}, 2, [2])
+
+
+def test_float32_plastic_rollout_gives_the_float64_gradients(device):
+    """The hand-written return-map and SVD adjoints in float32 against float64, on three plastic
+    cubes past their yield surfaces (von Mises sheared, sand compressed, snow stretched and
+    compressed; random F0, so no tied singular values) over 8 substeps: every parameter's gradient and v0's, each on
+    its own. Singular values closer than float32's SVD_SEPARATION (1e-3, relative) are spread
+    apart in the adjoint, which biases those particles' terms by ~separation / strain: measured on
+    the CPU, up to 1.8% of an input's largest gradient (v0; hardening 1.1%, E 0.04%), so RTOL32 =
+    5% of it. What it guards is the float32 build itself (the float64 FD tests above check the
+    math): seen to fail with the stress's adjoint zeroed in float32 only, as Taichi's reverse of
+    the grid update once was on CUDA."""
+    from conftest import assert_grads_close
+    from taichi_mpm import MPMSolver, Sand, Snow, VonMises
+    from bridge.rollout import RolloutScene, simulate
+
+    def gradients(dtype):
+        solver = MPMSolver(res=16, dtype=dtype, gravity=(0.0, -9.8, 0.0))
+        for i, m in enumerate([VonMises(E=2e4, nu=0.3, yield_stress=400.0), Sand(E=2e4, nu=0.3, friction_angle=30.0),
+                               Snow(E=2e4, nu=0.2, hardening=10.0, critical_compression=0.03,
+                                    critical_stretch=0.01)]):
+            solver.add_cube((0.3 + 0.22 * (i % 2), 0.3 + 0.22 * (i // 2), 0.4), (0.125, 0.125, 0.125), m,
+                            particles_per_cell=1, seed=i)
+        scene = RolloutScene.from_solver(solver, dt=1e-3)
+        n, t = scene.n_particles, getattr(torch, dtype)
+        g = torch.Generator().manual_seed(1)
+        rnd = lambda *s: torch.randn(s, generator=g, dtype=f64).to(device, t)  # noqa: E731
+        F0 = torch.eye(3, dtype=t, device=device) + 0.06 * rnd(n, 3, 3)
+        F0[scene.body == 1] *= 0.95  # sand compressed
+        # snow half stretched, half compressed, every singular value well past its critical one, so
+        # that no particle sits at a clamp's kink, where float32's rounding alone would pick the side
+        snow = (scene.body == 2).nonzero().flatten()
+        F0[snow] = torch.eye(3, dtype=t, device=device) + 0.01 * rnd(len(snow), 3, 3)
+        F0[snow[: len(snow) // 2]] *= 1.08
+        F0[snow[len(snow) // 2:]] *= 0.92
+        v0 = (0.3 * rnd(n, 3)).requires_grad_()
+        params = {k: torch.tensor(v, dtype=t, device=device, requires_grad=True) for k, v in
+                  dict(E=[2e4, 2e4, 2e4], nu=[0.3, 0.3, 0.2], yield_stress=400.0, friction_angle=30.0,
+                       hardening=10.0, critical_compression=0.03, critical_stretch=0.01).items()}
+        w_x, w_F = rnd(1, n, 3), rnd(1, n, 3, 3)
+        traj = simulate(scene, solver.positions(as_torch=True).clone(), v0, params, 8, [8], F0=F0)
+        ((traj.x * w_x).sum() + (traj.F * w_F).sum()).backward()
+        return dict({k: p.grad for k, p in params.items()}, v0=v0.grad)
+
+    assert_grads_close(gradients("float32"), gradients("float64"), rtol=RTOL32)
