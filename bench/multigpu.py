@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -55,6 +56,16 @@ def device_name(arch: str) -> str:
     import torch
 
     return torch.cuda.get_device_name(0)
+
+
+def _topology(arch: str) -> Optional[str]:
+    """nvidia-smi's GPU/CPU topology matrix (which cores and NUMA node each GPU is next to)."""
+    if arch == "cpu":
+        return None
+    try:
+        return subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def time_steps(n: int, args, scene_args: list, out: Path) -> dict:
@@ -117,7 +128,7 @@ def main(argv=None) -> dict:
             sync = float(np.median(result["sync_ms"][warmup:]))
             rows.append({"gpus": n, "step_ms": float(np.median(steps)), "step_ms_all": result["step_ms"],
                          "rank_compute_ms": compute, "slowest_rank_ms": slowest, "rank0_sync_ms": sync,
-                         "loss_first": result["loss"]["first"]})
+                         "rank_cpus": result.get("rank_cpus"), "loss_first": result["loss"]["first"]})
             print(f"{n} process(es): {rows[-1]['step_ms']:.1f} ms/step (median of {len(steps)}); ranks' own "
                   f"share {min(compute):.1f} .. {max(compute):.1f} ms, the slowest of each step {slowest:.1f} ms; "
                   f"rank 0 waits + all-reduces {sync:.1f} ms", flush=True)
@@ -134,7 +145,7 @@ def main(argv=None) -> dict:
               "backend": args.backend or ("gloo" if args.arch == "cpu" else "nccl"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "experiments": args.experiments, "iters": args.iters, "warmup": warmup, "quick": args.quick,
-              "scene_args": scene_args, "rows": rows,
+              "scene_args": scene_args, "topology": _topology(args.arch), "rows": rows,
               "note": "step_ms: median wall time of one optimisation step on rank 0 (forward + backward of "
                       "its share of the recordings, gradient all-reduce, Adam); speedup over 1 process, same run"}
     out = args.out or ROOT / "bench" / "results" / ("multigpu_cpu_quick.json" if args.quick else "multigpu.json")

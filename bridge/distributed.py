@@ -69,6 +69,8 @@ def pin_gpu(local_rank: int) -> None:
     if torch.cuda.is_initialized() or runtime.arch() is not None:
         raise RuntimeError("distributed.setup() must run before CUDA or Taichi start in this process "
                            "(call it first in the script)")
+    # GPU numbers as nvidia-smi and the sysfs topology count them (CUDA's default puts the fastest first)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(local_rank)
@@ -80,16 +82,60 @@ def pin_gpu(local_rank: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank].strip()
 
 
-def pin_cores(local_rank: int, local_world: int) -> None:
-    """Keep this process on its own contiguous block of the cores it may use (block local_rank of
-    local_world). The ranks of a fit are host-bound (Python launching kernels), so ranks that the OS
-    moves between cores, or that land on a socket away from their GPU, run slower than one process
-    alone; contiguous blocks also follow the usual socket order of core ids. GPU ranks only: CPU
-    ranks whose Taichi worker threads shared one pinned core aborted at exit ("terminate called
-    without an active exception", 2 of 3 runs on a 2-core machine)."""
+def parse_cpulist(text: str) -> List[int]:
+    """CPU ids of a Linux cpulist ("0-15,32-47")."""
+    cpus: List[int] = []
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def format_cpulist(cpus: Iterable[int]) -> str:
+    """The cpulist of CPU ids (the inverse of parse_cpulist), e.g. for logs."""
+    runs: List[List[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def gpu_local_cpus(gpu: str) -> Optional[List[int]]:
+    """The CPUs of the NUMA node that GPU ``gpu`` (an nvidia-smi index, UUID or PCI bus id, as in
+    CUDA_VISIBLE_DEVICES) is attached to, from nvidia-smi's PCI bus id and sysfs; None where either
+    is missing."""
+    import subprocess
+
+    try:
+        query = subprocess.run(["nvidia-smi", "--query-gpu=pci.bus_id", "--format=csv,noheader", "-i", gpu],
+                               capture_output=True, text=True, timeout=30)
+        domain, _, rest = query.stdout.strip().lower().partition(":")  # 00000000:18:00.0
+        if query.returncode or not rest:
+            return None
+        with open(f"/sys/bus/pci/devices/{domain[-4:]}:{rest}/local_cpulist") as f:
+            return parse_cpulist(f.read()) or None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def pin_cores(local_rank: int, local_world: int, local_cpus: Optional[Sequence[int]] = None) -> None:
+    """Keep this process on the cores next to its GPU: ``local_cpus`` (the GPU's NUMA node, see
+    gpu_local_cpus) where given and allowed, else its own contiguous block of the allowed cores
+    (block local_rank of local_world). The ranks of a fit are host-bound (Python launching kernels),
+    so ranks that the OS moves between cores, or that run on a socket away from their GPU, run
+    slower than one process alone. GPU ranks only: CPU ranks whose Taichi worker threads shared one
+    pinned core aborted at exit ("terminate called without an active exception", 2 of 3 runs on a
+    2-core machine)."""
     if not hasattr(os, "sched_setaffinity") or local_world < 2:
         return
     cores = sorted(os.sched_getaffinity(0))
+    near = sorted(set(cores) & set(local_cpus or ()))
+    if near:
+        os.sched_setaffinity(0, near)
+        return
     per_rank = len(cores) // local_world
     if per_rank >= 1:
         os.sched_setaffinity(0, cores[local_rank * per_rank:(local_rank + 1) * per_rank])
@@ -103,8 +149,8 @@ def setup(arch: Optional[str] = None, backend: Optional[str] = None, timeout_s: 
     Without those variables (a plain ``python script.py``) it returns a world of one and only starts
     Taichi, so the same script runs with and without torchrun.
     arch: as ``bridge.init`` ("auto" | "cpu" | "cuda"); backend: "nccl" on GPUs, "gloo" on CPU by
-    default. Checks that torch and Taichi use the same device. pin_cpus: keep each GPU rank on its
-    own block of cores (:func:`pin_cores`).
+    default. Checks that torch and Taichi use the same device. pin_cpus: keep each GPU rank on the
+    cores of its GPU's NUMA node (:func:`pin_cores`).
     """
     world = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
@@ -116,7 +162,8 @@ def setup(arch: Optional[str] = None, backend: Optional[str] = None, timeout_s: 
     if (arch or os.environ.get(runtime.ENV_VAR) or "auto").lower() != "cpu":
         pin_gpu(local_rank)  # harmless on a machine without GPUs
         if pin_cpus and torch.cuda.is_available():  # after the GPU pin: this starts CUDA's driver
-            pin_cores(local_rank, _env_int("LOCAL_WORLD_SIZE", world))
+            pin_cores(local_rank, _env_int("LOCAL_WORLD_SIZE", world),
+                      gpu_local_cpus(os.environ.get("CUDA_VISIBLE_DEVICES", str(local_rank))))
     chosen = runtime.init(arch)
     if chosen == "cuda":
         torch.cuda.set_device(0)

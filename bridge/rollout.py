@@ -38,7 +38,7 @@ import numpy as np
 import taichi as ti
 import torch
 
-from taichi_mpm.materials import PLASTIC_IDS, PLASTIC_PARAMETERS
+from taichi_mpm.materials import PLASTIC_IDS, PLASTIC_PARAMETERS, plastic_model_set
 from taichi_mpm.runtime import device as runtime_device, ensure_init
 from taichi_mpm.solver import STATE_KEYS, SimulationError, check_particles  # noqa: F401  (SimulationError: raised here too)
 from taichi_mpm.validation import check_nu, check_tensor, same_device
@@ -245,7 +245,10 @@ class _Substeps:
         self.k = substep_launchers(real, plastic_models=False)
         self.tiled = tiled_p2g(scene.n_particles)  # P2G through shared memory (CUDA, large scenes)
         self.separation = svd_separation(real)
-        self.has_plastic = bool(torch.isin(scene.material, torch.tensor(PLASTIC_IDS, device=scene.material.device)).any())
+        ids = torch.unique(scene.material).tolist()
+        self.plastic_models = plastic_model_set(ids)
+        self.has_plastic = self.plastic_models != 0
+        self.has_elastic = any(i not in PLASTIC_IDS for i in ids)  # particles of a non-plastic model
         self.setup = GridSetup(origin=ti.Vector(list(scene.origin), real), dx=scene.dx,
                                gravity=ti.Vector(list(scene.gravity), real), wall_mode=scene.wall_mode,
                                wall_friction=scene.wall_friction, colliders=scene.colliders,
@@ -345,14 +348,17 @@ class _Substeps:
         k.p2g_grad(0, n, pair["x"], pair["v"], sc.density, sc.volume, self.affine, self.grid_grads[0],
                    self.grid_grads[1], adjoint["x"], adjoint["v"], self.affine_grad, setup.origin, inv_dx)
         # the stress's adjoint: the elastic particles', then the plastic ones' (both hand-written); two
-        # kernels, because one holding both compiled 1.4 s longer (2-core CPU, float64, 2026-11-27)
-        k.particle_stress_grad(0, 1, n, pair["C"], pair["F"], c["material"], c["E"], c["nu"], c["density"],
-                               c["volume"], dFc, scale, self.affine_grad, adjoint["C"], adjoint["F"],
-                               adjoint["plastic"], parameter_grads["E"], parameter_grads["nu"], g_dFc, inv_dx, sc.dt)
+        # kernels, because one holding both compiled 1.4 s longer (2-core CPU, float64, 2026-11-27),
+        # and a scene of plastic particles alone needs (and compiles) only the second
+        if self.has_elastic:
+            k.particle_stress_grad(0, 1, n, pair["C"], pair["F"], c["material"], c["E"], c["nu"], c["density"],
+                                   c["volume"], dFc, scale, self.affine_grad, adjoint["C"], adjoint["F"],
+                                   adjoint["plastic"], parameter_grads["E"], parameter_grads["nu"], g_dFc, inv_dx,
+                                   sc.dt)
         k.plastic_stress_grad(0, 1, n, pair["plastic"], c["material"], c["E"], c["nu"], c["density"], c["volume"],
                               c["aux"], *self.svd, self.affine_grad, adjoint["C"], adjoint["plastic"], adjoint["F"],
                               parameter_grads["E"], parameter_grads["nu"], parameter_grads["aux"], *self.svd_grads,
-                              inv_dx, sc.dt)
+                              inv_dx, sc.dt, self.plastic_models)
         k.trial_svd_grad(0, n, pair["C"], pair["F"], c["material"], dFc, scale, *self.svd, *self.svd_grads,
                          adjoint["C"], adjoint["F"], g_dFc, sc.dt)
         k.advance_adjoint(n, *(adjoint[key] for key in STATE_KEYS))

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -260,6 +261,8 @@ def body(args, info=distributed.DistInfo()):
         bar.set_postfix(loss=f"{losses[-1]:.2e}", E=f"{history['E'][-1]:.4g}", nu=f"{history['nu'][-1]:.3f}",
                         v0=np.round(history["v0"][-1], 3).tolist())
     rank_compute_ms = distributed.gather_object(compute_ms, info)
+    rank_cpus = distributed.gather_object(distributed.format_cpulist(os.sched_getaffinity(0))
+                                          if hasattr(os, "sched_getaffinity") else None, info)
     if not info.is_main:
         return None
 
@@ -270,7 +273,7 @@ def body(args, info=distributed.DistInfo()):
               "v0": {"true": true_v0, "start": start_v0, "fit": history["v0"][-1]},
               "loss": {"first": losses[0], "last": losses[-1]},
               "experiments": K, "world_size": info.world_size, "gradient": gradient, "step_ms": step_ms,
-              "rank_compute_ms": rank_compute_ms, "sync_ms": sync_ms}
+              "rank_compute_ms": rank_compute_ms, "rank_cpus": rank_cpus, "sync_ms": sync_ms}
     result["E"]["error"] = abs(result["E"]["fit"] / args.true_E - 1)
     result["nu"]["error"] = abs(result["nu"]["fit"] / args.true_nu - 1)
     fit_v0 = np.asarray(history["v0"][-1]).reshape(K, 3)

@@ -15,7 +15,7 @@ a namespace of ti.funcs:
         through it with :func:`svd_grad_funcs` (hand-written). The return maps are branch-free
         (ti.select / max), blended by id; the yield surface's kink takes the subgradient of
         max(overshoot, 0) that is zero on the surface.
-    plastic_grad(material_id, U, sig, V, plastic, E, nu, aux, g_F_new, g_tau, g_plastic_new)
+    plastic_grad(material_id, U, sig, V, plastic, E, nu, aux, g_F_new, g_tau, g_plastic_new, models)
         -> (g_U, g_sig, g_V, g_plastic, g_E, g_nu, g_aux): the adjoint of a plastic particle's
         return map, written by hand (von Mises and sand through the Hencky output's adjoint,
         snow through its clamped singular values).
@@ -384,26 +384,33 @@ def constitutive_funcs(real, plastic_models: bool = True):
         return g_U, g_s, g_V, g_Jp * S / J, g_mu, g_lam, g_aux
 
     @ti.func
-    def plastic_grad(material_id, U, sig, V, plastic, E, nu, aux, g_F_new, g_tau, g_plastic_new):
+    def plastic_grad(material_id, U, sig, V, plastic, E, nu, aux, g_F_new, g_tau, g_plastic_new,
+                     models: ti.template()):
         """Adjoint of return_maps for a plastic particle (hand-written): the adjoints of F_new, tau
-        and plastic_new -> (g_U, g_sig, g_V, g_plastic, g_E, g_nu, g_aux)."""
+        and plastic_new -> (g_U, g_sig, g_V, g_plastic, g_E, g_nu, g_aux). models: the bit set of
+        the models to build (materials.plastic_model_set); a particle of another model gets zeros."""
         mu, lam = lame(E, nu)
         s = ti.max(ti.abs(sig), MIN_SINGULAR_VALUE)
         eps = ti.log(s)
         g_U, g_s, g_V = ti.Matrix.zero(real, 3, 3), ti.Vector.zero(real, 3), ti.Matrix.zero(real, 3, 3)
         g_plastic, g_mu, g_lam = ti.cast(0.0, real), ti.cast(0.0, real), ti.cast(0.0, real)
         g_aux = ti.Vector.zero(real, 4)
-        if material_id == VON_MISES_ID:
-            g_U, g_eps, g_V, g_plastic, g_mu, g_lam, g_aux = von_mises_grad(U, V, eps, plastic, mu, lam, aux,
-                                                                           g_F_new, g_tau, g_plastic_new)
-            g_s = g_eps / s
-        elif material_id == SAND_ID:
-            g_U, g_eps, g_V, g_plastic, g_mu, g_lam, g_aux = sand_grad(U, V, eps, plastic, mu, lam, aux,
-                                                                      g_F_new, g_tau, g_plastic_new)
-            g_s = g_eps / s
-        elif material_id == SNOW_ID:
-            g_U, g_s, g_V, g_plastic, g_mu, g_lam, g_aux = snow_grad(U, s, V, plastic, mu, lam, aux,
-                                                                    g_F_new, g_tau, g_plastic_new)
+        # each model's adjoint compiles only where the scene has it: the three together were most
+        # of a plastic scene's cold first gradient (H200, 2026-11-27)
+        if ti.static(models >> VON_MISES_ID & 1):
+            if material_id == VON_MISES_ID:
+                g_U, g_eps, g_V, g_plastic, g_mu, g_lam, g_aux = von_mises_grad(U, V, eps, plastic, mu, lam, aux,
+                                                                               g_F_new, g_tau, g_plastic_new)
+                g_s = g_eps / s
+        if ti.static(models >> SAND_ID & 1):
+            if material_id == SAND_ID:
+                g_U, g_eps, g_V, g_plastic, g_mu, g_lam, g_aux = sand_grad(U, V, eps, plastic, mu, lam, aux,
+                                                                          g_F_new, g_tau, g_plastic_new)
+                g_s = g_eps / s
+        if ti.static(models >> SNOW_ID & 1):
+            if material_id == SNOW_ID:
+                g_U, g_s, g_V, g_plastic, g_mu, g_lam, g_aux = snow_grad(U, s, V, plastic, mu, lam, aux,
+                                                                        g_F_new, g_tau, g_plastic_new)
         g_E, g_nu = lame_grad(E, nu, g_mu, g_lam)
         # s = max(|sig|, MIN_SINGULAR_VALUE)
         g_sig = ti.select(ti.abs(sig) > MIN_SINGULAR_VALUE, g_s * ti.math.sign(sig), 0.0)

@@ -343,10 +343,13 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                             aux: table, U: per_particle_mat, sig: per_particle_vec, V: per_particle_mat,
                             g_affine: per_particle_mat, g_C: steps_mat, g_plastic: steps_scalar, g_F: steps_mat,
                             g_E: per_particle, g_nu: per_particle, g_aux: table, g_U: per_particle_mat,
-                            g_sig: per_particle_vec, g_V: per_particle_mat, inv_dx: real, dt: real):
+                            g_sig: per_particle_vec, g_V: per_particle_mat, inv_dx: real, dt: real,
+                            models: ti.template()):
         """Adjoint of particle_stress_svd for the plastic particles (hand-written,
         constitutive.plastic_grad): the adjoints of affine, F[dst] and plastic[dst] -> C, plastic
-        [src], E, nu, aux and U, sig, V (whose adjoint trial_svd_grad takes on to C, F [src])."""
+        [src], E, nu, aux and U, sig, V (whose adjoint trial_svd_grad takes on to C, F [src]).
+        models: the bit set of the plastic models the particles hold (materials.plastic_model_set),
+        the only ones compiled."""
         for p in range(n):
             if is_plastic(material[p]):
                 g_aff = g_affine[p]
@@ -354,7 +357,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                 gU, gsig, gV, gplastic, gE, gnu, gaux = plastic_grad(
                     material[p], U[p], sig[p], V[p], plastic[src, p], E[p], nu[p],
                     ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real), g_F[dst, p], g_tau,
-                    g_plastic[dst, p])
+                    g_plastic[dst, p], models)
                 g_C[src, p] += (density[p] * volume[p]) * g_aff
                 g_plastic[src, p] += gplastic
                 g_E[p] += gE

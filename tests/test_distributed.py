@@ -55,6 +55,31 @@ def test_two_gloo_ranks_give_the_single_process_gradient(ti_arch, tmp_path):
             f"{name}: ranks give {got.tolist()}, one process {expected.tolist()}"
 
 
+def test_cpulists_parse_and_format():
+    from bridge.distributed import format_cpulist, parse_cpulist
+
+    assert parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    assert format_cpulist([11, 0, 1, 2, 3, 8, 10]) == "0-3,8,10-11"
+    assert parse_cpulist(format_cpulist([5, 7, 6, 40])) == [5, 6, 7, 40]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_pin_cores_keeps_a_rank_next_to_its_gpu():
+    """With the GPU's NUMA-node CPUs known, the rank runs on those of them it may use (here: all
+    allowed CPUs but the first); with none of them allowed, on its own block. Shown to catch: the
+    local CPUs ignored (the block taken instead)."""
+    code = ("import json, os; from bridge.distributed import pin_cores; before = sorted(os.sched_getaffinity(0)); "
+            "pin_cores(0, 2, before[1:] + [100000]); near = sorted(os.sched_getaffinity(0)); "
+            "os.sched_setaffinity(0, before); pin_cores(1, 2, [100000]); "
+            "print(json.dumps([before, near, sorted(os.sched_getaffinity(0))]))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    before, near, fallback = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert near == (before[1:] or before)
+    per_rank = len(before) // 2
+    assert fallback == (before[per_rank:2 * per_rank] if per_rank else before)
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
 def test_pin_cores_gives_each_rank_its_own_block():
     """Shown to catch: every rank pinned to block 0 (local_rank ignored)."""

@@ -224,6 +224,48 @@ def test_equal_singular_values_give_finite_gradients(plastic_setup, plastic_grad
         assert bool(torch.isfinite(g).all()), name
 
 
+ONE_MODEL = [("von_mises", "yield_stress", 0.4), ("sand", "friction_angle", 3e-4), ("snow", "critical_compression", 3e-7)]
+
+
+@pytest.mark.parametrize("model,name,h", ONE_MODEL)
+def test_a_scene_of_one_plastic_model_gets_its_adjoint(device, model, name, h):
+    """A scene holding a single plastic model compiles only that model's adjoint (the bit set
+    materials.plastic_model_set passes to plastic_stress_grad); its parameter's gradient and E's
+    still match central differences. Shown to catch (2026-11-27): the bit set built from the wrong
+    ids (the adjoint of the scene's model left out: its parameters' gradients are zero)."""
+    from bridge.rollout import RolloutScene, simulate
+    from taichi_mpm import MPMSolver, Sand, Snow, VonMises
+
+    material = {"von_mises": VonMises(E=2e4, nu=0.3, yield_stress=400.0),
+                "sand": Sand(E=2e4, nu=0.3, friction_angle=30.0),
+                "snow": Snow(E=2e4, nu=0.2, hardening=10.0, critical_compression=0.03, critical_stretch=0.01)}[model]
+    solver = MPMSolver(res=16, dtype="float64", gravity=(0.0, -9.8, 0.0))
+    solver.add_cube((0.4, 0.4, 0.4), (0.125, 0.125, 0.125), material, particles_per_cell=2, seed=0)
+    scene = RolloutScene.from_solver(solver, dt=1e-3)
+    n = scene.n_particles
+    g = torch.Generator().manual_seed(2)
+    rnd = lambda *shape: torch.randn(shape, generator=g, dtype=f64).to(device)  # noqa: E731
+    F0 = (torch.eye(3, dtype=f64, device=device) + 0.06 * rnd(n, 3, 3)) * (0.95 if model == "sand" else 1.0)
+    if model == "snow":  # every singular value past a critical one: half stretched, half compressed
+        F0 = (torch.eye(3, dtype=f64, device=device) + 0.01 * rnd(n, 3, 3)) * torch.where(
+            torch.arange(n, device=device) < n // 2, 1.08, 0.92)[:, None, None]
+    x0, v0, w_x, w_F = solver.positions(as_torch=True).clone(), 0.3 * rnd(n, 3), rnd(1, n, 3), rnd(1, n, 3, 3)
+    value = getattr(material, name)
+
+    def loss(E, parameter):
+        traj = simulate(scene, x0, v0, {"E": E, "nu": material.nu, name: parameter}, 8, [8], F0=F0)
+        return (traj.x * w_x).sum() + (traj.F * w_F).sum()
+
+    E, parameter = (torch.tensor(v, dtype=f64, device=device, requires_grad=True) for v in (2e4, value))
+    loss(E, parameter).backward()
+    with torch.no_grad():
+        fd = (loss(E, parameter + h) - loss(E, parameter - h)).item() / (2 * h)
+        fd_E = (loss(E + 0.2, parameter) - loss(E - 0.2, parameter)).item() / 0.4
+    assert abs(fd) > 1e-6, f"{name} has no effect: no particle is yielding"
+    assert abs(parameter.grad.item() - fd) <= RTOL * abs(fd) + NOISE / h, (name, parameter.grad.item(), fd)
+    assert abs(E.grad.item() - fd_E) <= RTOL * abs(fd_E) + NOISE / 0.2, ("E", E.grad.item(), fd_E)
+
+
 def test_plastic_parameter_of_absent_material_is_refused(plastic_setup):
     from bridge.rollout import RolloutScene, simulate
     from taichi_mpm import Elastic, MPMSolver
