@@ -70,7 +70,8 @@ def mpm_forward_table() -> str:
     not_run = sorted({f"{p}: {why}" for r in d["results"] for p, why in r.get("peers_not_run", {}).items()})
     rows = [f"**MPM forward** (`bench/mpm_forward.py`), {d['device']}, {d['date'][:10]}, {d['material']}; "
             f"peers: {peers}, same run. Particles in lattice order as sampled, or shuffled."
-            + (f" Not run: {'; '.join(not_run)}." if not_run else ""),
+            + (f" Not run: {'; '.join(not_run)}." if not_run else "")
+            + (f" Note: {d['note']}" if d.get("note") else ""),
             "", "| grid | particles | variant | ms / substep | G particle-steps/s |", "|---|---|---|---|---|"]
     for r in d["results"]:
         for variant, ms in r["ms_per_substep"].items():
@@ -140,7 +141,8 @@ def transient_table() -> str:
 def first_gradient_table() -> str:
     parts = []
     for name in ("first_gradient_cpu.json", "first_gradient_cuda.json", "first_gradient_cpu_von_mises.json",
-                 "first_gradient_cuda_von_mises.json", "first_gradient_cpu_sand.json"):
+                 "first_gradient_cuda_von_mises.json", "first_gradient_cpu_sand.json", "first_gradient_cuda_sand.json",
+                 "first_gradient_cpu_snow.json", "first_gradient_cuda_snow.json"):
         d = load(name)
         if d is None:
             continue
@@ -202,7 +204,8 @@ def multigpu_table() -> str:
             f"{max(r['gpus'] for r in d['rows'])}, {d['backend']}, {d['date'][:10]}: one optimisation step of "
             f"`scenes.fit_material --experiments {d['experiments']} {args}` under torchrun, median over steps "
             f"{d['warmup'] + 1}-{d['iters']}; speedup over one process in the same run; each rank's own share "
-            f"(its simulation and rendering, before the all-reduce), fastest and slowest rank.", "",
+            f"(its simulation and rendering, before the all-reduce), fastest and slowest rank."
+            + (f" {d['note']}." if d.get("note") else ""), "",
             "| GPUs | step (ms) | speedup | ranks' own share (ms) |", "|---|---|---|---|"]
     for r in d["rows"]:
         share = r.get("rank_compute_ms", [])
