@@ -10,9 +10,12 @@ rank's share, the gradient all-reduce and the Adam step; rank 0 waits for the sl
 all-reduce) and reports the median over the steps after the first ``--warmup`` (Taichi compiles
 kernels on the first ones). ``speedup`` is the 1-process step time over the N-process one, measured
 in the same run; the 1-process run is torchrun with WORLD_SIZE=1, which the scene runs as a plain
-process (no process group, no all-reduce): the one-GPU fit as users run it. The runs must agree on
-the first step's loss (the same K recordings), else the script stops. Prints a table and writes
-JSON rows with ``gpus``, ``step_ms``, ``speedup``, the device name and the date.
+process (no process group, no all-reduce): the one-GPU fit as users run it. The sequence of process
+counts runs ``--repeats`` times, interleaved, and each row is the median run (a run's median moved by
+~20% between runs of the same code on one 4x H200 host, 2026-11-27), with every repeat's own speedup
+beside it. The runs must agree on the first step's loss (the same K recordings), else the script
+stops. Prints a table and writes JSON rows with ``gpus``, ``step_ms``, ``speedup``, the device name
+and the date.
 """
 from __future__ import annotations
 
@@ -84,6 +87,21 @@ def time_steps(n: int, args, scene_args: list, out: Path) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
+def summarize(result: dict, warmup: int) -> dict:
+    """One run's figures from rank 0's result.json, the first ``warmup`` steps left out."""
+    steps = result["step_ms"][warmup:]
+    # each rank's own share (before the all-reduce): grows with n under host contention, differs
+    # between ranks under load imbalance
+    per_step = np.array([ms[warmup:] for ms in result["rank_compute_ms"]])  # (ranks, steps)
+    # where a step's time goes on rank 0: the slowest rank's share of that step, rank 0's wait for
+    # it plus the all-reduces, and the rest (Adam, bookkeeping)
+    return {"step_ms": float(np.median(steps)), "step_ms_all": result["step_ms"],
+            "rank_compute_ms": [float(np.median(ms)) for ms in per_step],
+            "slowest_rank_ms": float(np.median(per_step.max(0))),
+            "rank0_sync_ms": float(np.median(result["sync_ms"][warmup:])),
+            "rank_cpus": result.get("rank_cpus"), "loss_first": result["loss"]["first"]}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, nargs="+", default=None,
@@ -97,6 +115,9 @@ def main(argv=None) -> dict:
                         help="Taichi arch of the ranks (default: cpu with --backend gloo, else cuda)")
     parser.add_argument("--frames", type=int, default=None,
                         help="frames per recording (default: the workload's, 8 on a GPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs of the whole 1, 2, 4... sequence, interleaved (default 3; --quick 1): a run's "
+                             "median varies by ~20%% between runs on a GPU host, so each row is the median over runs")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 and 2 processes (checks the script)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default bench/results/multigpu.json, multigpu_cpu_quick.json with --quick)")
@@ -108,46 +129,50 @@ def main(argv=None) -> dict:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if not 0 <= warmup < args.iters:
         parser.error("--warmup must be >= 0 and below --iters")
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if 1 not in gpus:
         parser.error("--gpus must include 1: speedups are over one process measured in the same run")
     scene_args = list(QUICK if args.quick else FULL)
     if args.frames is not None:
         scene_args[scene_args.index("--frames") + 1] = str(args.frames)
-    rows = []
+    runs = {n: [] for n in sorted(set(gpus))}  # process count -> one summary per repeat
     with tempfile.TemporaryDirectory() as tmp:
-        for n in sorted(set(gpus)):
-            result = time_steps(n, args, scene_args, Path(tmp) / f"n{n}")
-            steps = result["step_ms"][warmup:]
-            # each rank's own share (before the all-reduce): grows with n under host contention,
-            # differs between ranks under load imbalance
-            per_step = np.array([ms[warmup:] for ms in result["rank_compute_ms"]])  # (ranks, steps)
-            compute = [float(np.median(ms)) for ms in per_step]
-            # where a step's time goes on rank 0: the slowest rank's share of that step, rank 0's wait
-            # for it plus the all-reduces, and the rest (Adam, bookkeeping)
-            slowest = float(np.median(per_step.max(0)))
-            sync = float(np.median(result["sync_ms"][warmup:]))
-            rows.append({"gpus": n, "step_ms": float(np.median(steps)), "step_ms_all": result["step_ms"],
-                         "rank_compute_ms": compute, "slowest_rank_ms": slowest, "rank0_sync_ms": sync,
-                         "rank_cpus": result.get("rank_cpus"), "loss_first": result["loss"]["first"]})
-            print(f"{n} process(es): {rows[-1]['step_ms']:.1f} ms/step (median of {len(steps)}); ranks' own "
-                  f"share {min(compute):.1f} .. {max(compute):.1f} ms, the slowest of each step {slowest:.1f} ms; "
-                  f"rank 0 waits + all-reduces {sync:.1f} ms", flush=True)
+        for repeat in range(args.repeats):  # interleaved: a slow spell of the host hits every count alike
+            for n in runs:
+                result = time_steps(n, args, scene_args, Path(tmp) / f"r{repeat}n{n}")
+                runs[n].append(summarize(result, warmup))
+                r = runs[n][-1]
+                print(f"run {repeat + 1}/{args.repeats}, {n} process(es): {r['step_ms']:.1f} ms/step (median of "
+                      f"{len(result['step_ms']) - warmup}); ranks' own share {min(r['rank_compute_ms']):.1f} .. "
+                      f"{max(r['rank_compute_ms']):.1f} ms, the slowest of each step {r['slowest_rank_ms']:.1f} ms; "
+                      f"rank 0 waits + all-reduces {r['rank0_sync_ms']:.1f} ms", flush=True)
+    rows = []
+    for n, summaries in runs.items():
+        middle = sorted(summaries, key=lambda r: r["step_ms"])[len(summaries) // 2]  # the median run
+        rows.append(dict(middle, gpus=n, runs_step_ms=[r["step_ms"] for r in summaries]))
     losses = [r["loss_first"] for r in rows]  # the same workload: the same first loss up to float32 sums
     if max(losses) - min(losses) > 1e-5 * abs(losses[0]):
         sys.exit(f"the runs disagree on the first loss ({losses}): not the same workload")
-    base = rows[0]["step_ms"]
+    base = rows[0]
     for r in rows:
-        r["speedup"] = base / r["step_ms"]
-    print(f"\n{'gpus':>5} {'step ms':>10} {'speedup':>8}")
+        r["speedup"] = base["step_ms"] / r["step_ms"]
+        # each repeat's own ratio (one process and n processes of the same repeat): the spread
+        r["runs_speedup"] = [b / m for b, m in zip(base["runs_step_ms"], r["runs_step_ms"])]
+    print(f"\n{'gpus':>5} {'step ms':>10} {'speedup':>8}   per run")
     for r in rows:
-        print(f"{r['gpus']:>5} {r['step_ms']:>10.1f} {r['speedup']:>7.2f}x")
+        print(f"{r['gpus']:>5} {r['step_ms']:>10.1f} {r['speedup']:>7.2f}x   "
+              + " ".join(f"{x:.2f}x" for x in r["runs_speedup"]))
     report = {"benchmark": "multigpu", "device": device_name(args.arch), "arch": args.arch,
               "backend": args.backend or ("gloo" if args.arch == "cpu" else "nccl"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "experiments": args.experiments, "iters": args.iters, "warmup": warmup, "quick": args.quick,
+              "experiments": args.experiments, "iters": args.iters, "warmup": warmup, "repeats": args.repeats,
+              "quick": args.quick,
               "scene_args": scene_args, "topology": _topology(args.arch), "rows": rows,
               "note": "step_ms: median wall time of one optimisation step on rank 0 (forward + backward of "
-                      "its share of the recordings, gradient all-reduce, Adam); speedup over 1 process, same run"}
+                      "its share of the recordings, gradient all-reduce, Adam), the median run of the repeats; "
+                      "speedup over 1 process, same repeats"}
     out = args.out or ROOT / "bench" / "results" / ("multigpu_cpu_quick.json" if args.quick else "multigpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -203,13 +203,17 @@ def multigpu_table() -> str:
     rows = [f"**Multi-GPU material fit** (`bench/multigpu.py`), {d['device']} x "
             f"{max(r['gpus'] for r in d['rows'])}, {d['backend']}, {d['date'][:10]}: one optimisation step of "
             f"`scenes.fit_material --experiments {d['experiments']} {args}` under torchrun, median over steps "
-            f"{d['warmup'] + 1}-{d['iters']}; speedup over one process in the same run; each rank's own share "
+            f"{d['warmup'] + 1}-{d['iters']}"
+            + (f", the median of {d['repeats']} interleaved runs (each run's own speedup in brackets)"
+               if d.get("repeats", 1) > 1 else "")
+            + f"; speedup over one process in the same run; each rank's own share "
             f"(its simulation and rendering, before the all-reduce), fastest and slowest rank."
             + (f" {d['note']}." if d.get("note") else ""), "",
             "| GPUs | step (ms) | speedup | ranks' own share (ms) |", "|---|---|---|---|"]
     for r in d["rows"]:
         share = r.get("rank_compute_ms", [])
-        rows.append(f"| {r['gpus']} | {r['step_ms']:.0f} | **{r['speedup']:.2f}x** | "
+        spread = (" (" + ", ".join(f"{x:.2f}x" for x in r["runs_speedup"]) + ")") if len(r.get("runs_speedup", [])) > 1 else ""
+        rows.append(f"| {r['gpus']} | {r['step_ms']:.0f} | **{r['speedup']:.2f}x**{spread} | "
                     + (f"{min(share):.0f} - {max(share):.0f}" if share else "") + " |")
     others = d.get("other_runs_same_day", [])
     if others:
