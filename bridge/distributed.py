@@ -21,6 +21,7 @@ cuda:0 and Taichi's device are then the same card, which :func:`setup` checks.
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable, List, Optional, Sequence, TypeVar
@@ -107,8 +108,6 @@ def gpu_local_cpus(gpu: str) -> Optional[List[int]]:
     """The CPUs of the NUMA node that GPU ``gpu`` (an nvidia-smi index, UUID or PCI bus id, as in
     CUDA_VISIBLE_DEVICES) is attached to, from nvidia-smi's PCI bus id and sysfs; None where either
     is missing."""
-    import subprocess
-
     try:
         query = subprocess.run(["nvidia-smi", "--query-gpu=pci.bus_id", "--format=csv,noheader", "-i", gpu],
                                capture_output=True, text=True, timeout=30)

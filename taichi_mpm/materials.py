@@ -35,7 +35,8 @@ PLASTIC_IDS = (VON_MISES_ID, SNOW_ID, SAND_ID)  # models whose return maps need 
 def plastic_model_set(material_ids) -> int:
     """The plastic models among ``material_ids`` as a bit set (bit id for model id): kernels that
     take it as a compile-time argument build only those models' code."""
-    return sum(1 << i for i in PLASTIC_IDS if i in set(int(m) for m in material_ids))
+    present = {int(m) for m in material_ids}
+    return sum(1 << i for i in PLASTIC_IDS if i in present)
 
 # Snow hardening multiplies the moduli by at most this (the kernels clamp it), so the CFL
 # condition uses sqrt of it on the wave speed.
