@@ -151,6 +151,26 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         return base, fx, W
 
     @ti.func
+    def row(W, a, col: ti.template()):
+        """W[a, col] for a stencil offset a known only at run time: selects, where W[a, col] would
+        make Taichi keep W in local memory, which CUDA writes through to L2 on every node. In the
+        shared-memory P2G (1M particles, H200) those stores were three quarters of the kernel's L2
+        writes, and L2 its bound (ncu, 2026-11-27)."""
+        return ti.select(a == 0, W[0, col], ti.select(a == 1, W[1, col], W[2, col]))
+
+    @ti.func
+    def stencil_weight(W, offset):
+        """The quadratic B-spline weight of the node at stencil offset (i, j, k)."""
+        return row(W, offset[0], 0) * row(W, offset[1], 1) * row(W, offset[2], 2)
+
+    @ti.func
+    def stencil_weight_grad(W, dW, offset, inv_dx):
+        """d stencil_weight / d x_p (dW: weight_slopes; d fx / d x = inv_dx)."""
+        w = ti.Vector([row(W, offset[0], 0), row(W, offset[1], 1), row(W, offset[2], 2)])
+        dw = ti.Vector([row(dW, offset[0], 0), row(dW, offset[1], 1), row(dW, offset[2], 2)])
+        return inv_dx * ti.Vector([dw[0] * w[1] * w[2], w[0] * dw[1] * w[2], w[0] * w[1] * dw[2]])
+
+    @ti.func
     def weight_slopes(fx):
         """d W / d fx of stencil's weights (same layout); d fx / d x = inv_dx."""
         return ti.Matrix.rows([fx - 1.5, 2.0 * (1.0 - fx), fx - 0.5])
@@ -204,7 +224,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """What a particle gives the node at stencil offset (i, j, k): weight (momentum + affine
         (x_i - x_p)) and weight mass. W: the weights, row a for offset a, a column per axis."""
         dpos = (ti.cast(offset, real) - fx) / inv_dx
-        weight = W[offset[0], 0] * W[offset[1], 1] * W[offset[2], 2]
+        weight = stencil_weight(W, offset)
         return weight * (momentum + affine_p @ dpos), weight * mass
 
     @ti.func
@@ -538,30 +558,79 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def gather_node(offset, base, fx, W, grid_v: ti.template(), inv_dx, new_v: ti.template(),
                     new_C: ti.template()):
         dpos = ti.cast(offset, real) - fx
-        weight = W[offset[0], 0] * W[offset[1], 1] * W[offset[2], 2]
+        weight = stencil_weight(W, offset)
         g_v = grid_v[base + offset]
         new_v += weight * g_v
         new_C += (4.0 * inv_dx * weight) * g_v.outer_product(dpos)
 
     @ti.func
-    def g2p_at(p, src, dst, x: ti.template(), v: ti.template(), C: ti.template(), grid_v: ti.template(),
-               origin, inv_dx, dt, unrolled: ti.template()):
-        """One particle of g2p (unrolled: see for_stencil)."""
+    def gather(xp, grid_v: ti.template(), origin, inv_dx, unrolled: ti.template()):
+        """G2P of one particle: its new velocity and affine velocity C (unrolled: see for_stencil)."""
         shape = ti.Vector([grid_v.shape[0], grid_v.shape[1], grid_v.shape[2]])
-        base, fx, W = stencil(x[src, p], origin, inv_dx, shape)
+        base, fx, W = stencil(xp, origin, inv_dx, shape)
         new_v = ti.Vector.zero(real, 3)
         new_C = ti.Matrix.zero(real, 3, 3)
         for_stencil(unrolled, gather_node, (base, fx, W, grid_v, inv_dx, new_v, new_C))
+        return new_v, new_C
+
+    @ti.func
+    def g2p_at(p, src, dst, x: ti.template(), v: ti.template(), C: ti.template(), grid_v: ti.template(),
+               origin, inv_dx, dt):
+        """One particle of g2p (the small-scene form: a run-time stencil loop)."""
+        new_v, new_C = gather(x[src, p], grid_v, origin, inv_dx, False)
         v[dst, p] = new_v
         C[dst, p] = new_C
         x[dst, p] = x[src, p] + dt * new_v
 
+    @ti.func
+    def g2p_tiled_at(i, n, src, dst, x: ti.template(), v: ti.template(), C: ti.template(), grid_v: ti.template(),
+                     origin, inv_dx, dt):
+        """Loop index i of the large-scene g2p (i >= n: an idle lane of the last block): unrolled
+        stencil, and the block's new x, v, C leave through shared memory, each array as one
+        contiguous run that consecutive lanes store float by float. Stored particle by particle,
+        a warp's store of one component of C touched 32 sectors of 32 bytes for 128 bytes of data,
+        and L2 writes bound the stage (1M particles, H200: 82% of L2's peak, ncu, 2026-11-27)."""
+        lane = i % BLOCK
+        p = ti.min(i, n - 1)
+        stage = ti.simt.block.SharedArray((15 * BLOCK,), real)  # x (3), v (3), C (9) a particle, in order
+        new_v, new_C = gather(x[src, p], grid_v, origin, inv_dx, True)
+        new_x = x[src, p] + dt * new_v
+        for d in ti.static(range(3)):
+            stage[3 * lane + d] = new_x[d]
+            stage[3 * BLOCK + 3 * lane + d] = new_v[d]
+        for e in ti.static(range(9)):
+            stage[6 * BLOCK + 9 * lane + e] = new_C[e // 3, e % 3]
+        ti.simt.block.sync()
+        first = i - lane
+        count = ti.min(BLOCK, n - first)  # the block's particles
+        j = lane
+        while j < 3 * count:
+            x[dst, first + j // 3][j % 3] = stage[j]
+            v[dst, first + j // 3][j % 3] = stage[3 * BLOCK + j]
+            j += BLOCK
+        j = lane
+        while j < 9 * count:
+            C[dst, first + j // 9][j % 9 // 3, j % 3] = stage[6 * BLOCK + j]
+            j += BLOCK
+        ti.simt.block.sync()  # the block's next pass reuses stage
+
+    @ti.func
+    def g2p_loop(src, dst, n, x: ti.template(), v: ti.template(), C: ti.template(), grid_v: ti.template(), origin,
+                 inv_dx, dt, tiled: ti.template()):
+        """g2p's parallel loop (tiled: the large-scene form, CUDA)."""
+        if ti.static(tiled):
+            ti.loop_config(block_dim=BLOCK)
+            for i in range(blocked(n)):
+                g2p_tiled_at(i, n, src, dst, x, v, C, grid_v, origin, inv_dx, dt)
+        else:
+            for p in range(n):
+                g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt)
+
     @ti.kernel
     def g2p(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
-            grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real, unrolled: ti.template()):
-        """unrolled: see for_stencil (the large-scene form)."""
-        for p in range(n):
-            g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt, unrolled)
+            grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real, tiled: ti.template()):
+        """tiled: the large-scene form (CUDA; see g2p_tiled_at)."""
+        g2p_loop(src, dst, n, x, v, C, grid_v, origin, inv_dx, dt, tiled)
 
     # ---- hand-written adjoints of the transfers (Taichi's took 64 s and 25 s to compile) --------
     @ti.func
@@ -583,11 +652,10 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         for i, j, k in ti.ndrange(3, 3, 3):
             offset = ti.Vector([i, j, k])
             dpos = (ti.cast(offset, real) - fx) / inv_dx
-            weight = W[i, 0] * W[j, 1] * W[k, 2]
+            weight = stencil_weight(W, offset)
             node = base + offset
             g = g_mv[node]
-            weight_grad = inv_dx * ti.Vector([dW[i, 0] * W[j, 1] * W[k, 2], W[i, 0] * dW[j, 1] * W[k, 2],
-                                              W[i, 0] * W[j, 1] * dW[k, 2]], real)
+            weight_grad = stencil_weight_grad(W, dW, offset, inv_dx)
             # d dpos / d x = -I; the weight moves with x
             gx += (g.dot(momentum + A @ dpos) + g_m[node] * mass) * weight_grad \
                 - weight * (A.transpose() @ g)
@@ -620,11 +688,10 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         for i, j, k in ti.ndrange(3, 3, 3):  # run-time loop: see p2g_grad
             offset = ti.Vector([i, j, k])
             dpos = ti.cast(offset, real) - fx  # in cells: d dpos / d x = -inv_dx I
-            weight = W[i, 0] * W[j, 1] * W[k, 2]
+            weight = stencil_weight(W, offset)
             node = base + offset
             g_v_node = grid_v[node]
-            weight_grad = inv_dx * ti.Vector([dW[i, 0] * W[j, 1] * W[k, 2], W[i, 0] * dW[j, 1] * W[k, 2],
-                                              W[i, 0] * W[j, 1] * dW[k, 2]], real)
+            weight_grad = stencil_weight_grad(W, dW, offset, inv_dx)
             gC_dpos = gC @ dpos
             g_grid_v[node] += weight * g_new_v + (4.0 * inv_dx * weight) * gC_dpos
             gx += (g_new_v.dot(g_v_node) + 4.0 * inv_dx * g_v_node.dot(gC_dpos)) \
@@ -640,14 +707,27 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             g2p_grad_at(p, src, dst, x, grid_v, g_x, g_v, g_C, g_grid_v, origin, inv_dx, dt)
 
     @ti.func
-    def advance_adjoint_at(p, g_x: ti.template(), g_v: ti.template(), g_C: ti.template(), g_F: ti.template(),
+    def advance_adjoint_at(f, n, g_x: ti.template(), g_v: ti.template(), g_C: ti.template(), g_F: ti.template(),
                            g_plastic: ti.template()):
-        """One particle of advance_adjoint."""
-        g_x[1, p], g_v[1, p], g_C[1, p], g_F[1, p] = g_x[0, p], g_v[0, p], g_C[0, p], g_F[0, p]
-        g_plastic[1, p] = g_plastic[0, p]
-        g_x[0, p], g_v[0, p] = ti.Vector.zero(real, 3), ti.Vector.zero(real, 3)
-        g_C[0, p], g_F[0, p] = ti.Matrix.zero(real, 3, 3), ti.Matrix.zero(real, 3, 3)
-        g_plastic[0, p] = 0.0
+        """Index f in [0, 9n) of advance_adjoint: float f of each array's slot 0 moves to slot 1 and
+        is zeroed (floats past an array's end: none). Float by float rather than particle by particle,
+        so that consecutive threads store consecutive floats: with a particle a thread, a warp's store
+        of one component touched up to 32 sectors for 128 bytes, and this step was the slowest of an
+        elastic substep's reverse (1M particles, H200: 263 us, 88% of L2's peak, ncu, 2026-11-27)."""
+        p, e = f // 9, f % 9
+        g_C[1, p][e // 3, e % 3] = g_C[0, p][e // 3, e % 3]
+        g_F[1, p][e // 3, e % 3] = g_F[0, p][e // 3, e % 3]
+        g_C[0, p][e // 3, e % 3] = 0.0
+        g_F[0, p][e // 3, e % 3] = 0.0
+        if f < 3 * n:
+            q, d = f // 3, f % 3
+            g_x[1, q][d] = g_x[0, q][d]
+            g_v[1, q][d] = g_v[0, q][d]
+            g_x[0, q][d] = 0.0
+            g_v[0, q][d] = 0.0
+        if f < n:
+            g_plastic[1, f] = g_plastic[0, f]
+            g_plastic[0, f] = 0.0
 
     @ti.kernel
     def advance_adjoint(n: ti.i32, g_x: steps_vec, g_v: steps_vec, g_C: steps_mat, g_F: steps_mat,
@@ -655,8 +735,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """A backward's step to the previous substep: the state adjoints of slot 0 (accumulated)
         become slot 1's (the next adjoint's input) and slot 0 is zeroed. One launch for the ten
         copies and fills."""
-        for p in range(n):
-            advance_adjoint_at(p, g_x, g_v, g_C, g_F, g_plastic)
+        for f in range(9 * n):
+            advance_adjoint_at(f, n, g_x, g_v, g_C, g_F, g_plastic)
     # ---- whole substeps in one call: one launch context for the stages (each loop still its own
     # GPU launch), because at 100k particles the host time of separate calls was the substep's cost
     @ti.kernel
@@ -680,8 +760,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         for I in ti.grouped(grid_m):
             grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
                            colliders, n_colliders, time, 1 - keep_grid)
-        for p in range(n):
-            g2p_at(p, src, dst, x, v, C, grid_v, origin, inv_dx, dt, tiled)
+        g2p_loop(src, dst, n, x, v, C, grid_v, origin, inv_dx, dt, tiled)
 
     @ti.kernel
     def substep_adjoint(n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat, plastic: steps_scalar,
@@ -712,8 +791,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         for p in range(n):
             particle_stress_grad_at(p, 0, 1, C, F, material, E, nu, density, volume, dFc, control_scale,
                                     g_affine, g_C, g_F, g_plastic, g_E, g_nu, g_dFc, inv_dx, dt)
-        for p in range(n):
-            advance_adjoint_at(p, g_x, g_v, g_C, g_F, g_plastic)
+        for f in range(9 * n):
+            advance_adjoint_at(f, n, g_x, g_v, g_C, g_F, g_plastic)
 
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, advance_adjoint=advance_adjoint,
                            particle_stress_grad=particle_stress_grad, p2g=p2g, stress_p2g=stress_p2g,
