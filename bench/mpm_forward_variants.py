@@ -8,7 +8,7 @@ alone).
 A variant is a "+"-joined list of settings (an empty list, "base", is the code as it is):
     shuffled      particles in random order (else lattice order, as sampled)
     sorted        MPMSolver.sort_particles() once before timing
-    tile=N        nodes a float32 shared-memory tile holds (block_scatter.TILE_BYTES = 16 N)
+    tile=N        block_scatter.TILE_NODES (nodes a shared-memory tile holds)
     block=N       block_scatter.BLOCK (particles per CUDA block of the tiled kernels)
     sort_block=N  solver.SORT_BLOCK (cells per block edge of sort_particles)
     polar=N       constitutive.POLAR_ITERATIONS
@@ -28,11 +28,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"tiny": (32, 20), "1M": (128, 100), "8M": (256, 200)}  # grid res, particles per cube edge
-CONSTANTS = {"tile": ("taichi_mpm.block_scatter", "TILE_BYTES"), "block": ("taichi_mpm.block_scatter", "BLOCK"),
+CONSTANTS = {"tile": ("taichi_mpm.block_scatter", "TILE_NODES"), "block": ("taichi_mpm.block_scatter", "BLOCK"),
              "sort_block": ("taichi_mpm.solver", "SORT_BLOCK"), "polar": ("taichi_mpm.constitutive", "POLAR_ITERATIONS")}
 # modules that copy a constant at import ("from .block_scatter import BLOCK"): patched alike
-COPIES = {"BLOCK": ("taichi_mpm.substep",)}
-SCALE = {"tile": 16}  # a float32 node of the tile: 4 channels of 4 bytes
+COPIES = {"TILE_NODES": ("taichi_mpm.substep",), "BLOCK": ("taichi_mpm.substep",)}
 
 CHILD = r"""
 import importlib, json, sys
@@ -67,7 +66,7 @@ def parse(variant: str) -> dict:
         elif name in CONSTANTS and value.isdigit() and int(value) > 0:
             module, constant = CONSTANTS[name]
             for target in (module,) + COPIES.get(constant, ()):
-                settings["constants"].append((target, constant, int(value) * SCALE.get(name, 1)))
+                settings["constants"].append((target, constant, int(value)))
         else:
             raise ValueError(f"unknown setting {item!r} in variant {variant!r} (see the module docstring)")
     return settings

@@ -6,7 +6,7 @@ Why: P2G is the substep's bottleneck, four global float atomics for each of a pa
 order (``MPMSolver.sort_particles``, or meshes sampled on a lattice) put a block's 128 particles in a
 few cells, so the tile holds a few hundred nodes and the grid sees one atomic per node and channel
 instead of one per particle and node. A block whose particles spread wider than the tile
-(``tile_nodes``) scatters straight to the grid as the plain kernel does: any order stays correct,
+(``TILE_NODES``) scatters straight to the grid as the plain kernel does: any order stays correct,
 only slower.
 
 Use inside a range-for over ``blocked(n)`` indices under ``ti.loop_config(block_dim=BLOCK)``: thread
@@ -26,16 +26,8 @@ from types import SimpleNamespace
 import taichi as ti
 
 BLOCK = 128  # particles (threads) per CUDA block
+TILE_NODES = 1024  # nodes a tile holds: 4 channels (momentum xyz, mass), 16 KB in float32
 CHANNELS = 4
-# shared memory of a block's tile (CUDA allows 48 KB of static shared memory a block): 2048 nodes of 4
-# channels in float32, 1024 in float64. At 16 KB, a third of the CUDA blocks of the 8M-particle cube
-# (lattice order, 256^3) spread wider than the tile and fell back to global atomics.
-TILE_BYTES = 32 * 1024
-
-
-def tile_nodes(real) -> int:
-    """Nodes a tile holds for the float type ``real``."""
-    return TILE_BYTES // (CHANNELS * (4 if real == ti.f32 else 8))
 
 
 @ti.func
@@ -46,8 +38,6 @@ def blocked(n):
 
 @lru_cache(maxsize=None)
 def block_scatter_funcs(real) -> SimpleNamespace:
-    nodes = tile_nodes(real)
-
     @ti.func
     def tile_of_block(lane, active, base, bounds: ti.template()):
         """The block's tile: lower node and extent (nodes per axis) of the union of its active
@@ -70,7 +60,7 @@ def block_scatter_funcs(real) -> SimpleNamespace:
         j = lane
         while j < n_nodes:
             for c in ti.static(range(CHANNELS)):
-                tile[c * nodes + j] = ti.cast(0.0, real)
+                tile[c * TILE_NODES + j] = ti.cast(0.0, real)
             j += BLOCK
         ti.simt.block.sync()
 
@@ -81,8 +71,8 @@ def block_scatter_funcs(real) -> SimpleNamespace:
         local = node - lo
         slot = (local[0] * extent[1] + local[1]) * extent[2] + local[2]
         for c in ti.static(range(3)):
-            ti.atomic_add(tile[c * nodes + slot], momentum[c])
-        ti.atomic_add(tile[3 * nodes + slot], mass)
+            ti.atomic_add(tile[c * TILE_NODES + slot], momentum[c])
+        ti.atomic_add(tile[3 * TILE_NODES + slot], mass)
 
     @ti.func
     def tile_flush(lane, lo, extent, tile: ti.template(), grid_mv: ti.template(), grid_m: ti.template()):
@@ -91,8 +81,8 @@ def block_scatter_funcs(real) -> SimpleNamespace:
         n_nodes = extent[0] * extent[1] * extent[2]
         j = lane
         while j < n_nodes:
-            mass = tile[3 * nodes + j]
-            momentum = ti.Vector([tile[j], tile[nodes + j], tile[2 * nodes + j]], real)
+            mass = tile[3 * TILE_NODES + j]
+            momentum = ti.Vector([tile[j], tile[TILE_NODES + j], tile[2 * TILE_NODES + j]], real)
             if mass != 0.0:  # a node with momentum has mass: both come with the same weight
                 node = lo + ti.Vector([j // (extent[1] * extent[2]), (j // extent[2]) % extent[1], j % extent[2]])
                 grid_mv[node] += momentum
@@ -100,4 +90,4 @@ def block_scatter_funcs(real) -> SimpleNamespace:
             j += BLOCK
 
     return SimpleNamespace(tile_of_block=tile_of_block, tile_clear=tile_clear, tile_add=tile_add,
-                           tile_flush=tile_flush, tile_nodes=nodes)
+                           tile_flush=tile_flush)

@@ -89,7 +89,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import taichi as ti
 
-from .block_scatter import BLOCK, CHANNELS, block_scatter_funcs, blocked
+from .block_scatter import BLOCK, CHANNELS, TILE_NODES, block_scatter_funcs, blocked
 from .boundary import boundary_funcs
 from .constitutive import constitutive_funcs, svd_grad_funcs
 from .launch import TorchKernel
@@ -253,16 +253,16 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                       origin, inv_dx):
         """scatter() of the particle at index i of a tiled kernel's loop (block_scatter: i >= n are
         idle lanes): through the block's shared tile, or straight to the grid where the block's
-        stencils spread over more than tiles.tile_nodes nodes (unrolled: the faster form for global
+        stencils spread over more than TILE_NODES nodes (unrolled: the faster form for global
         atomics; the shared ones ran as fast in a loop, which compiles in a fraction of the time)."""
         lane = i % BLOCK
         bounds = ti.simt.block.SharedArray((6,), ti.i32)
-        tile = ti.simt.block.SharedArray((CHANNELS * tiles.tile_nodes,), real)
+        tile = ti.simt.block.SharedArray((CHANNELS * TILE_NODES,), real)
         active = i < n
         shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
         base, fx, W = stencil(xp, origin, inv_dx, shape)
         lo, extent = tiles.tile_of_block(lane, active, base, bounds)
-        if extent[0] * extent[1] * extent[2] <= tiles.tile_nodes:  # same on every lane
+        if extent.max() <= TILE_NODES and extent[0] * extent[1] * extent[2] <= TILE_NODES:  # same on every lane
             tiles.tile_clear(lane, extent[0] * extent[1] * extent[2], tile)
             if active:
                 for_stencil(False, tile_node, (base, fx, W, momentum, mass, affine_p, lo, extent, tile, inv_dx))
@@ -515,71 +515,15 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             grid_mv[I] = ti.Vector.zero(real, 3)
             grid_m[I] = 0.0
 
-    @ti.func
-    def node_of(k, grid_m: ti.template()):
-        """The grid node of flat index k (C order)."""
-        ny, nz = grid_m.shape[1], grid_m.shape[2]
-        return ti.Vector([k // (ny * nz), k // nz % ny, k % nz])
-
-    @ti.func
-    def grid_update_tiled_at(i, n_nodes, grid_mv: ti.template(), grid_m: ti.template(), grid_v: ti.template(), dt,
-                             gravity, origin, dx, wall_mode, wall_friction, colliders: ti.template(),
-                             n_colliders: ti.template(), time, consume):
-        """Loop index i of the large-scene grid update (i >= n_nodes: an idle lane of the last
-        block): the block's node velocities leave through shared memory and the block's momenta are
-        zeroed as contiguous runs of floats, for the reason of g2p_tiled_at (1M particles on 128^3,
-        H200: the stage wrote 5M sectors to L2 for 60 MB and ran at 83% of L2's peak, ncu,
-        2026-11-27). A node's momentum is read only by its own lane, before the block's sync."""
-        lane = i % BLOCK
-        stage = ti.simt.block.SharedArray((3 * BLOCK,), real)
-        I = node_of(ti.min(i, n_nodes - 1), grid_m)
-        v_node = ti.Vector.zero(real, 3)
-        if i < n_nodes:
-            if grid_m[I] > MIN_NODE_MASS:
-                v_node, _ = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
-                                          colliders, n_colliders, time)
-        for d in ti.static(range(3)):
-            stage[3 * lane + d] = v_node[d]
-        ti.simt.block.sync()
-        first = i - lane
-        count = ti.min(BLOCK, n_nodes - first)
-        j = lane
-        while j < 3 * count:
-            node = node_of(first + j // 3, grid_m)
-            grid_v[node][j % 3] = stage[j]
-            if consume:
-                grid_mv[node][j % 3] = 0.0
-            j += BLOCK
-        if consume and i < n_nodes:
-            grid_m[I] = 0.0
-        ti.simt.block.sync()  # the block's next pass reuses stage
-
-    @ti.func
-    def grid_update_loop(grid_mv: ti.template(), grid_m: ti.template(), grid_v: ti.template(), dt, gravity, origin,
-                         dx, wall_mode, wall_friction, colliders: ti.template(), n_colliders: ti.template(), time,
-                         consume, tiled: ti.template()):
-        """grid_update's parallel loop (tiled: the large-scene form, CUDA; see grid_update_tiled_at)."""
-        if ti.static(tiled):
-            n_nodes = grid_m.shape[0] * grid_m.shape[1] * grid_m.shape[2]
-            ti.loop_config(block_dim=BLOCK)
-            for i in range(blocked(n_nodes)):
-                grid_update_tiled_at(i, n_nodes, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode,
-                                     wall_friction, colliders, n_colliders, time, consume)
-        else:
-            for I in ti.grouped(grid_m):
-                grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
-                               colliders, n_colliders, time, consume)
-
     @ti.kernel
     def grid_update(grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, dt: real,
                     gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
-                    colliders: table, n_colliders: ti.template(), time: real, consume: ti.i32,
-                    tiled: ti.template()):
+                    colliders: table, n_colliders: ti.template(), time: real, consume: ti.i32):
         """consume (0/1): zero mv and m once read, so the next substep's P2G finds a clear grid (no
-        clear_grid launch); off where the adjoint needs them afterwards. tiled: the large-scene
-        form (CUDA)."""
-        grid_update_loop(grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction, colliders,
-                         n_colliders, time, consume, tiled)
+        clear_grid launch); off where the adjoint needs them afterwards."""
+        for I in ti.grouped(grid_m):
+            grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
+                           colliders, n_colliders, time, consume)
 
     @ti.func
     def grid_update_grad_at(I, grid_mv: ti.template(), grid_m: ti.template(), g_grid_v: ti.template(),
@@ -813,8 +757,9 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                 clear_grid_at(I, grid_mv, grid_m)
         stress_p2g_loop(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
                         control_scale, grid_mv, grid_m, origin, inv_dx, dt, tiled)
-        grid_update_loop(grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction, colliders,
-                         n_colliders, time, 1 - keep_grid, tiled)
+        for I in ti.grouped(grid_m):
+            grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
+                           colliders, n_colliders, time, 1 - keep_grid)
         g2p_loop(src, dst, n, x, v, C, grid_v, origin, inv_dx, dt, tiled)
 
     @ti.kernel
@@ -962,6 +907,6 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
                           U, sig, V, affine, inv_dx, dt)
     k.p2g(src, n, x, v, density, volume, affine, grid_mv, grid_m, setup.origin, inv_dx, tiled)
     k.grid_update(grid_mv, grid_m, grid_v, dt, setup.gravity, setup.origin, setup.dx, *setup.boundary(time),
-                  int(not keep_grid), tiled)
+                  int(not keep_grid))
     if move_particles:
         k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt, tiled)
