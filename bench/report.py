@@ -86,7 +86,8 @@ def mpm_backward_table() -> str:
         return ""
     rows = [f"**MPM backward** (`bench/mpm_backward.py`), {d['device']}, {d['date'][:10]}: checkpointed "
             f"`bridge.simulate`, fixed-corotated cube, float32; memory is torch's peak allocation (the rollout's "
-            f"own share in brackets) against storing every substep.", "",
+            f"own share in brackets) against storing every substep."
+            + (f" Note: {d['note']}." if d.get("note") else ""), "",
             "| particles | substeps | K | forward (s) | backward (s) | backward / forward | peak GB | store-everything GB |",
             "|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
