@@ -118,15 +118,16 @@ def profile(command: list, kernels: str, skip: int, count: int) -> list:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [WORKLOAD] [options] [-- python3 SCRIPT ARGS...]")
     parser.add_argument("workload", nargs="?", choices=sorted(WORKLOADS))
     parser.add_argument("--size", choices=sorted(SIZES), default="1M")
     parser.add_argument("--kernels", help="regex of the kernel names to profile (with a command after --)")
     parser.add_argument("--skip", type=int, default=0, help="matching launches to skip first")
     parser.add_argument("--count", type=int, default=10, help="matching launches to profile")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- python3 SCRIPT ARGS (with --kernels)")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)  # what follows "--" is the command to profile
+    args, command = parser.parse_args(argv[:split]), argv[split + 1:]
     if (args.workload is None) == (not command):
         parser.error("name a workload, or give --kernels and a command after --")
     if args.workload:
@@ -137,7 +138,12 @@ def main(argv=None) -> None:
         parser.error("--kernels REGEX is needed with a command")
     else:
         kernels = args.kernels
-    launches = profile(command, kernels, args.skip, args.count)
+    try:
+        launches = profile(command, kernels, args.skip, args.count)
+    except FileNotFoundError:
+        parser.error("ncu (Nsight Compute) is not on PATH: run this on a GPU machine that has it")
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"ncu_table: {' '.join(e.cmd[:2])} ... exited with status {e.returncode} (its output is above)")
     print(table(launches) if launches else f"no launch of a kernel matching {kernels!r} was profiled")
 
 

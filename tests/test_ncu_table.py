@@ -50,10 +50,22 @@ def test_table_scales_units_and_marks_missing_metrics():
     assert "-" in first.split()  # the serial launch has no L2 figure
 
 
-def test_a_workload_or_a_command_is_needed():
+def test_a_workload_or_a_command_is_needed(capsys):
     with pytest.raises(SystemExit) as e:
         ncu_table.main([])
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         ncu_table.main(["--", "python3", "x.py"])  # a command without --kernels
     assert e.value.code == 2
+    assert "--kernels REGEX is needed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        ncu_table.main(["mpm_forward", "--kernels", "k", "--", "python3", "x.py"])  # both
+    assert e.value.code == 2
+
+
+def test_without_ncu_the_error_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(SystemExit) as e:
+        ncu_table.main(["--kernels", "k", "--", "python3", "x.py"])
+    assert e.value.code == 2
+    assert "ncu (Nsight Compute) is not on PATH" in capsys.readouterr().err
