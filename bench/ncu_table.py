@@ -125,6 +125,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kernels", help="regex of the kernel names to profile (with a command after --)")
     parser.add_argument("--skip", type=int, default=0, help="matching launches to skip first")
     parser.add_argument("--count", type=int, default=10, help="matching launches to profile")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)  # what follows "--" is the command to profile
     args, command = parser.parse_args(argv[:split]), argv[split + 1:]
@@ -144,7 +145,10 @@ def main(argv=None) -> None:
         parser.error("ncu (Nsight Compute) is not on PATH: run this on a GPU machine that has it")
     except subprocess.CalledProcessError as e:
         sys.exit(f"ncu_table: {' '.join(e.cmd[:2])} ... exited with status {e.returncode} (its output is above)")
-    print(table(launches) if launches else f"no launch of a kernel matching {kernels!r} was profiled")
+    text = table(launches) if launches else f"no launch of a kernel matching {kernels!r} was profiled"
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
