@@ -57,6 +57,13 @@ def cube(res: int, side: int) -> tuple[np.ndarray, float]:
     return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3), spacing
 
 
+def cube_solver(res: int, positions: np.ndarray, spacing: float, **kwargs) -> MPMSolver:
+    """The benchmark's solver: the cube's particles (any order) in a res^3 grid with sticky walls."""
+    solver = MPMSolver(res=res, boundary="sticky", **kwargs)
+    solver.add_particles(positions, MATERIAL, velocity=VELOCITY, volume=spacing ** 3)
+    return solver
+
+
 def timed(fn, substeps: int) -> float:
     """Seconds per substep of fn(), which runs `substeps` substeps."""
     sync()
@@ -125,9 +132,7 @@ def bench_size(res: int, side: int, substeps: int, shuffled_too: bool, engine: P
     rows = {}
 
     def make(x, **kwargs):
-        solver = MPMSolver(res=res, boundary="sticky", **kwargs)
-        solver.add_particles(x, MATERIAL, velocity=VELOCITY, volume=spacing ** 3)
-        return solver
+        return cube_solver(res, x, spacing, **kwargs)
 
     solver = make(positions)
     dt = solver.stable_dt(2.0)

@@ -44,8 +44,7 @@ import mpm_forward as mf
 positions, spacing = mf.cube(res, side)
 if settings["shuffled"]:
     positions = positions[np.random.default_rng(0).permutation(len(positions))]
-solver = mf.MPMSolver(res=res, boundary="sticky")
-solver.add_particles(positions, mf.MATERIAL, velocity=mf.VELOCITY, volume=spacing ** 3)
+solver = mf.cube_solver(res, positions, spacing)
 if settings["sorted"]:
     solver.sort_particles()
 dt = solver.stable_dt(2.0)

@@ -48,8 +48,7 @@ import sys
 sys.path[:0] = [{root!r}, {root!r} + "/bench"]
 import mpm_forward as mf
 positions, spacing = mf.cube({res}, {side})
-solver = mf.MPMSolver(res={res}, boundary="sticky")
-solver.add_particles(positions, mf.MATERIAL, velocity=mf.VELOCITY, volume=spacing ** 3)
+solver = mf.cube_solver({res}, positions, spacing)
 dt = solver.stable_dt(2.0)
 solver.step(dt * 2, dt=dt)
 mf.sync()
@@ -61,8 +60,7 @@ import torch
 import mpm_forward as mf
 from bridge.rollout import RolloutScene, simulate
 positions, spacing = mf.cube({res}, {side})
-solver = mf.MPMSolver(res={res}, boundary="sticky")
-solver.add_particles(positions, mf.MATERIAL, velocity=mf.VELOCITY, volume=spacing ** 3)
+solver = mf.cube_solver({res}, positions, spacing)
 scene = RolloutScene.from_solver(solver, dt=solver.stable_dt(2.0))
 x0 = solver.positions(as_torch=True).clone().requires_grad_()
 n = scene.n_particles

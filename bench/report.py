@@ -36,6 +36,11 @@ def raster_table() -> str:
     return "\n".join(rows)
 
 
+def noted(d: dict) -> str:
+    """A results file's "note", as a sentence to append to its table's caption ("" without one)."""
+    return f" Note: {d['note']}." if d.get("note") else ""
+
+
 def raster_grid_table() -> str:
     d = load("raster_grid.json")
     if d is None or d.get("quick"):
@@ -50,7 +55,7 @@ def raster_grid_table() -> str:
     if ratios:
         rows[0] += (f" {sum(x <= 1.0 for x in ratios)} of {len(ratios)} rows at or under 1.0x, median "
                     f"{ratios[len(ratios) // 2]:.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f}x."
-                    + (f" Note: {d['note']}." if d.get("note") else ""))
+                    + noted(d))
     for r in d["rows"]:
         o, g = r["ours"], r.get("gsplat")
         rows.append(f"| {r['gaussians']:,} | {r['distribution']} | {r['cameras']} | {r['width']}x{r['height']} | "
@@ -71,7 +76,7 @@ def mpm_forward_table() -> str:
     rows = [f"**MPM forward** (`bench/mpm_forward.py`), {d['device']}, {d['date'][:10]}, {d['material']}; "
             f"peers: {peers}, same run. Particles in lattice order as sampled, or shuffled."
             + (f" Not run: {'; '.join(not_run)}." if not_run else "")
-            + (f" Note: {d['note']}" if d.get("note") else ""),
+            + noted(d),
             "", "| grid | particles | variant | ms / substep | G particle-steps/s |", "|---|---|---|---|---|"]
     for r in d["results"]:
         for variant, ms in r["ms_per_substep"].items():
@@ -87,7 +92,7 @@ def mpm_backward_table() -> str:
     rows = [f"**MPM backward** (`bench/mpm_backward.py`), {d['device']}, {d['date'][:10]}: checkpointed "
             f"`bridge.simulate`, fixed-corotated cube, float32; memory is torch's peak allocation (the rollout's "
             f"own share in brackets) against storing every substep."
-            + (f" Note: {d['note']}." if d.get("note") else ""), "",
+            + noted(d), "",
             "| particles | substeps | K | forward (s) | backward (s) | backward / forward | peak GB | store-everything GB |",
             "|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:

@@ -1,4 +1,5 @@
 """bridge.distributed: sharding and gradient averaging over torchrun ranks (gloo on CPU)."""
+import json
 import os
 import socket
 import subprocess
@@ -74,7 +75,7 @@ def test_pin_cores_keeps_a_rank_next_to_its_gpu():
             "print(json.dumps([before, near, sorted(os.sched_getaffinity(0))]))")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-    before, near, fallback = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    before, near, fallback = json.loads(out.stdout.strip().splitlines()[-1])
     assert near == (before[1:] or before)
     per_rank = len(before) // 2
     assert fallback == (before[per_rank:2 * per_rank] if per_rank else before)
