@@ -3,10 +3,10 @@
 A plain ti.kernel call spends about 20 us of Python on every torch-tensor argument (the template
 key, device and gradient checks, environment look-ups) before the launch itself: the rasterizer
 passes ~65 tensors over the five launches of a forward+backward, an MPM substep ~40 over five, so
-host time rivals the work at small and medium sizes. A TorchKernel makes its first call through
-Taichi (compilation and every check), keeps the compiled instance, and afterwards fills the launch
-context directly (~2 us an argument), checking what that instance was specialised on: each tensor's
-dtype, full shape rank (element dims included) and element shape, contiguity and device.
+host time rivals the work at small and medium sizes. A TorchKernel has Taichi compile the instance
+a call needs (on stand-in arrays, see ``_compile``), keeps it, and fills the launch context directly
+(~2 us an argument), checking what that instance was specialised on: each tensor's dtype, full
+shape rank (element dims included) and element shape, contiguity and device.
 
 Supported parameters: ``ti.types.ndarray`` with a dtype (scalar, vector or matrix) and ndim; int and
 float scalars; vector/matrix scalars (``ti.types.vector/matrix``; pass a ti.Vector/ti.Matrix or a
@@ -44,7 +44,6 @@ class TorchKernel:
     arguments (torch tensors for ndarrays)."""
 
     def __init__(self, kernel, reverse: bool = False, compile_config: Optional[Mapping[str, object]] = None) -> None:
-        self._kernel = kernel.grad if reverse else kernel
         # Taichi compile settings changed for this kernel's compile only (see compile_settings)
         self._compile_config = dict(compile_config or {})
         self._primal = kernel._adjoint if reverse else kernel._primal
@@ -155,8 +154,7 @@ class TorchKernel:
                 key += tuple(bool(getattr(args[p], "requires_grad", False)) for p in self._array_positions)
         compiled = self._compiled.get(key)
         if compiled is None:
-            self._first_call(key, args)
-            return
+            compiled = self._compile(key, args)
         ctx = compiled.make_launch_context()
         for slot, position, setter in self._setters:  # validates and fills the context
             setter(ctx, slot, args[position])
@@ -167,16 +165,24 @@ class TorchKernel:
                 data = self._data[key] = (prog, prog.compile_kernel(prog.config(), prog.get_device_caps(), compiled))
         prog.launch_kernel(data[1], ctx)
 
-    def _first_call(self, key: tuple, args: tuple) -> None:
-        """Validates, then compiles and launches through Taichi, keeping the compiled instance."""
+    def _compile(self, key: tuple, args: tuple):
+        """Validates the arguments, then has Taichi compile the instance they call for, without
+        launching it. Taichi compiles on stand-ins (one element per array dim, same dtype, element
+        shape, device and requires_grad): its compile context keeps the arguments it was given in a
+        reference cycle that only Python's full garbage collection frees, which held a 1M-particle
+        rollout's first segment buffers (~0.75 GB of GPU memory) long after the call."""
         self._on_cuda = impl.current_cfg().arch == _ti_core.Arch.cuda
         for slot, position, setter in self._setters:
             setter(None, slot, args[position])
-        if not self._reverse:  # a plain call would give every input that requires grad a zero .grad
-            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        stand_ins = list(args)
+        for position in self._array_positions:
+            value, ndim = args[position], self._primal.arguments[position].annotation.ndim
+            stand_ins[position] = value.new_zeros((1,) * ndim + tuple(value.shape[ndim:])).requires_grad_(
+                self._reverse and value.requires_grad)  # forward launchers pass no gradient pointers
         with compile_settings(self._compile_config):
-            self._kernel(*args)
-        self._compiled[key] = self._primal.compiled_kernels[self._primal.ensure_compiled(*args)]
+            compiled = self._primal.compiled_kernels[self._primal.ensure_compiled(*stand_ins)]
+        self._compiled[key] = compiled
+        return compiled
 
 
 @contextmanager
