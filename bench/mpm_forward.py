@@ -7,7 +7,8 @@ For each size it times, at the same fixed dt:
     profile (each stage timed alone);
   - on CUDA, taichi_mpm with the kernels it runs below 2^17 particles (TAICHI_MPM_TILED_P2G=0:
     no shared-memory tiles, run-time stencil loops: taichi_mpm.substep.for_stencil);
-  - taichi_mpm on randomly shuffled particles, unsorted and with ``sort_every=16`` (1M only);
+  - taichi_mpm after one ``sort_particles()`` (the order the transfers prefer);
+  - taichi_mpm on randomly shuffled particles, unsorted and with ``sort_every=64`` (1M only);
   - the plain reference (bench/mpm_reference.py): Taichi fields, one kernel per stage;
   - taichi_elements' solver (bench/mpm_peer_taichi_elements.py, in its own process) where its
     engine/ folder is found (``--taichi-elements DIR``, default .peers/taichi_elements); the
@@ -143,10 +144,14 @@ def bench_size(res: int, side: int, substeps: int, shuffled_too: bool, engine: P
         os.environ["TAICHI_MPM_TILED_P2G"] = "0"
         rows["taichi_mpm plain P2G"] = time_solver(make(positions), dt, substeps)
         del os.environ["TAICHI_MPM_TILED_P2G"]
+    solver = make(positions)
+    solver.sort_particles()  # the transfers' order (MPMSolver.sort_particles), once
+    rows["taichi_mpm sorted"] = time_solver(solver, dt, substeps)
+    del solver
     if shuffled_too:
         shuffled = positions[np.random.default_rng(0).permutation(n)]
         rows["taichi_mpm shuffled"] = time_solver(make(shuffled), dt, substeps)
-        rows["taichi_mpm shuffled sort_every=16"] = time_solver(make(shuffled, sort_every=16), dt, substeps)
+        rows["taichi_mpm shuffled sort_every=64"] = time_solver(make(shuffled, sort_every=64), dt, substeps)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     reference = ReferenceMPM(positions, res, MATERIAL.E, MATERIAL.nu, MATERIAL.density, spacing ** 3,

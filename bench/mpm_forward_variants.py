@@ -10,7 +10,7 @@ A variant is a "+"-joined list of settings (an empty list, "base", is the code a
     sorted        MPMSolver.sort_particles() once before timing
     tile=N        block_scatter.TILE_NODES (nodes a shared-memory tile holds)
     block=N       block_scatter.BLOCK (particles per CUDA block of the tiled kernels)
-    sort_block=N  solver.SORT_BLOCK (cells per block edge of sort_particles)
+    sort_block=AxBxC  solver.SORT_BLOCK (the cells of a sort_particles block along x, y, z)
     polar=N       constitutive.POLAR_ITERATIONS
     before        the code of --before DIR (e.g. ``git worktree add /tmp/before <rev>``) instead of this tree
 e.g. ``base before sorted sorted+before tile=2048``. Prints one row a variant and writes them as JSON.
@@ -62,10 +62,12 @@ def parse(variant: str) -> dict:
             continue
         if name in ("shuffled", "sorted", "before") and not value:
             settings[name] = True
-        elif name in CONSTANTS and value.isdigit() and int(value) > 0:
+        elif name in CONSTANTS and all(v.isdigit() and int(v) > 0 for v in value.split("x")) and (
+                value.count("x") == (2 if name == "sort_block" else 0)):
             module, constant = CONSTANTS[name]
+            number = [int(v) for v in value.split("x")] if name == "sort_block" else int(value)
             for target in (module,) + COPIES.get(constant, ()):
-                settings["constants"].append((target, constant, int(value)))
+                settings["constants"].append((target, constant, number))
         else:
             raise ValueError(f"unknown setting {item!r} in variant {variant!r} (see the module docstring)")
     return settings

@@ -14,6 +14,7 @@ zero-copy torch views.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -37,7 +38,9 @@ ArrayLike = Union[np.ndarray, Sequence[float], torch.Tensor]
 # the grid without clamping.
 DOMAIN_MARGIN_CELLS = 1
 STATE_KEYS = ("x", "v", "C", "F", "plastic")
-SORT_BLOCK = 4  # sort_particles orders particles by blocks of SORT_BLOCK^3 cells
+# sort_particles orders particles by blocks of SORT_BLOCK cells (x, y, z), and inside a block by
+# their rank in their cell, then by cell (see sort_particles)
+SORT_BLOCK = (1, 2, 32)
 CONSTANT_KEYS = ("material", "E", "nu", "density", "volume", "aux", "id")
 INT_KEYS = ("material", "id")
 
@@ -68,31 +71,39 @@ def _finite_array(name: str, value, shape_tail: Tuple[int, ...]) -> np.ndarray:
     return arr
 
 
+@lru_cache(maxsize=64)
+def _bounds_on(device: torch.device, dtype: torch.dtype, lower: tuple, upper: tuple) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The valid domain's corners as tensors on the device (made once: a host-to-device copy at
+    every check would cost more than the check's own kernels)."""
+    return (torch.tensor(lower, dtype=dtype, device=device), torch.tensor(upper, dtype=dtype, device=device))
+
+
 def check_particles(x: torch.Tensor, v: torch.Tensor, lower: np.ndarray, upper: np.ndarray, where: str,
                     advice: str) -> float:
     """Raise SimulationError if a particle of x, v [N, 3] is NaN/Inf or outside [lower, upper];
-    return the max squared speed. One pass: torch on the GPU (a Taichi kernel with global atomic
-    max/min took 2.2 ms for 1M particles on an H200, torch 0.19 ms), numpy on the CPU (torch's
-    thread pool stalls for milliseconds when Taichi's threads share the cores)."""
-    bounds = f"[{np.asarray(lower).tolist()}, {np.asarray(upper).tolist()}]"
+    return the max squared speed. Two reductions (how far the farthest particle is outside, and the
+    top speed; NaN propagates through both) and one sync: torch on the GPU (a Taichi kernel with
+    global atomic max/min took 2.2 ms for 1M particles on an H200, torch 0.19 ms with a mask and a
+    count, which this halves), numpy on the CPU (torch's thread pool stalls for milliseconds when
+    Taichi's threads share the cores). Only a failing check builds the per-particle mask."""
     if x.is_cuda:
-        lower = torch.as_tensor(lower, dtype=x.dtype, device=x.device)
-        upper = torch.as_tensor(upper, dtype=x.dtype, device=x.device)
+        lo, hi = _bounds_on(x.device, x.dtype, tuple(map(float, lower)), tuple(map(float, upper)))
+        speed2 = (v * v).sum(1)
+        outside, max_speed2 = torch.stack([torch.maximum(x - hi, lo - x).amax(), speed2.amax()]).tolist()
     else:
         x, v = x.numpy(), v.numpy()
-    speed2 = (v * v).sum(1)
+        lo, hi = np.asarray(lower, dtype=x.dtype), np.asarray(upper, dtype=x.dtype)
+        speed2 = (v * v).sum(1)
+        outside, max_speed2 = float(np.maximum(x - hi, lo - x).max()), float(speed2.max())
+    if outside <= 0.0 and max_speed2 < 1e30:  # False for NaN
+        return max_speed2
     # comparisons with NaN are False, so NaN positions or speeds count as bad
-    bad = ~(((x >= lower) & (x <= upper)).all(1) & (speed2 < 1e30))
-    if isinstance(x, torch.Tensor):
-        n_bad, max_speed2 = torch.stack([bad.sum().to(speed2.dtype), speed2.max()]).tolist()
-    else:
-        n_bad, max_speed2 = int(bad.sum()), float(speed2.max())
-    if n_bad > 0:
-        i = int(bad.nonzero()[0][0])
-        raise SimulationError(
-            f"{where}: {int(n_bad)} particles have NaN/Inf state or left the valid domain {bounds}; "
-            f"first is particle {i} at x={x[i].tolist()}, v={v[i].tolist()}. {advice}")
-    return max_speed2
+    bad = ~(((x >= lo) & (x <= hi)).all(1) & (speed2 < 1e30))
+    i = int(bad.nonzero()[0][0])
+    raise SimulationError(
+        f"{where}: {int(bad.sum())} particles have NaN/Inf state or left the valid domain "
+        f"[{np.asarray(lower).tolist()}, {np.asarray(upper).tolist()}]; "
+        f"first is particle {i} at x={x[i].tolist()}, v={v[i].tolist()}. {advice}")
 
 
 class MPMSolver:
@@ -112,8 +123,10 @@ class MPMSolver:
             one reduction and a device sync.
         max_substeps_per_frame: step() raises SimulationError rather than run more substeps.
         sort_every: substeps between :meth:`sort_particles` calls inside step() (0: never). It
-            restores memory locality of P2G/G2P for particles added in random order (on an H200,
-            1M shuffled particles: 2.22 -> 1.93 ms a substep); it changes the storage order.
+            restores memory locality of P2G/G2P for particles added in random order (on an H100,
+            1M shuffled particles, 2026-11-28: 2.03 ms a substep unsorted, 0.45 ms sorted once; a
+            sort takes ~2 ms there, so sort_every=64 adds ~0.03 ms a substep); it changes the
+            storage order.
     """
 
     def __init__(self, res: Union[int, Tuple[int, int, int]] = 64,
@@ -493,17 +506,30 @@ class MPMSolver:
         return taken
 
     def sort_particles(self) -> None:
-        """Reorder particle storage by blocks of SORT_BLOCK^3 cells (stable torch sort), so that
-        neighbouring threads scatter to neighbouring nodes. (Sorting by single cells was measured
-        slower on an H200: the 8 particles of a cell then hit the same 27 nodes in one warp.)
-        Getters return particles in the new order; :meth:`particle_ids` maps them back."""
+        """Reorder particle storage for the transfers: by blocks of SORT_BLOCK stencil cells (the
+        cell of a particle's lowest stencil node), inside a block the first particle of every cell,
+        then the second of every cell, and so on. A warp then holds 32 particles of 32 different
+        cells along a few rows of the block: no two lanes add to the same node at once in P2G's
+        shared tile, a CUDA block's tile stays small, and G2P's loads run along rows. (Sorted by
+        4^3-cell blocks alone, stably, a warp held particles of the same cells in input order: 8-way
+        clashes for shuffled input.) Getters return particles in the new order;
+        :meth:`particle_ids` maps them back."""
         if self.n_particles == 0:
             return
         lower = torch.as_tensor(self.lower, dtype=self.torch_dtype, device=self.device)
-        cell = torch.floor((self.state["x"][self.src] - lower) * self.inv_dx).long()
-        blocks = [(s + SORT_BLOCK - 1) // SORT_BLOCK for s in self.grid_shape]
-        block = [cell[:, d].clamp(0, self.grid_shape[d] - 1) // SORT_BLOCK for d in range(3)]
-        order = torch.sort((block[0] * blocks[1] + block[1]) * blocks[2] + block[2], stable=True).indices
+        highest = torch.as_tensor(self.grid_shape, device=self.device) - 3  # as the kernels clamp the stencil
+        base = torch.minimum(torch.floor((self.state["x"][self.src] - lower) * self.inv_dx - 0.5).long().clamp(min=0),
+                             highest)
+        size = torch.as_tensor(SORT_BLOCK, device=self.device)
+        blocks = -(-torch.as_tensor(self.grid_shape, device=self.device) // size)
+        block, inner = base // size, base % size
+        block = (block[:, 0] * blocks[1] + block[:, 1]) * blocks[2] + block[:, 2]
+        inner = (inner[:, 0] * SORT_BLOCK[1] + inner[:, 1]) * SORT_BLOCK[2] + inner[:, 2]
+        cells = int(np.prod(SORT_BLOCK))
+        by_cell = torch.sort(block * cells + inner, stable=True)
+        rank = torch.arange(self.n_particles, device=self.device) - torch.searchsorted(by_cell.values, by_cell.values)
+        block, inner = block[by_cell.indices], inner[by_cell.indices]
+        order = by_cell.indices[torch.sort((block * (int(rank.max()) + 1) + rank) * cells + inner).indices]
         for name in STATE_KEYS:
             self.state[name][self.src] = self.state[name][self.src][order]
         for name in CONSTANT_KEYS:

@@ -200,23 +200,38 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         return material_id >= VON_MISES_ID and material_id <= SAND_ID
 
     @ti.func
+    def stress_scale(p, volume: ti.template(), inv_dx, dt):
+        """-dt vol 4/dx^2: what the MLS momentum matrix takes of the Kirchhoff stress."""
+        return -dt * volume[p] * 4.0 * inv_dx * inv_dx
+
+    @ti.func
+    def affine_of(p, src, tau, C: ti.template(), density: ti.template(), volume: ti.template(), inv_dx, dt):
+        """The particle's APIC/MLS momentum matrix that p2g scatters: -dt vol 4/dx^2 tau + m C[src]."""
+        return stress_scale(p, volume, inv_dx, dt) * tau + density[p] * volume[p] * C[src, p]
+
+    @ti.func
     def store_stress(p, src, dst, F_new, plastic_new, tau, C: ti.template(), F: ti.template(),
                      plastic: ti.template(), density: ti.template(), volume: ti.template(), inv_dx, dt):
-        """Write the return-mapped F and plastic state to slot dst; return the particle's APIC/MLS
-        momentum matrix affine = -dt vol 4/dx^2 tau + m C[src] that p2g scatters."""
+        """Write the return-mapped F and plastic state to slot dst; return the particle's affine."""
         F[dst, p] = F_new
         plastic[dst, p] = plastic_new
-        return (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * tau + density[p] * volume[p] * C[src, p]
+        return affine_of(p, src, tau, C, density, volume, inv_dx, dt)
+
+    @ti.func
+    def updated_stress(p, src, C: ti.template(), F: ti.template(), plastic: ti.template(), material: ti.template(),
+                       E: ti.template(), nu: ti.template(), aux: ti.template(), dFc: ti.template(), control_scale,
+                       dt):
+        """The particle's trial F through its material's return map: (F_new, plastic_new, Kirchhoff tau)."""
+        F_trial, _, _ = trial_gradient(p, src, C, F, dFc, control_scale, dt)
+        return update_and_stress(material[p], F_trial, plastic[src, p], E[p], nu[p],
+                                 ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
 
     @ti.func
     def stress_of(p, src, dst, C: ti.template(), F: ti.template(), plastic: ti.template(),
                   material: ti.template(), E: ti.template(), nu: ti.template(), density: ti.template(),
                   volume: ti.template(), aux: ti.template(), dFc: ti.template(), control_scale, inv_dx, dt):
         """particle_stress of one particle: writes F, plastic [dst]; returns its affine."""
-        F_trial, _, _ = trial_gradient(p, src, C, F, dFc, control_scale, dt)
-        F_new, plastic_new, tau = update_and_stress(
-            material[p], F_trial, plastic[src, p], E[p], nu[p],
-            ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real))
+        F_new, plastic_new, tau = updated_stress(p, src, C, F, plastic, material, E, nu, aux, dFc, control_scale, dt)
         return store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
 
     @ti.func
@@ -250,14 +265,14 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
 
     @ti.func
     def scatter_block(i, n, xp, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(),
-                      origin, inv_dx):
+                      origin, inv_dx, bounds: ti.template(), tile: ti.template()):
         """scatter() of the particle at index i of a tiled kernel's loop (block_scatter: i >= n are
         idle lanes): through the block's shared tile, or straight to the grid where the block's
         stencils spread over more than TILE_NODES nodes (unrolled: the faster form for global
-        atomics; the shared ones ran as fast in a loop, which compiles in a fraction of the time)."""
+        atomics; the shared ones ran as fast in a loop, which compiles in a fraction of the time).
+        bounds, tile: the block's shared arrays ((6,) int32, (CHANNELS * TILE_NODES,) real); its
+        first write to tile follows a sync."""
         lane = i % BLOCK
-        bounds = ti.simt.block.SharedArray((6,), ti.i32)
-        tile = ti.simt.block.SharedArray((CHANNELS * TILE_NODES,), real)
         active = i < n
         shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
         base, fx, W = stencil(xp, origin, inv_dx, shape)
@@ -270,6 +285,18 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         elif active:
             scatter(xp, momentum, mass, affine_p, grid_mv, grid_m, origin, inv_dx, True)
         ti.simt.block.sync()  # the block's next pass reuses bounds and tile
+
+    @ti.func
+    def store_staged(lane, first, count, dst, stage: ti.template(), at, M: ti.template()):
+        """M[dst, first + q] = the 9 floats stage[at + 9 q ...] (row-major) for the block's count
+        particles, as one contiguous run that consecutive lanes store float by float: stored particle
+        by particle, a warp's store of one component touched 32 sectors of 32 bytes for 128 bytes of
+        data, and L2 writes bound the stage (G2P, 1M particles, H200: 82% of L2's peak, ncu,
+        2026-11-27). After a sync; every lane of the block calls it."""
+        j = lane
+        while j < 9 * count:
+            M[dst, first + j // 9][j % 9 // 3, j % 3] = stage[at + j]
+            j += BLOCK
 
     @ti.kernel
     def particle_stress(src: ti.i32, dst: ti.i32, n: ti.i32, C: steps_mat, F: steps_mat,
@@ -291,7 +318,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """One particle of particle_stress_grad."""
         F_trial, A, F_base = trial_gradient(p, src, C, F, dFc, control_scale, dt)
         g_aff = g_affine[p]
-        g_tau = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * g_aff
+        g_tau = stress_scale(p, volume, inv_dx, dt) * g_aff
         g_trial, gE, gnu = elastic_update_grad(material[p], F_trial, E[p], nu[p], g_tau, g_F[dst, p])
         g_C[src, p] += (density[p] * volume[p]) * g_aff + dt * g_trial @ F_base.transpose()
         g_base = A.transpose() @ g_trial
@@ -373,7 +400,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         for p in range(n):
             if is_plastic(material[p]):
                 g_aff = g_affine[p]
-                g_tau = (-dt * volume[p] * 4.0 * inv_dx * inv_dx) * g_aff
+                g_tau = stress_scale(p, volume, inv_dx, dt) * g_aff
                 gU, gsig, gV, gplastic, gE, gnu, gaux = plastic_grad(
                     material[p], U[p], sig[p], V[p], plastic[src, p], E[p], nu[p],
                     ti.Vector([aux[p, 0], aux[p, 1], aux[p, 2], aux[p, 3]], real), g_F[dst, p], g_tau,
@@ -418,8 +445,11 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                      affine: ti.template(), grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx):
         """Loop index i of the tiled p2g (i >= n: an idle lane of the last block)."""
         p = ti.min(i, n - 1)
+        bounds = ti.simt.block.SharedArray((6,), ti.i32)
+        tile = ti.simt.block.SharedArray((CHANNELS * TILE_NODES,), real)
         mass = density[p] * volume[p]
-        scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx)
+        scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine[p], grid_mv, grid_m, origin, inv_dx, bounds,
+                      tile)
 
     @ti.kernel
     def p2g(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
@@ -451,14 +481,27 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                             nu: ti.template(), density: ti.template(), volume: ti.template(), aux: ti.template(),
                             dFc: ti.template(), control_scale, grid_mv: ti.template(), grid_m: ti.template(),
                             origin, inv_dx, dt):
-        """Loop index i of the tiled stress_p2g (i >= n: an idle lane of the last block)."""
+        """Loop index i of the tiled stress_p2g (i >= n: an idle lane of the last block). The block's
+        new F leave through the tile's memory before the P2G (store_staged): stored particle by
+        particle they were 8.2M of the loop's L2 write sectors at 1M particles (ncu, H200, 2026-11-28)."""
+        lane = i % BLOCK
         p = ti.min(i, n - 1)
+        bounds = ti.simt.block.SharedArray((6,), ti.i32)
+        tile = ti.simt.block.SharedArray((CHANNELS * TILE_NODES,), real)
         affine_p = ti.Matrix.zero(real, 3, 3)
         if i < n:
-            affine_p = stress_of(p, src, dst, C, F, plastic, material, E, nu, density, volume, aux, dFc,
-                                 control_scale, inv_dx, dt)
+            F_new, plastic_new, tau = updated_stress(p, src, C, F, plastic, material, E, nu, aux, dFc, control_scale,
+                                                     dt)
+            plastic[dst, p] = plastic_new
+            affine_p = affine_of(p, src, tau, C, density, volume, inv_dx, dt)
+            for e in ti.static(range(9)):
+                tile[9 * lane + e] = F_new[e // 3, e % 3]
+        ti.simt.block.sync()
+        first = i - lane
+        store_staged(lane, first, ti.min(BLOCK, n - first), dst, tile, 0, F)
         mass = density[p] * volume[p]
-        scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx)
+        scatter_block(i, n, x[src, p], mass * v[src, p], mass, affine_p, grid_mv, grid_m, origin, inv_dx, bounds,
+                      tile)
 
     @ti.func
     def stress_p2g_loop(src, dst, n, x: ti.template(), v: ti.template(), C: ti.template(), F: ti.template(),
@@ -505,15 +548,19 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def grid_update_at(I, grid_mv: ti.template(), grid_m: ti.template(), grid_v: ti.template(), dt, gravity,
                        origin, dx, wall_mode, wall_friction, colliders: ti.template(),
                        n_colliders: ti.template(), time, consume):
-        """One node of grid_update."""
-        v_node = ti.Vector.zero(real, 3)
-        if grid_m[I] > MIN_NODE_MASS:
-            v_node, _ = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
-                                      colliders, n_colliders, time)
-        grid_v[I] = v_node
-        if consume:
-            grid_mv[I] = ti.Vector.zero(real, 3)
-            grid_m[I] = 0.0
+        """One node of grid_update. consume: a node no particle reached (mass exactly 0) is left as
+        it is: P2G left it clear, and its velocity is read only with stencil weight 0 (G2P reads
+        the nodes its own P2G gave weight): at 1M particles in a 128^3 grid 94% of the nodes are
+        empty, and writing them all was most of the stage's memory traffic."""
+        if not consume or grid_m[I] != 0.0:
+            v_node = ti.Vector.zero(real, 3)
+            if grid_m[I] > MIN_NODE_MASS:
+                v_node, _ = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
+                                          colliders, n_colliders, time)
+            grid_v[I] = v_node
+            if consume:
+                grid_mv[I] = ti.Vector.zero(real, 3)
+                grid_m[I] = 0.0
 
     @ti.kernel
     def grid_update(grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, dt: real,
@@ -587,9 +634,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                      origin, inv_dx, dt):
         """Loop index i of the large-scene g2p (i >= n: an idle lane of the last block): unrolled
         stencil, and the block's new x, v, C leave through shared memory, each array as one
-        contiguous run that consecutive lanes store float by float. Stored particle by particle,
-        a warp's store of one component of C touched 32 sectors of 32 bytes for 128 bytes of data,
-        and L2 writes bound the stage (1M particles, H200: 82% of L2's peak, ncu, 2026-11-27)."""
+        contiguous run that consecutive lanes store float by float (see store_staged)."""
         lane = i % BLOCK
         p = ti.min(i, n - 1)
         stage = ti.simt.block.SharedArray((15 * BLOCK,), real)  # x (3), v (3), C (9) a particle, in order
@@ -608,10 +653,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             x[dst, first + j // 3][j % 3] = stage[j]
             v[dst, first + j // 3][j % 3] = stage[3 * BLOCK + j]
             j += BLOCK
-        j = lane
-        while j < 9 * count:
-            C[dst, first + j // 9][j % 9 // 3, j % 3] = stage[6 * BLOCK + j]
-            j += BLOCK
+        store_staged(lane, first, count, dst, stage, 6 * BLOCK, C)
         ti.simt.block.sync()  # the block's next pass reuses stage
 
     @ti.func
@@ -752,9 +794,9 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         and is left clear (grid_update zeroes it once read); 1: it is cleared first and kept (mv, m,
         v) for an adjoint. Run-time flags rather than template ones: one compile serves the
         forward, the backward's recomputes and the solver."""
-        for I in ti.grouped(grid_m):
-            if keep_grid:
-                clear_grid_at(I, grid_mv, grid_m)
+        # a loop of no nodes unless keep_grid (a top-level if would make the loop serial)
+        for I in ti.grouped(ti.ndrange(keep_grid * grid_m.shape[0], grid_m.shape[1], grid_m.shape[2])):
+            clear_grid_at(I, grid_mv, grid_m)
         stress_p2g_loop(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
                         control_scale, grid_mv, grid_m, origin, inv_dx, dt, tiled)
         for I in ti.grouped(grid_m):
@@ -773,14 +815,14 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                         inv_dx: real, dt: real, gravity: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
                         colliders: table, n_colliders: ti.template(), time: real):
         """The reverse of the elastic substep from slot 0 to 1 of x .. plastic, on its grid (mv, m,
-        v as its forward left them), then the adjoint step to the previous substep: particle_stress
-        again (affine, the per-substep scratch no forward keeps; F, plastic [1] are rewritten with
-        the same values), g2p_grad, grid_update_grad, p2g_grad, particle_stress_grad,
+        v as its forward left them), then the adjoint step to the previous substep: the stress again
+        (affine only, the per-substep scratch no forward keeps: F and plastic [1] are the forward's
+        and nothing here reads them), g2p_grad, grid_update_grad, p2g_grad, particle_stress_grad,
         advance_adjoint. The state adjoints g_* [2, N, ...] hold the incoming ones in slot 1 and
         leave with them in slot 1."""
         for p in range(n):
-            affine[p] = stress_of(p, 0, 1, C, F, plastic, material, E, nu, density, volume, aux, dFc,
-                                  control_scale, inv_dx, dt)
+            _, _, tau = updated_stress(p, 0, C, F, plastic, material, E, nu, aux, dFc, control_scale, dt)
+            affine[p] = affine_of(p, 0, tau, C, density, volume, inv_dx, dt)
         for p in range(n):
             g2p_grad_at(p, 0, 1, x, grid_v, g_x, g_v, g_C, g_grid_v, origin, inv_dx, dt)
         for I in ti.grouped(grid_m):

@@ -104,6 +104,18 @@ def test_nan_state_is_detected(ti_arch):
         s.step(1 / 60)
 
 
+@pytest.mark.parametrize("field,value", [("x", 2.0), ("x", float("nan")), ("v", float("inf")), ("v", -1e16)],
+                         ids=["outside", "nan position", "inf velocity", "runaway velocity"])
+def test_check_names_the_one_bad_particle(ti_arch, field, value):
+    s = MPMSolver(res=24)
+    s.add_particles(CUBE, Elastic(E=2e4), volume=(1 / 48) ** 3)
+    assert s.check() == 0.0
+    s.state[field][s.src, 7, 1] = value
+    with pytest.raises(SimulationError, match=r"substep 0 .*: 1 particles have NaN/Inf state or left the valid "
+                                              r"domain .* first is particle 7 "):
+        s.check()
+
+
 # ------------------------------------------------------------------ particle sources
 def test_add_mesh_fills_a_watertight_mesh_with_its_volume(ti_arch):
     s = MPMSolver(res=24)
@@ -187,6 +199,26 @@ def test_sorting_by_cell_keeps_the_simulation_the_same(ti_arch):
         order = np.argsort(s.particle_ids())
         runs.append(s.positions()[order])
     np.testing.assert_allclose(runs[0], runs[1], atol=1e-5)
+
+
+def test_sorted_warps_hold_particles_of_distinct_cells(ti_arch):
+    """After sort_particles, every run of 32 particles (a warp) inside the cube sits in 32 different
+    stencil cells, whatever the input order; its cells lie within one SORT_BLOCK. Shown to catch
+    the stable sort by cell blocks alone (nearly every warp then repeats cells)."""
+    from taichi_mpm.solver import SORT_BLOCK
+
+    spacing = 1 / 128  # 2 particles a cell per axis: lowest stencil nodes 16..47, whole sort blocks
+    axis = 16.5 / 64 + spacing * (np.arange(64) + 0.5)
+    cube = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    s = MPMSolver(res=64)
+    s.add_particles(cube[np.random.default_rng(1).permutation(len(cube))], Elastic(), volume=spacing ** 3)
+    s.sort_particles()
+    base = np.floor(s.positions() / s.dx - 0.5).astype(np.int64)
+    warps = base.reshape(-1, 32, 3)
+    distinct = [len(np.unique(w, axis=0)) for w in warps]
+    assert min(distinct) == 32
+    assert all((np.ptp(w // np.asarray(SORT_BLOCK), axis=0) == 0).all() for w in warps)
+    np.testing.assert_array_equal(np.sort(s.particle_ids()), np.arange(len(cube)))
 
 
 def test_live_gravity_and_elastic_parameters(ti_arch):

@@ -4,7 +4,7 @@ central finite differences of particle_stress itself, per material and per input
 L = <W_A, affine> + <W_F, F[dst]> + w_p plastic[dst] over a few particles of one material with
 random C, F, E, nu and an F control. Each input (C, F, dFc, E, nu) is checked on its own along a
 random direction of that input. Tolerance argument: particle_stress is smooth in every input here
-(the polar iteration converges to rounding in 8 steps for these F), so with h ~1e-6 of each
+(the polar iteration stops at rounding: constitutive.POLAR_TOLERANCE), so with h ~1e-6 of each
 input's scale the FD's truncation (h^2 |L'''|) and rounding (eps |L| / h) errors are ~1e-9 of the
 derivative; RTOL = 1e-6 is margin, while the mutations in the docstrings move it by >= 1e-3.
 The corotated cases include F with two equal singular values and a strongly rotated, stretched F.
@@ -111,3 +111,26 @@ def test_stress_adjoint_matches_fd(kernels, device, model, case, name):
           - loss(kernels, d, **{name: d[name] - h * d["directions"][name]})) / (2 * h)
     assert np.isfinite(ours)
     assert abs(ours - fd) <= RTOL * abs(fd) + ATOL, (model, case, name, ours, fd)
+
+
+@pytest.mark.parametrize("case", ["near identity", "two equal singular values", "large rotation and stretch"])
+def test_corotated_stress_in_float32_matches_float64(kernels, device, case):
+    """The float32 stress (polar iteration stopped at constitutive.POLAR_TOLERANCE["f32"]) agrees
+    with the float64 one to float32 rounding, relative to the stress's scale. Shown to catch a
+    float32 tolerance of 1e-2 (the iteration stopped a step early: off by ~1e-4)."""
+    import taichi as ti
+    from taichi_mpm.materials import FIXED_COROTATED_ID
+    from taichi_mpm.substep import substep_kernels
+
+    d = make_inputs(FIXED_COROTATED_ID, case, device)
+    out = {}
+    for real, dtype, k in ((ti.f64, f64, kernels), (ti.f32, torch.float32, substep_kernels(ti.f32, plastic_models=False))):
+        x = {name: d[name].to(dtype) for name in ("C", "F", "dFc", "E", "nu", "density", "volume")}
+        plastic = torch.ones(2, N, dtype=dtype, device=device)
+        affine = torch.zeros(N, 3, 3, dtype=dtype, device=device)
+        aux = torch.zeros(N, 4, dtype=dtype, device=device)
+        k.particle_stress(0, 1, N, x["C"], x["F"], plastic, d["material"], x["E"], x["nu"], x["density"],
+                          x["volume"], aux, x["dFc"], 1.0, affine, INV_DX, DT)
+        out[real] = (affine.double(), x["F"][1].double())
+    for ours, exact in zip(out[ti.f32], out[ti.f64]):
+        assert (ours - exact).abs().max() <= 2e-6 * exact.abs().max(), (case, (ours - exact).abs().max())
