@@ -36,7 +36,7 @@ for step in "${steps[@]}"; do
                   parallel=(); python3 -c "import xdist" 2>/dev/null && parallel=(-n 14 --dist loadfile)
                   TAICHI_MPM_ARCH=cuda timeout 540 python3 -m pytest -q -ra -p no:cacheprovider "${parallel[@]}" \
                     --junitxml="$out/tests_cuda.xml" "${pytest_args[@]}" ;;
-    mpm_forward)  timeout 240 python3 bench/mpm_forward.py --out "$out/mpm_forward_cuda.json" ;;
+    mpm_forward)  timeout 420 python3 bench/mpm_forward.py --out "$out/mpm_forward_cuda.json" ;;
     mpm_backward) timeout 400 python3 bench/mpm_backward.py --out "$out/mpm_backward_cuda.json" ;;
     raster)       MAX_JOBS=16 timeout 400 python3 bench/raster.py --out "$out/raster.json" ;;
     raster_grid)  MAX_JOBS=16 timeout 540 python3 bench/raster.py --grid --iters 5 --out "$out/raster_grid.json" ;;
