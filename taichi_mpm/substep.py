@@ -794,9 +794,12 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         and is left clear (grid_update zeroes it once read); 1: it is cleared first and kept (mv, m,
         v) for an adjoint. Run-time flags rather than template ones: one compile serves the
         forward, the backward's recomputes and the solver."""
-        # a loop of no nodes unless keep_grid (a top-level if would make the loop serial)
-        for I in ti.grouped(ti.ndrange(keep_grid * grid_m.shape[0], grid_m.shape[1], grid_m.shape[2])):
-            clear_grid_at(I, grid_mv, grid_m)
+        # keep_grid tested per node: a top-level if would make the loop serial, and a loop over
+        # ti.ndrange(keep_grid * X, Y, Z) failed with a misaligned address on CUDA (float64 rollouts,
+        # taichi 1.7.4, 2026-11-28)
+        for I in ti.grouped(grid_m):
+            if keep_grid:
+                clear_grid_at(I, grid_mv, grid_m)
         stress_p2g_loop(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
                         control_scale, grid_mv, grid_m, origin, inv_dx, dt, tiled)
         for I in ti.grouped(grid_m):
