@@ -601,6 +601,10 @@ class MPMSolver:
             t = torch.as_tensor(value, dtype=dtype, device=self.device)
             new[key] = t.unsqueeze(0).repeat((2,) + (1,) * t.dim()).contiguous() if key in STATE_KEYS else t
         self.state, self.n_particles, self.src = new, n, 0
+        # the forward grid update leaves nodes without mass as they are (substep.grid_update_at), so
+        # velocities a failed run left there (NaN) must not meet the restored particles
+        for t in (self.grid_mv, self.grid_m, self.grid_v):
+            t.zero_()
         self.kernels = substep_launchers(self.real, plastic_models=False)
         self._use_plastic_kernels(arrays["material"])
         self.time, self.substep_count = time, count

@@ -172,6 +172,18 @@ def test_save_load_roundtrip_continues_identically(solver, tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-6)  # atomics may reorder sums
 
 
+def test_load_state_after_a_failed_run_starts_from_a_clear_grid(solver, tmp_path):
+    """The forward grid update leaves empty nodes alone, so what a blown-up run left in the grid
+    must not survive load_state. Shown to catch load_state without its grid reset."""
+    path = solver.save_state(tmp_path / "good")
+    for t in (solver.grid_mv, solver.grid_m, solver.grid_v):
+        t.fill_(float("nan"))
+    solver.load_state(path)
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in (solver.grid_mv, solver.grid_m, solver.grid_v))
+    solver.step(1 / 60)
+    assert np.isfinite(solver.positions()).all()
+
+
 def test_export_ply_is_readable(solver, tmp_path):
     path = solver.export_ply(tmp_path / "frames" / "0000.ply")
     cloud = trimesh.load(path)
