@@ -512,22 +512,26 @@ class MPMSolver:
         cells along a few rows of the block: no two lanes add to the same node at once in P2G's
         shared tile, a CUDA block's tile stays small, and G2P's loads run along rows. (Sorted by
         4^3-cell blocks alone, stably, a warp held particles of the same cells in input order: 8-way
-        clashes for shuffled input.) Getters return particles in the new order;
-        :meth:`particle_ids` maps them back."""
+        clashes for shuffled input.) Inside a cell the particles rank by the octant they sit in, so
+        the order does not depend on the input's: shuffled input gets the order that lattice input
+        does. Getters return particles in the new order; :meth:`particle_ids` maps them back."""
         if self.n_particles == 0:
             return
         lower = torch.as_tensor(self.lower, dtype=self.torch_dtype, device=self.device)
         highest = torch.as_tensor(self.grid_shape, device=self.device) - 3  # as the kernels clamp the stencil
-        base = torch.minimum(torch.floor((self.state["x"][self.src] - lower) * self.inv_dx - 0.5).long().clamp(min=0),
-                             highest)
+        local = (self.state["x"][self.src] - lower) * self.inv_dx - 0.5
+        base = torch.minimum(torch.floor(local).long().clamp(min=0), highest)
+        upper = (local - base) >= 0.5  # the upper half of the cell (the kernels' offset from base >= 1)
+        octant = (upper[:, 0] * 4 + upper[:, 1] * 2 + upper[:, 2]).long()
         size = torch.as_tensor(SORT_BLOCK, device=self.device)
         blocks = -(-torch.as_tensor(self.grid_shape, device=self.device) // size)
         block, inner = base // size, base % size
         block = (block[:, 0] * blocks[1] + block[:, 1]) * blocks[2] + block[:, 2]
         inner = (inner[:, 0] * SORT_BLOCK[1] + inner[:, 1]) * SORT_BLOCK[2] + inner[:, 2]
         cells = int(np.prod(SORT_BLOCK))
-        by_cell = torch.sort(block * cells + inner, stable=True)
-        rank = torch.arange(self.n_particles, device=self.device) - torch.searchsorted(by_cell.values, by_cell.values)
+        by_cell = torch.sort(((block * cells + inner) * 8 + octant), stable=True)
+        cell = by_cell.values // 8
+        rank = torch.arange(self.n_particles, device=self.device) - torch.searchsorted(cell, cell)
         block, inner = block[by_cell.indices], inner[by_cell.indices]
         order = by_cell.indices[torch.sort((block * (int(rank.max()) + 1) + rank) * cells + inner).indices]
         for name in STATE_KEYS:

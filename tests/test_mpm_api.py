@@ -215,8 +215,9 @@ def test_sorting_by_cell_keeps_the_simulation_the_same(ti_arch):
 
 def test_sorted_warps_hold_particles_of_distinct_cells(ti_arch):
     """After sort_particles, every run of 32 particles (a warp) inside the cube sits in 32 different
-    stencil cells, whatever the input order; its cells lie within one SORT_BLOCK. Shown to catch
-    the stable sort by cell blocks alone (nearly every warp then repeats cells)."""
+    stencil cells, whatever the input order; its cells lie within one SORT_BLOCK; shuffled and lattice
+    input end in the same order. Shown to catch the stable sort by cell blocks alone (nearly every
+    warp then repeats cells) and the rank in the cell taken in input order (the orders differ)."""
     from taichi_mpm.solver import SORT_BLOCK
 
     spacing = 1 / 128  # 2 particles a cell per axis: lowest stencil nodes 16..47, whole sort blocks
@@ -231,6 +232,10 @@ def test_sorted_warps_hold_particles_of_distinct_cells(ti_arch):
     assert min(distinct) == 32
     assert all((np.ptp(w // np.asarray(SORT_BLOCK), axis=0) == 0).all() for w in warps)
     np.testing.assert_array_equal(np.sort(s.particle_ids()), np.arange(len(cube)))
+    lattice = MPMSolver(res=64)  # the same particles in lattice order sort to the same sequence
+    lattice.add_particles(cube, Elastic(), volume=spacing ** 3)
+    lattice.sort_particles()
+    np.testing.assert_array_equal(lattice.positions(), s.positions())
 
 
 def test_live_gravity_and_elastic_parameters(ti_arch):
