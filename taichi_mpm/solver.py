@@ -518,13 +518,13 @@ class MPMSolver:
         if self.n_particles == 0:
             return
         lower = torch.as_tensor(self.lower, dtype=self.torch_dtype, device=self.device)
-        highest = torch.as_tensor(self.grid_shape, device=self.device) - 3  # as the kernels clamp the stencil
+        shape = torch.as_tensor(self.grid_shape, device=self.device)
         local = (self.state["x"][self.src] - lower) * self.inv_dx - 0.5
-        base = torch.minimum(torch.floor(local).long().clamp(min=0), highest)
+        base = torch.minimum(torch.floor(local).long().clamp(min=0), shape - 3)  # clamped as the kernels do
         upper = (local - base) >= 0.5  # the upper half of the cell (the kernels' offset from base >= 1)
         octant = (upper[:, 0] * 4 + upper[:, 1] * 2 + upper[:, 2]).long()
         size = torch.as_tensor(SORT_BLOCK, device=self.device)
-        blocks = -(-torch.as_tensor(self.grid_shape, device=self.device) // size)
+        blocks = -(-shape // size)
         block, inner = base // size, base % size
         block = (block[:, 0] * blocks[1] + block[:, 1]) * blocks[2] + block[:, 2]
         inner = (inner[:, 0] * SORT_BLOCK[1] + inner[:, 1]) * SORT_BLOCK[2] + inner[:, 2]
