@@ -238,6 +238,7 @@ class _Substeps:
 
     def __init__(self, scene: RolloutScene):
         from taichi_mpm.constitutive import svd_separation
+        from taichi_mpm.grid_layout import vector_grid_shape
         from taichi_mpm.substep import GridSetup, substep_launchers, tiled_p2g
 
         self.scene = scene
@@ -255,7 +256,8 @@ class _Substeps:
                                n_colliders=scene.n_colliders)
         n, dev, dtype, shape = scene.n_particles, scene.density.device, scene.dtype, tuple(scene.grid_shape)
         zeros = lambda *s: torch.zeros(s, dtype=dtype, device=dev)  # noqa: E731
-        self.grid = (zeros(*shape, 3), zeros(*shape), zeros(*shape, 3))  # (momentum, mass, velocity)
+        vector = vector_grid_shape(shape)
+        self.grid = (zeros(*vector), zeros(*shape), zeros(*vector))  # (momentum, mass, velocity)
         self.grid_clear = True  # mv and m of the scratch grid are zero (see forward)
         self.no_control = zeros(1, 3, 3)
         self.affine = zeros(n, 3, 3)  # per-substep scratch of the stress -> p2g

@@ -25,6 +25,8 @@ from types import SimpleNamespace
 
 import taichi as ti
 
+from .grid_layout import add_node_vec
+
 BLOCK = 128  # particles (threads) per CUDA block
 TILE_NODES = 1024  # nodes a tile holds: 4 channels (momentum xyz, mass), 16 KB in float32
 CHANNELS = 4
@@ -85,7 +87,7 @@ def block_scatter_funcs(real) -> SimpleNamespace:
             momentum = ti.Vector([tile[j], tile[TILE_NODES + j], tile[2 * TILE_NODES + j]], real)
             if mass != 0.0:  # a node with momentum has mass: both come with the same weight
                 node = lo + ti.Vector([j // (extent[1] * extent[2]), (j // extent[2]) % extent[1], j % extent[2]])
-                grid_mv[node] += momentum
+                add_node_vec(grid_mv, node, momentum)
                 grid_m[node] += mass
             j += BLOCK
 

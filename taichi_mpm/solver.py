@@ -27,6 +27,7 @@ from .runtime import device, ensure_init
 from . import materials as mat
 from .boundary import (BOUNDARY_MODES, COLLIDER_WIDTH, MAX_COLLIDERS, WALL_CELLS, Box, Plane,
                        Sphere, pack_colliders, _friction)
+from .grid_layout import vector_grid_shape
 from .ply import write_particles_ply
 from .substep import GridSetup, run_substep, substep_launchers, tiled_p2g
 from .validation import check_nu, check_positive
@@ -185,9 +186,9 @@ class MPMSolver:
         self._origin_vec = ti.Vector(self.lower.tolist(), self.real)
         self._gravity_vec = ti.Vector(self.gravity.tolist(), self.real)
         zeros = dict(dtype=self.torch_dtype, device=self.device)
-        self.grid_mv = torch.zeros(self.grid_shape + (3,), **zeros)
+        self.grid_mv = torch.zeros(vector_grid_shape(self.grid_shape), **zeros)
         self.grid_m = torch.zeros(self.grid_shape, **zeros)
-        self.grid_v = torch.zeros(self.grid_shape + (3,), **zeros)
+        self.grid_v = torch.zeros(vector_grid_shape(self.grid_shape), **zeros)
         self.colliders: list = []
         self.collider_table = torch.zeros((MAX_COLLIDERS, COLLIDER_WIDTH), **zeros)
         self._no_control = torch.zeros((1, 3, 3), **zeros)

@@ -24,8 +24,8 @@ Particle state carries a leading local-step axis, ``[S, N, ...]``:
 Per-particle constants, ``[N]``: material int32 (``materials.*_ID``), E, nu (differentiable: the
 kernels derive mu, lam from them), density, volume (rest volume per particle), aux [N, 4] (the
 model's own parameters, see ``materials``).
-Grid, recomputed every substep, never kept: grid_mv [X, Y, Z, 3] momentum, grid_m [X, Y, Z] mass,
-grid_v [X, Y, Z, 3] velocity after forces and boundaries.
+Grid, recomputed every substep, never kept: grid_mv [3, X, Y, Z] momentum, grid_m [X, Y, Z] mass,
+grid_v [3, X, Y, Z] velocity after forces and boundaries (vector grids channel-major: grid_layout.py).
 
 One substep from local step ``src`` to ``dst``:
     clear_grid(grid_mv, grid_m)
@@ -92,6 +92,7 @@ import taichi as ti
 from .block_scatter import BLOCK, CHANNELS, TILE_NODES, block_scatter_funcs, blocked
 from .boundary import boundary_funcs
 from .constitutive import constitutive_funcs, svd_grad_funcs
+from .grid_layout import add_node_vec, node_vec, set_node_vec
 from .launch import TorchKernel
 from .materials import SAND_ID, VON_MISES_ID
 
@@ -129,7 +130,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     per_particle_vec = ti.types.ndarray(dtype=vec3, ndim=1)
     per_particle_int = ti.types.ndarray(dtype=ti.i32, ndim=1)
     table = ti.types.ndarray(dtype=real, ndim=2)
-    grid_vec = ti.types.ndarray(dtype=vec3, ndim=3)
+    grid_vec = ti.types.ndarray(dtype=real, ndim=4)  # channel-major [3, X, Y, Z] (grid_layout)
     grid_scalar = ti.types.ndarray(dtype=real, ndim=3)
 
     models = constitutive_funcs(real, plastic_models)
@@ -178,7 +179,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     @ti.func
     def clear_grid_at(I, grid_mv: ti.template(), grid_m: ti.template()):
         """One node of clear_grid."""
-        grid_mv[I] = ti.Vector.zero(real, 3)
+        set_node_vec(grid_mv, I, ti.Vector.zero(real, 3))
         grid_m[I] = 0.0
 
     @ti.kernel
@@ -246,7 +247,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def scatter_node(offset, base, fx, W, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(),
                      inv_dx):
         node_mv, node_m = node_share(offset, fx, W, momentum, mass, affine_p, inv_dx)
-        grid_mv[base + offset] += node_mv
+        add_node_vec(grid_mv, base + offset, node_mv)
         grid_m[base + offset] += node_m
 
     @ti.func
@@ -537,7 +538,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         """Velocity of an occupied node after gravity, colliders and walls, and its Jacobian with
         respect to mv / m (see boundary_funcs)."""
         shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
-        v_node = grid_mv[I] / grid_m[I] + dt * gravity
+        v_node = node_vec(grid_mv, I) / grid_m[I] + dt * gravity
         J = ti.Matrix.identity(real, 3)
         pos = origin + ti.cast(I, real) * dx
         for c in ti.static(range(n_colliders)):
@@ -557,9 +558,9 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             if grid_m[I] > MIN_NODE_MASS:
                 v_node, _ = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
                                           colliders, n_colliders, time)
-            grid_v[I] = v_node
+            set_node_vec(grid_v, I, v_node)
             if consume:
-                grid_mv[I] = ti.Vector.zero(real, 3)
+                set_node_vec(grid_mv, I, ti.Vector.zero(real, 3))
                 grid_m[I] = 0.0
 
     @ti.kernel
@@ -581,13 +582,13 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         if grid_m[I] > MIN_NODE_MASS:
             _, J = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
                                  colliders, n_colliders, time)
-            g_in = J.transpose() @ g_grid_v[I]
+            g_in = J.transpose() @ node_vec(g_grid_v, I)
             inv_m = 1.0 / grid_m[I]
             g_mv_node = inv_m * g_in
-            g_m_node = -inv_m * inv_m * g_in.dot(grid_mv[I])
-        g_mv[I] = g_mv_node
+            g_m_node = -inv_m * inv_m * g_in.dot(node_vec(grid_mv, I))
+        set_node_vec(g_mv, I, g_mv_node)
         g_m[I] = g_m_node
-        g_grid_v[I] = ti.Vector.zero(real, 3)
+        set_node_vec(g_grid_v, I, ti.Vector.zero(real, 3))
 
     @ti.kernel
     def grid_update_grad(grid_mv: grid_vec, grid_m: grid_scalar, g_grid_v: grid_vec, g_mv: grid_vec,
@@ -606,14 +607,14 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                     new_C: ti.template()):
         dpos = ti.cast(offset, real) - fx
         weight = stencil_weight(W, offset)
-        g_v = grid_v[base + offset]
+        g_v = node_vec(grid_v, base + offset)
         new_v += weight * g_v
         new_C += (4.0 * inv_dx * weight) * g_v.outer_product(dpos)
 
     @ti.func
     def gather(xp, grid_v: ti.template(), origin, inv_dx, unrolled: ti.template()):
         """G2P of one particle: its new velocity and affine velocity C (unrolled: see for_stencil)."""
-        shape = ti.Vector([grid_v.shape[0], grid_v.shape[1], grid_v.shape[2]])
+        shape = ti.Vector([grid_v.shape[1], grid_v.shape[2], grid_v.shape[3]])
         base, fx, W = stencil(xp, origin, inv_dx, shape)
         new_v = ti.Vector.zero(real, 3)
         new_C = ti.Matrix.zero(real, 3, 3)
@@ -696,7 +697,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             dpos = (ti.cast(offset, real) - fx) / inv_dx
             weight = stencil_weight(W, offset)
             node = base + offset
-            g = g_mv[node]
+            g = node_vec(g_mv, node)
             weight_grad = stencil_weight_grad(W, dW, offset, inv_dx)
             # d dpos / d x = -I; the weight moves with x
             gx += (g.dot(momentum + A @ dpos) + g_m[node] * mass) * weight_grad \
@@ -721,7 +722,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def g2p_grad_at(p, src, dst, x: ti.template(), grid_v: ti.template(), g_x: ti.template(),
                     g_v: ti.template(), g_C: ti.template(), g_grid_v: ti.template(), origin, inv_dx, dt):
         """One particle of g2p_grad."""
-        shape = ti.Vector([grid_v.shape[0], grid_v.shape[1], grid_v.shape[2]])
+        shape = ti.Vector([grid_v.shape[1], grid_v.shape[2], grid_v.shape[3]])
         base, fx, W = stencil(x[src, p], origin, inv_dx, shape)
         dW = weight_slopes(fx)
         g_new_v = g_v[dst, p] + dt * g_x[dst, p]
@@ -732,10 +733,10 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             dpos = ti.cast(offset, real) - fx  # in cells: d dpos / d x = -inv_dx I
             weight = stencil_weight(W, offset)
             node = base + offset
-            g_v_node = grid_v[node]
+            g_v_node = node_vec(grid_v, node)
             weight_grad = stencil_weight_grad(W, dW, offset, inv_dx)
             gC_dpos = gC @ dpos
-            g_grid_v[node] += weight * g_new_v + (4.0 * inv_dx * weight) * gC_dpos
+            add_node_vec(g_grid_v, node, weight * g_new_v + (4.0 * inv_dx * weight) * gC_dpos)
             gx += (g_new_v.dot(g_v_node) + 4.0 * inv_dx * g_v_node.dot(gC_dpos)) \
                 * weight_grad - (4.0 * inv_dx * inv_dx * weight) * (gC.transpose() @ g_v_node)
         g_x[src, p] += gx

@@ -100,7 +100,7 @@ def particles(order: str, dtype, device) -> dict:
 
 
 def empty_grid(dtype, device):
-    return torch.zeros(RES, RES, RES, 3, dtype=dtype, device=device), torch.zeros(RES, RES, RES, dtype=dtype, device=device)
+    return torch.zeros(3, RES, RES, RES, dtype=dtype, device=device), torch.zeros(RES, RES, RES, dtype=dtype, device=device)
 
 
 def assert_grids_close(ours, ref, dtype):
