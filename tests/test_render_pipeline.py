@@ -103,6 +103,17 @@ def test_precomputed_colors_and_covariances_match_reference(scene, device):
                colors=torch.sigmoid(scene["sh"][:, 0])), device, render_mode="RGB+D")
 
 
+@pytest.mark.parametrize("channels", [1, 32])
+def test_feature_channels_match_reference(scene, device, channels):
+    """Plain features, 1 and 32 channels (the most one pass blends): the CUDA backward's warp
+    reduction leaves each lane at most one gradient total up to 26 channels and two beyond. Mutation-
+    tested on CUDA: caught the second total of a lane dropped (32 channels only)."""
+    g = torch.Generator().manual_seed(1)
+    colors = torch.rand(scene["means"].shape[0], channels, generator=g).to(device)
+    check(dict(means=scene["means"], quats=scene["quats"], scales=scene["scales"], opacities=scene["opacities"],
+               colors=colors), device)
+
+
 def test_screen_space_gradient_matches_reference(scene, device):
     """meta['means2d'].grad (gsplat's densification signal) equals the reference's d loss / d mean2D.
     Mutation-tested: caught blending's mean2D gradient halved and its 'behind' term dropped."""
