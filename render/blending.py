@@ -11,9 +11,9 @@ tile's start, which the forward raises by atomic max to the end of the pairs any
 used: the CUDA backward's bound, with no zero-filled array to allocate.
 
 Two kernels per direction: on CUDA one 256-thread block per tile loads batches of splats into shared
-memory and the backward reduces each warp's gradients with shuffles before one global atomic; on CPU
-(where Taichi has no shared memory or warps) each pixel walks its tile's range on its own. Both call
-the same per-splat functions below.
+memory and the backward sums each splat's gradients over the warp with shuffles before one global
+atomic a gradient (reduce_scatter below); on CPU (where Taichi has no shared memory or warps) each
+pixel walks its tile's range on its own. Both call the same per-splat functions below.
 
 Two blend modes (BlendConfig.mode), compiled in statically so neither pays for the other:
 "alpha" is the front-to-back compositing above; "sum" is GaussianImage's order-free accumulated sum
