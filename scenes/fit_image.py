@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from bridge.splat2d import GaussianImage
 from taichi_mpm.runtime import device
@@ -30,16 +31,34 @@ SSIM_WEIGHT = 0.2  # loss = 0.8 L1 + 0.2 (1 - SSIM), as 3DGS
 
 
 def load_image(path: Path) -> torch.Tensor:
-    """(H, W, 3) float32 in [0, 1] on the Taichi device; ValueError if the file is not an image."""
+    """(H, W, 3) float32 in [0, 1] on the Taichi device, turned as the file's EXIF orientation says
+    (phone photos: as viewers show them); ValueError if the file is not an image. See unit_rgb."""
     check_readable_file(path, "image")
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            rgb = unit_rgb(ImageOps.exif_transpose(im), path)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"not an image file: {path} ({error.__class__.__name__})") from None
     if rgb.size == 0:
         raise ValueError(f"image is empty: {path}")
     return torch.from_numpy(rgb).to(device())
+
+
+def unit_rgb(im: Image.Image, path: Path) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1]: 8-bit images over 255, 16-bit greyscale over 65535 (PIL's own
+    conversion to RGB would clip it at 255), float greyscale (TIFF) as it is, clipped to [0, 1] with
+    a warning; alpha is dropped."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        grey = np.asarray(im, dtype=np.float32)
+        if im.mode == "F":
+            if not np.isfinite(grey).all():
+                raise ValueError(f"image has NaN or infinite values: {path}")
+            if grey.size and (grey.min() < 0.0 or grey.max() > 1.0):
+                warnings.warn(f"{path}: float values in [{grey.min():.3g}, {grey.max():.3g}] clipped to [0, 1]")
+        else:  # 32-bit integer images hold 8- or 16-bit data as PIL reads them
+            grey = grey / (65535.0 if im.mode.startswith("I;16") or grey.max(initial=0) > 255 else 255.0)
+        return np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
 
 def save_image(image: torch.Tensor, path: Path) -> None:

@@ -60,3 +60,47 @@ def test_render_of_a_non_gaussian_file_is_exit_2(photo, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         fit_image.main(["--render", str(photo), "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def ramp(height: int = 6, width: int = 7) -> np.ndarray:
+    """A grey ramp in [0, 1], every pixel different."""
+    return (np.arange(height * width, dtype=np.float64).reshape(height, width) / (height * width - 1))
+
+
+@pytest.mark.parametrize("save, atol", [
+    (lambda g, p: Image.fromarray((g * 65535).round().astype(np.uint16)).save(p / "deep.png") or p / "deep.png", 0.6 / 65535),
+    (lambda g, p: Image.fromarray(g.astype(np.float32)).save(p / "float.tif") or p / "float.tif", 1e-6),
+    (lambda g, p: Image.fromarray((g * 255).round().astype(np.uint8)).save(p / "grey.png") or p / "grey.png", 0.5 / 255),
+], ids=["16-bit", "float", "8-bit"])
+def test_images_of_other_depths_load_to_their_values(tmp_path, save, atol):
+    """16-bit greyscale and float TIFFs: PIL's convert("RGB") clipped them at 255 (16-bit: mostly white;
+    float: all black), which this caught; 8-bit greyscale for comparison."""
+    grey = ramp()
+    image = fit_image.load_image(save(grey, tmp_path)).cpu().double()
+    assert image.shape == (*grey.shape, 3)
+    for c in range(3):
+        np.testing.assert_allclose(image[..., c].numpy(), grey, rtol=0, atol=atol)
+
+
+def test_float_image_outside_unit_range_is_clipped_with_a_warning_and_nan_refused(tmp_path):
+    Image.fromarray((ramp() * 3 - 1).astype(np.float32)).save(tmp_path / "hdr.tif")
+    with pytest.warns(UserWarning, match="clipped"):
+        image = fit_image.load_image(tmp_path / "hdr.tif")
+    assert image.min() == 0.0 and image.max() == 1.0
+    bad = ramp().astype(np.float32)
+    bad[2, 3] = np.nan
+    Image.fromarray(bad).save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match="NaN"):
+        fit_image.load_image(tmp_path / "nan.tif")
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (turn 90 degrees clockwise to view):
+    the fit's target is the photo as viewers show it (failed before exif_transpose)."""
+    stored = (ramp(4, 9) * 255).round().astype(np.uint8)
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "phone.png", exif=exif)
+    image = fit_image.load_image(tmp_path / "phone.png").cpu().numpy()[..., 0] * 255
+    np.testing.assert_allclose(image, np.rot90(stored, -1), atol=0.5)
