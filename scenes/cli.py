@@ -197,6 +197,10 @@ def _leave(info, status) -> None:
 
 
 def _run_body(parser: argparse.ArgumentParser, args: argparse.Namespace, body) -> Any:
+    # a simulation gone unstable or a render past its pair cap: messages that say what to change
+    from render.binning import TooManyPairsError
+    from taichi_mpm.solver import SimulationError
+
     try:
         if getattr(args, "frames", 1) is not None and getattr(args, "frames", 1) < 0:
             raise ValueError(f"--frames must be >= 0, got {args.frames}")
@@ -208,8 +212,9 @@ def _run_body(parser: argparse.ArgumentParser, args: argparse.Namespace, body) -
         seed_everything(args.seed)
         args.out.mkdir(parents=True, exist_ok=True)
         return body(args)
-    except (UserError, *USER_ERRORS) as error:
-        if args.debug or type(error).__module__.startswith("taichi"):
+    except (UserError, SimulationError, TooManyPairsError, *USER_ERRORS) as error:
+        module = type(error).__module__
+        if args.debug or module == "taichi" or module.startswith("taichi."):
             raise  # Taichi's TypeErrors are compile errors in our kernels: bugs, shown in full
         message = str(error) if not isinstance(error, KeyError) else f"missing {error}"
         lines = [line for line in message.splitlines() if line.strip()]

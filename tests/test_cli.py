@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from scenes.__main__ import discover
-from scenes.cli import mesh_fit, progress, scene_parser
+from scenes.cli import mesh_fit, progress, run, scene_parser
 from scenes.media import gif_delay_ms, gif_durations_ms, write_animation
 from conftest import assert_mp4
 
@@ -50,6 +50,31 @@ def test_unreadable_mesh_is_one_line_and_status_2(tmp_path):
         locked.chmod(0)
         status, _, err = run_scene("scenes.demo", "--obj", str(locked), "--out", str(tmp_path / "out"))
         assert status == 2 and len(err) == 1 and "not readable" in err[0], err
+
+
+def test_flat_mesh_is_one_line_and_status_2(tmp_path):
+    """A mesh with no interior (a square): the sampler's EmptyVolumeError, a ValueError from our own
+    taichi_mpm package, was taken for one of Taichi's compile errors (module name starting with
+    "taichi") and shown as a traceback with status 1; this caught it."""
+    flat = tmp_path / "square.obj"
+    flat.write_text("v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nf 1 2 3\nf 1 3 4\n")
+    status, _, err = run_scene("scenes.demo", "--obj", str(flat), "--out", str(tmp_path / "out"))
+    assert status == 2 and len(err) == 1 and "encloses no volume" in err[0], err
+
+
+def test_unstable_simulation_and_pair_cap_are_one_line_and_status_2(tmp_path, capsys):
+    """SimulationError (a RuntimeError) and TooManyPairsError say what to change; run() let both out
+    as tracebacks with status 1, which this caught."""
+    from render.binning import TooManyPairsError
+    from taichi_mpm.solver import SimulationError
+
+    for error in (SimulationError("substep 7: 3 particles have NaN/Inf state"), TooManyPairsError("too many pairs")):
+        def body(args, error=error):
+            raise error
+        with pytest.raises(SystemExit) as stop:
+            run(scene_parser("check", "A scene that fails."), ["--out", str(tmp_path / "o")], body)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert stop.value.code == 2 and len(err) == 1 and str(error) in err[0], err
 
 
 def test_debug_shows_the_traceback(tmp_path):
