@@ -28,6 +28,12 @@ def add_node_vec(grid: ti.template(), I, value):
         grid[c, I[0], I[1], I[2]] += value[c]
 
 
+@ti.func
+def node_shape(grid: ti.template()):
+    """The node counts (X, Y, Z) of a channel-major vector grid."""
+    return ti.Vector([grid.shape[1], grid.shape[2], grid.shape[3]])
+
+
 def vector_grid_shape(grid_shape) -> tuple:
     """The torch shape of a vector grid over ``grid_shape`` nodes."""
     return (3,) + tuple(grid_shape)

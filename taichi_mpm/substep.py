@@ -92,7 +92,7 @@ import taichi as ti
 from .block_scatter import BLOCK, CHANNELS, TILE_NODES, block_scatter_funcs, blocked
 from .boundary import boundary_funcs
 from .constitutive import constitutive_funcs, svd_grad_funcs
-from .grid_layout import add_node_vec, node_vec, set_node_vec
+from .grid_layout import add_node_vec, node_shape, node_vec, set_node_vec
 from .launch import TorchKernel
 from .materials import SAND_ID, VON_MISES_ID
 
@@ -614,8 +614,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     @ti.func
     def gather(xp, grid_v: ti.template(), origin, inv_dx, unrolled: ti.template()):
         """G2P of one particle: its new velocity and affine velocity C (unrolled: see for_stencil)."""
-        shape = ti.Vector([grid_v.shape[1], grid_v.shape[2], grid_v.shape[3]])
-        base, fx, W = stencil(xp, origin, inv_dx, shape)
+        base, fx, W = stencil(xp, origin, inv_dx, node_shape(grid_v))
         new_v = ti.Vector.zero(real, 3)
         new_C = ti.Matrix.zero(real, 3, 3)
         for_stencil(unrolled, gather_node, (base, fx, W, grid_v, inv_dx, new_v, new_C))
@@ -722,8 +721,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def g2p_grad_at(p, src, dst, x: ti.template(), grid_v: ti.template(), g_x: ti.template(),
                     g_v: ti.template(), g_C: ti.template(), g_grid_v: ti.template(), origin, inv_dx, dt):
         """One particle of g2p_grad."""
-        shape = ti.Vector([grid_v.shape[1], grid_v.shape[2], grid_v.shape[3]])
-        base, fx, W = stencil(x[src, p], origin, inv_dx, shape)
+        base, fx, W = stencil(x[src, p], origin, inv_dx, node_shape(grid_v))
         dW = weight_slopes(fx)
         g_new_v = g_v[dst, p] + dt * g_x[dst, p]
         gC = g_C[dst, p]
