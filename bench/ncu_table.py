@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.mpm_forward_variants import SIZES  # noqa: E402  (the cube sizes, named as there)
 
 # column -> (ncu metric, scale)
 METRICS = {
@@ -68,7 +70,6 @@ params = {{"E": torch.full((n,), mf.MATERIAL.E, device=x0.device), "nu": torch.f
 simulate(scene, x0, torch.zeros_like(x0), params, 2, [2]).x.sum().backward()
 mf.sync()
 """
-SIZES = {"tiny": (32, 20), "1M": (128, 100), "8M": (256, 200)}  # grid res, particles a cube edge (tiny: a CPU check)
 WORKLOADS = {"mpm_forward": ("substep_forward", MPM_FORWARD), "mpm_backward": ("substep_adjoint", MPM_BACKWARD)}
 
 

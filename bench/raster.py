@@ -205,6 +205,16 @@ GRID_GAUSSIANS = (10_000, 100_000, 1_000_000, 3_000_000)
 GRID_MODES = ("RGB", "RGB+ED")
 
 
+def grid_scene(n: int, distribution: str) -> dict:
+    """n Gaussians of the grid's "random" or "trained_like" distribution (the latter through a PLY,
+    as a trained scene arrives)."""
+    if distribution == "random":
+        return random_scene(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        trained_like_ply(Path(tmp) / "scene.ply", n)
+        return scene_from_ply(Path(tmp) / "scene.ply")
+
+
 def ring_cameras(count: int, width: int, height: int, dev):
     """``count`` cameras on a ring around the origin, looking at it (z up), stacked for one call."""
     cams = [Camera.look_at((3.2 * math.sin(a), -3.2 * math.cos(a), 0.8), (0, 0, 0), (0, 0, 1), width, height, 60)
@@ -253,13 +263,7 @@ def grid_rows(args, dev, save) -> list:
     rows = []
     for n in counts:
         for dist in ("random", "trained_like"):
-            if dist == "trained_like":
-                with tempfile.TemporaryDirectory() as tmp:
-                    trained_like_ply(Path(tmp) / "scene.ply", n)
-                    scene = scene_from_ply(Path(tmp) / "scene.ply")
-            else:
-                scene = random_scene(n)
-            leaves = {k: v.to(dev).requires_grad_(True) for k, v in scene.items()}
+            leaves = {k: v.to(dev).requires_grad_(True) for k, v in grid_scene(n, dist).items()}
             for count in cameras:
                 for width, height in sizes:
                     for mode in GRID_MODES:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 ROWS = ((100_000, "random", 8, (1920, 1080), "RGB"), (100_000, "random", 1, (640, 480), "RGB"),
@@ -35,13 +34,7 @@ def main() -> None:
         raise SystemExit("this benchmark needs CUDA")
     dev = torch.device("cuda")
     for n, dist, count, (w, h), mode in ROWS:
-        if dist == "random":
-            scene = R.random_scene(n)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                R.trained_like_ply(Path(tmp) / "scene.ply", n)
-                scene = R.scene_from_ply(Path(tmp) / "scene.ply")
-        leaves = {k: v.to(dev).requires_grad_(True) for k, v in scene.items()}
+        leaves = {k: v.to(dev).requires_grad_(True) for k, v in R.grid_scene(n, dist).items()}
         viewmats, Ks = R.ring_cameras(count, w, h, dev)
         weights = torch.randn(count, h, w, 4 if mode == "RGB+ED" else 3, device=dev)
 

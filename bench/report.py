@@ -214,7 +214,7 @@ def multigpu_table() -> str:
                if d.get("repeats", 1) > 1 else "")
             + f"; speedup over one process in the same run; each rank's own share "
             f"(its simulation and rendering, before the all-reduce), fastest and slowest rank."
-            + (f" {d['note']}." if d.get("note") else ""), "",
+            + noted(d), "",
             "| GPUs | step (ms) | speedup | ranks' own share (ms) |", "|---|---|---|---|"]
     for r in d["rows"]:
         share = r.get("rank_compute_ms", [])
