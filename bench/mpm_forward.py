@@ -6,7 +6,7 @@ For each size it times, at the same fixed dt:
   - taichi_mpm: ``MPMSolver.step`` (state checks every 8 substeps included) and a per-stage
     profile (each stage timed alone);
   - on CUDA, taichi_mpm with the kernels it runs below 2^17 particles (TAICHI_MPM_TILED_P2G=0:
-    no shared-memory tiles, run-time stencil loops: taichi_mpm.substep.for_stencil);
+    no shared-memory tiles, run-time stencil loops: taichi_mpm.substep.for_axis);
   - taichi_mpm after one ``sort_particles()`` (the order the transfers prefer);
   - taichi_mpm on randomly shuffled particles, unsorted and with ``sort_every=64`` (1M only);
   - the plain reference (bench/mpm_reference.py): Taichi fields, one kernel per stage;

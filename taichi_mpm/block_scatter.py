@@ -67,11 +67,16 @@ def block_scatter_funcs(real) -> SimpleNamespace:
         ti.simt.block.sync()
 
     @ti.func
-    def tile_add(node, lo, extent, momentum, mass, tile: ti.template()):
-        """Adds a node's momentum (vec3) and mass to the tile (shared atomics). Channel-major: lanes
-        at neighbouring nodes hit neighbouring shared-memory banks."""
+    def tile_slot(node, lo, extent):
+        """(slot of node in the tile, slot strides along x and y; z's is 1)."""
         local = node - lo
         slot = (local[0] * extent[1] + local[1]) * extent[2] + local[2]
+        return slot, ti.Vector([extent[1] * extent[2], extent[2]])
+
+    @ti.func
+    def tile_add(slot, momentum, mass, tile: ti.template()):
+        """Adds a node's momentum (vec3) and mass to the tile (shared atomics). Channel-major: lanes
+        at neighbouring nodes hit neighbouring shared-memory banks."""
         for c in ti.static(range(3)):
             ti.atomic_add(tile[c * TILE_NODES + slot], momentum[c])
         ti.atomic_add(tile[3 * TILE_NODES + slot], mass)
@@ -91,5 +96,5 @@ def block_scatter_funcs(real) -> SimpleNamespace:
                 grid_m[node] += mass
             j += BLOCK
 
-    return SimpleNamespace(tile_of_block=tile_of_block, tile_clear=tile_clear, tile_add=tile_add,
-                           tile_flush=tile_flush)
+    return SimpleNamespace(tile_of_block=tile_of_block, tile_clear=tile_clear, tile_slot=tile_slot,
+                           tile_add=tile_add, tile_flush=tile_flush)

@@ -75,7 +75,7 @@ cost: ``substep_forward`` (stress and P2G in one pass, grid_update, g2p; run-tim
 serves the solver, the rollout's forward and the backward's recomputes, and ``substep_adjoint``
 (the stress again, then the four adjoints above and advance_adjoint) is an elastic substep's
 reverse. On CUDA, scenes of TILED_P2G_MIN_PARTICLES or more run P2G through shared memory
-(block_scatter.py, ``tiled``) and unroll their stencils (for_stencil).
+(block_scatter.py, ``tiled``) and unroll their stencils (for_axis).
 
 Particles read grid nodes base..base+2 per axis with base clamped to [0, shape - 3], so no index
 leaves the grid even for particles that left the domain (``MPMSolver.check`` reports those).
@@ -102,20 +102,20 @@ from .materials import SAND_ID, VON_MISES_ID
 MIN_NODE_MASS = 1e-15
 
 @ti.func
-def for_stencil(unrolled: ti.template(), body: ti.template(), args: ti.template()):
-    """body(offset, *args) for the 27 offsets (ti.Vector) of the 3x3x3 stencil. unrolled: 27 copies
-    of the body (ti.static), else a run-time loop. The copies make Taichi's own compile passes see
-    27 nodes: the small-scene forward substep (float64) compiled in 1.1 s as loops against 7.3 s
-    unrolled on the H200, where unrolled P2G and G2P with global atomics ran 1.42x faster at 1M
-    particles (1.09 against 1.55 ms a substep; the shared-memory P2G's own stencil as fast either
-    way), 2026-11-27. So the large-scene kernels (tiled_p2g) unroll, the small-scene and adjoint
-    ones loop."""
+def for_axis(unrolled: ti.template(), body: ti.template(), args: ti.template()):
+    """body(a, *args) for a = 0, 1, 2 along one axis of the 3x3x3 stencil (the transfers nest three).
+    unrolled: copies of the body (ti.static), else a run-time loop. The copies make Taichi's own
+    compile passes see 27 nodes: the small-scene forward substep (float64) compiled in 1.1 s as
+    loops against 7.3 s unrolled on the H200, where unrolled P2G and G2P with global atomics ran
+    1.42x faster at 1M particles (1.09 against 1.55 ms a substep; the shared-memory P2G's own
+    stencil as fast either way), 2026-11-27. So the large-scene kernels (tiled_p2g) unroll, the
+    small-scene and adjoint ones loop."""
     if ti.static(unrolled):
-        for offset in ti.static(ti.grouped(ti.ndrange(3, 3, 3))):
-            body(offset, *args)
+        for a in ti.static(range(3)):
+            body(a, *args)
     else:
-        for offset in ti.grouped(ti.ndrange(3, 3, 3)):
-            body(offset, *args)
+        for a in range(3):
+            body(a, *args)
 
 
 @lru_cache(maxsize=None)
@@ -236,17 +236,45 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         return store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
 
     @ti.func
-    def node_share(offset, fx, W, momentum, mass, affine_p, inv_dx):
-        """What a particle gives the node at stencil offset (i, j, k): weight (momentum + affine
-        (x_i - x_p)) and weight mass. W: the weights, row a for offset a, a column per axis."""
-        dpos = (ti.cast(offset, real) - fx) / inv_dx
-        weight = stencil_weight(W, offset)
-        return weight * (momentum + affine_p @ dpos), weight * mass
+    def column(M, d: ti.template()):
+        return ti.Vector([M[0, d], M[1, d], M[2, d]])
 
     @ti.func
-    def scatter_node(offset, base, fx, W, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(),
-                     inv_dx):
-        node_mv, node_m = node_share(offset, fx, W, momentum, mass, affine_p, inv_dx)
+    def scatter_stencil(unrolled: ti.template(), fx, W, momentum, mass, affine_p, inv_dx, add: ti.template(),
+                        add_args: ti.template()):
+        """P2G of one particle: add(offset, weight (momentum + affine (x_i - x_p)), weight mass,
+        *add_args) for the 27 offsets (i, j, k) of its stencil, built axis by axis. With x_i - x_p =
+        dx (offset - fx), the node's momentum is start + i a0 + j a1 + k a2 (a_d: column d of dx
+        affine, start = momentum - dx affine fx) and its weight W[i, 0] W[j, 1] W[k, 2]: the loops
+        carry both, one step a node: about 8 flops a node where the product per node took ~40 (the
+        stress+P2G loop at 1M particles 236 -> 205 us, ncu, H200, 2026-11-28). unrolled: see for_axis."""
+        step = affine_p / inv_dx
+        plane = momentum - step @ fx
+        for_axis(unrolled, scatter_plane, (plane, W, column(step, 0), column(step, 1), column(step, 2), mass,
+                                           add, add_args, unrolled))
+
+    @ti.func
+    def scatter_plane(i, plane: ti.template(), W, a0, a1, a2, mass, add: ti.template(), add_args: ti.template(),
+                      unrolled: ti.template()):
+        line = plane
+        for_axis(unrolled, scatter_line, (i, row(W, i, 0), line, W, a1, a2, mass, add, add_args, unrolled))
+        plane += a0
+
+    @ti.func
+    def scatter_line(j, i, w_i, line: ti.template(), W, a1, a2, mass, add: ti.template(), add_args: ti.template(),
+                     unrolled: ti.template()):
+        node = line
+        for_axis(unrolled, scatter_point, (i, j, w_i * row(W, j, 1), node, W, a2, mass, add, add_args))
+        line += a1
+
+    @ti.func
+    def scatter_point(k, i, j, w_ij, node: ti.template(), W, a2, mass, add: ti.template(), add_args: ti.template()):
+        weight = w_ij * row(W, k, 2)
+        add(ti.Vector([i, j, k]), weight * node, weight * mass, *add_args)
+        node += a2
+
+    @ti.func
+    def grid_add(offset, node_mv, node_m, base, grid_mv: ti.template(), grid_m: ti.template()):
         add_node_vec(grid_mv, base + offset, node_mv)
         grid_m[base + offset] += node_m
 
@@ -254,15 +282,14 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def scatter(xp, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx,
                 unrolled: ti.template()):
         """P2G of one particle: mass and momentum + affine (x_i - x_p) to its 27 nodes (global
-        atomics); unrolled: see for_stencil."""
+        atomics); unrolled: see for_axis."""
         shape = ti.Vector([grid_m.shape[0], grid_m.shape[1], grid_m.shape[2]])
         base, fx, W = stencil(xp, origin, inv_dx, shape)
-        for_stencil(unrolled, scatter_node, (base, fx, W, momentum, mass, affine_p, grid_mv, grid_m, inv_dx))
+        scatter_stencil(unrolled, fx, W, momentum, mass, affine_p, inv_dx, grid_add, (base, grid_mv, grid_m))
 
     @ti.func
-    def tile_node(offset, base, fx, W, momentum, mass, affine_p, lo, extent, tile: ti.template(), inv_dx):
-        node_mv, node_m = node_share(offset, fx, W, momentum, mass, affine_p, inv_dx)
-        tiles.tile_add(base + offset, lo, extent, node_mv, node_m, tile)
+    def tile_node_add(offset, node_mv, node_m, slot, strides, tile: ti.template()):
+        tiles.tile_add(slot + offset[0] * strides[0] + offset[1] * strides[1] + offset[2], node_mv, node_m, tile)
 
     @ti.func
     def scatter_block(i, n, xp, momentum, mass, affine_p, grid_mv: ti.template(), grid_m: ti.template(),
@@ -281,7 +308,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         if extent.max() <= TILE_NODES and extent[0] * extent[1] * extent[2] <= TILE_NODES:  # same on every lane
             tiles.tile_clear(lane, extent[0] * extent[1] * extent[2], tile)
             if active:
-                for_stencil(False, tile_node, (base, fx, W, momentum, mass, affine_p, lo, extent, tile, inv_dx))
+                slot, strides = tiles.tile_slot(base, lo, extent)
+                scatter_stencil(False, fx, W, momentum, mass, affine_p, inv_dx, tile_node_add, (slot, strides, tile))
             tiles.tile_flush(lane, lo, extent, tile, grid_mv, grid_m)
         elif active:
             scatter(xp, momentum, mass, affine_p, grid_mv, grid_m, origin, inv_dx, True)
@@ -603,22 +631,46 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                                 wall_friction, colliders, n_colliders, time)
 
     @ti.func
-    def gather_node(offset, base, fx, W, grid_v: ti.template(), inv_dx, new_v: ti.template(),
-                    new_C: ti.template()):
-        dpos = ti.cast(offset, real) - fx
-        weight = stencil_weight(W, offset)
-        g_v = node_vec(grid_v, base + offset)
-        new_v += weight * g_v
-        new_C += (4.0 * inv_dx * weight) * g_v.outer_product(dpos)
-
-    @ti.func
     def gather(xp, grid_v: ti.template(), origin, inv_dx, unrolled: ti.template()):
-        """G2P of one particle: its new velocity and affine velocity C (unrolled: see for_stencil)."""
+        """G2P of one particle: its new velocity v = sum w g and affine velocity C = 4/dx^2 sum w g
+        (x_i - x_p)^T, as 4 inv_dx (M - v fx^T) with M = sum w g offset^T: built axis by axis like
+        scatter_stencil, a node costs a weight, a scaled load and its sums, not an outer product
+        (unrolled: see for_axis)."""
         base, fx, W = stencil(xp, origin, inv_dx, node_shape(grid_v))
         new_v = ti.Vector.zero(real, 3)
-        new_C = ti.Matrix.zero(real, 3, 3)
-        for_stencil(unrolled, gather_node, (base, fx, W, grid_v, inv_dx, new_v, new_C))
-        return new_v, new_C
+        moments = ti.Matrix.zero(real, 3, 3)  # column d: sum of offset[d] w g
+        for_axis(unrolled, gather_plane, (base, W, grid_v, new_v, moments, unrolled))
+        return new_v, (4.0 * inv_dx) * (moments - new_v.outer_product(fx))
+
+    @ti.func
+    def gather_plane(i, base, W, grid_v: ti.template(), new_v: ti.template(), moments: ti.template(),
+                     unrolled: ti.template()):
+        plane_v, plane_j, plane_k = ti.Vector.zero(real, 3), ti.Vector.zero(real, 3), ti.Vector.zero(real, 3)
+        for_axis(unrolled, gather_line, (i, row(W, i, 0), base, W, grid_v, plane_v, plane_j, plane_k, unrolled))
+        new_v += plane_v
+        add_columns(moments, i * plane_v, plane_j, plane_k)
+
+    @ti.func
+    def gather_line(j, i, w_i, base, W, grid_v: ti.template(), plane_v: ti.template(), plane_j: ti.template(),
+                    plane_k: ti.template(), unrolled: ti.template()):
+        line_v, line_k = ti.Vector.zero(real, 3), ti.Vector.zero(real, 3)
+        for_axis(unrolled, gather_point, (i, j, w_i * row(W, j, 1), base, W, grid_v, line_v, line_k))
+        plane_v += line_v
+        plane_j += j * line_v
+        plane_k += line_k
+
+    @ti.func
+    def gather_point(k, i, j, w_ij, base, W, grid_v: ti.template(), line_v: ti.template(), line_k: ti.template()):
+        share = (w_ij * row(W, k, 2)) * node_vec(grid_v, base + ti.Vector([i, j, k]))
+        line_v += share
+        line_k += k * share
+
+    @ti.func
+    def add_columns(M: ti.template(), c0, c1, c2):
+        for r in ti.static(range(3)):
+            M[r, 0] += c0[r]
+            M[r, 1] += c1[r]
+            M[r, 2] += c2[r]
 
     @ti.func
     def g2p_at(p, src, dst, x: ti.template(), v: ti.template(), C: ti.template(), grid_v: ti.template(),
@@ -793,9 +845,10 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         and is left clear (grid_update zeroes it once read); 1: it is cleared first and kept (mv, m,
         v) for an adjoint. Run-time flags rather than template ones: one compile serves the
         forward, the backward's recomputes and the solver."""
-        # keep_grid tested per node: a top-level if would make the loop serial, and a loop over
-        # ti.ndrange(keep_grid * X, Y, Z) failed with a misaligned address on CUDA (float64 rollouts,
-        # taichi 1.7.4, 2026-11-28)
+        # keep_grid tested per node: a top-level if would make the loop serial, and loops over
+        # ti.ndrange(keep_grid * X, Y, Z) or range(keep_grid * X * Y * Z) failed on CUDA (float64
+        # rollouts, taichi 1.7.4, 2026-11-28). With keep_grid 0 this loop costs ~8 us at 1M particles
+        # on 128^3 (H200, ncu), as the 1-D range did.
         for I in ti.grouped(grid_m):
             if keep_grid:
                 clear_grid_at(I, grid_mv, grid_m)
