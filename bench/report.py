@@ -93,12 +93,15 @@ def mpm_backward_table() -> str:
             f"`bridge.simulate`, fixed-corotated cube, float32; memory is torch's peak allocation (the rollout's "
             f"own share in brackets) against storing every substep."
             + noted(d), "",
-            "| particles | substeps | K | forward (s) | backward (s) | backward / forward | peak GB | store-everything GB |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| particles | substeps | K | forward (s) | backward (s) | backward / forward | peak GB | store-everything GB "
+            "| ms a substep: rollout forward without grad / solver |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
+        solver = f"{r['solver_ms_per_substep']:.3f}" if "solver_ms_per_substep" in r else "not measured"
+        speeds = f"{1e3 * r['forward_nograd_s'] / r['substeps']:.3f} / {solver}"
         rows.append(f"| {r['particles']:,} | {r['substeps']} | {r['checkpoint_every']} | {r['forward_s']:.2f} | "
                     f"{r['backward_s']:.2f} | {r['backward_over_forward']:.2f}x | {r['peak_torch_allocated_GB']:.2f} "
-                    f"({r['peak_rollout_GB']:.2f}) | {r['store_everything_GB']:.0f} |")
+                    f"({r['peak_rollout_GB']:.2f}) | {r['store_everything_GB']:.0f} | {speeds} |")
     return "\n".join(rows)
 
 
