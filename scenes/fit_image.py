@@ -70,6 +70,16 @@ def psnr(image: torch.Tensor, target: torch.Tensor) -> float:
     return float("inf") if mse == 0 else -10.0 * float(np.log10(mse))
 
 
+def check_loss(kind: str, target: torch.Tensor) -> None:
+    """ValueError for a loss name not in LOSSES, or l1+ssim on an image with a side of one pixel
+    (pytorch_msssim squeezes such an axis away and fails mid-fit)."""
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+    if kind == "l1+ssim" and min(target.shape[:2]) < 2:
+        raise ValueError(f"loss 'l1+ssim' needs an image of at least 2x2 pixels (SSIM's window), got "
+                         f"{target.shape[1]}x{target.shape[0]}; use 'l2'")
+
+
 def image_loss(image: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "l2":
         return ((image - target) ** 2).mean()
@@ -110,6 +120,7 @@ def fit(model: GaussianImage, target: torch.Tensor, iters: int, loss: str = "l2"
     batches, until there are grow_to.
     Returns the PSNR log {"iteration", "psnr", "seconds", "gaussians"} recorded every `every` steps
     and at the end."""
+    check_loss(loss, target)
     opt = make_optimizer(model, lr)
     grow_every = grow_every or max(1, iters // 40)
     grow_steps = max(1, (iters // 2) // max(grow_every, 1))
@@ -183,6 +194,7 @@ def body(args) -> None:
     iters = check_int("--iters", args.iters, 1)
     check_positive("--lr", args.lr)
     target = load_image(args.input)
+    check_loss(args.loss, target)
     from tqdm import tqdm
 
     model = GaussianImage.from_image(target, max(1, num // 4) if args.grow else num, mode=args.mode, opacity=args.mode == "alpha",

@@ -104,3 +104,26 @@ def test_exif_orientation_is_applied(tmp_path):
     im.save(tmp_path / "phone.png", exif=exif)
     image = fit_image.load_image(tmp_path / "phone.png").cpu().numpy()[..., 0] * 255
     np.testing.assert_allclose(image, np.rot90(stored, -1), atol=0.5)
+
+
+def test_ssim_loss_on_a_one_pixel_strip_is_one_line_exit_2(tmp_path, capsys):
+    """A 1-pixel-high strip with l1+ssim: pytorch_msssim squeezed the axis away and failed inside
+    the first step with "Input images should be 4-d or 5-d tensors" (2026-11-28); now one line naming
+    the loss and the size, before any fitting, and l2 fits the same image."""
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.full((1, 9, 3), 128, np.uint8)).save(path)
+    with pytest.raises(SystemExit) as exit_info:
+        fit_image.main(["--input", str(path), "--loss", "l1+ssim", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "l1+ssim" in err[0] and "9x1" in err[0], err
+    fit_image.main(["--input", str(path), "--loss", "l2", "--num-gaussians", "4", "--iters", "2",
+                    "--out", str(tmp_path / "l2")])
+
+
+def test_fit_refuses_an_unknown_loss_name(photo):
+    """fit(loss=...) took any name but 'l2' as l1+ssim."""
+    target = fit_image.load_image(photo)
+    model = fit_image.GaussianImage.from_image(target, 8)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        fit_image.fit(model, target, 1, loss="l1")
