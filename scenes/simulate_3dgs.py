@@ -52,18 +52,27 @@ def body(args):
     from render.camera import Camera, stack_cameras
     from render.ply import write_ply
     from taichi_mpm import Elastic, MPMSolver, Plane
+    from taichi_mpm.validation import check_int, check_positive
 
+    # every argument checked before the input PLY is made or read (that takes a while)
+    material = Elastic(E=args.E, nu=args.nu)
+    if not np.isfinite(args.velocity).all():
+        raise ValueError(f"--velocity must be 3 finite numbers, got {list(args.velocity)}")
+    check_int("--frames", args.frames, 0)
+    check_int("--gaussians", args.gaussians, 1)
+    check_int("--width", args.width, 2)
+    check_positive("--size", args.size)
+    solver = MPMSolver(res=args.res, boundary="slip")
     if args.ply is None:
         args.ply = args.out / "input.ply"
         make_trained_style_ply(args.obj, args.ply, args.gaussians, args.seed)
         print(f"wrote a trained-style 3DGS PLY of {args.obj.name}: {args.ply}")
     check_readable_file(args.ply, "3DGS PLY")
-    solver = MPMSolver(res=args.res, boundary="slip")
     solver.add_collider(Plane(point=(0.0, 0.1, 0.0), normal=(0.0, 1.0, 0.0), friction=0.5))
     splats = load_splats(args.ply, size=args.size, center=(0.5, 0.45, 0.5), dtype=solver.torch_dtype)
     spacing = solver.dx / 2.0
     points = fill_splats(splats, spacing)
-    solver.add_particles(points, Elastic(E=args.E, nu=args.nu), velocity=tuple(args.velocity), volume=spacing ** 3)
+    solver.add_particles(points, material, velocity=tuple(args.velocity), volume=spacing ** 3)
     binding = bind_splats(splats, solver.positions(as_torch=True).clone())
     print(f"{len(splats)} Gaussians (SH degree {splats.sh_degree}), {len(points)} particles filling them")
     camera = Camera.look_at((0.5, 0.55, 1.5), (0.5, 0.3, 0.5), up=(0.0, 1.0, 0.0), width=args.width,

@@ -157,3 +157,19 @@ def test_simulate_3dgs_rejects_an_empty_ply(tmp_path, ti_arch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         simulate_3dgs.main(["--ply", str(tmp_path / "empty.ply"), "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and "zero Gaussians" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, match", [(["--E", "-1"], "E must lie"), (["--nu", "0.5"], "nu must lie"),
+                                         (["--velocity", "nan", "0", "0"], "--velocity"),
+                                         (["--width", "1"], "--width"), (["--size", "0"], "--size")])
+def test_simulate_3dgs_checks_its_arguments_before_making_the_input(tmp_path, ti_arch, capsys, args, match):
+    """Bad material or scene arguments are one line and status 2 before the default input PLY is
+    made from --obj: E=-1 or a NaN velocity used to fail only after input.ply was written
+    (2026-11-28)."""
+    from scenes import simulate_3dgs
+
+    with pytest.raises(SystemExit) as exit_info:
+        simulate_3dgs.main([*args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "o" / "input.ply").exists()
