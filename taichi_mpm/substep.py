@@ -236,10 +236,6 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         return store_stress(p, src, dst, F_new, plastic_new, tau, C, F, plastic, density, volume, inv_dx, dt)
 
     @ti.func
-    def column(M, d: ti.template()):
-        return ti.Vector([M[0, d], M[1, d], M[2, d]])
-
-    @ti.func
     def scatter_stencil(unrolled: ti.template(), fx, W, momentum, mass, affine_p, inv_dx, add: ti.template(),
                         add_args: ti.template()):
         """P2G of one particle: add(offset, weight (momentum + affine (x_i - x_p)), weight mass,
@@ -250,7 +246,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         stress+P2G loop at 1M particles 236 -> 205 us, ncu, H200, 2026-11-28). unrolled: see for_axis."""
         step = affine_p / inv_dx
         plane = momentum - step @ fx
-        for_axis(unrolled, scatter_plane, (plane, W, column(step, 0), column(step, 1), column(step, 2), mass,
+        for_axis(unrolled, scatter_plane, (plane, W, step[:, 0], step[:, 1], step[:, 2], mass,
                                            add, add_args, unrolled))
 
     @ti.func
@@ -648,7 +644,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         plane_v, plane_j, plane_k = ti.Vector.zero(real, 3), ti.Vector.zero(real, 3), ti.Vector.zero(real, 3)
         for_axis(unrolled, gather_line, (i, row(W, i, 0), base, W, grid_v, plane_v, plane_j, plane_k, unrolled))
         new_v += plane_v
-        add_columns(moments, i * plane_v, plane_j, plane_k)
+        moments += ti.Matrix.cols([i * plane_v, plane_j, plane_k])
 
     @ti.func
     def gather_line(j, i, w_i, base, W, grid_v: ti.template(), plane_v: ti.template(), plane_j: ti.template(),
@@ -664,13 +660,6 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         share = (w_ij * row(W, k, 2)) * node_vec(grid_v, base + ti.Vector([i, j, k]))
         line_v += share
         line_k += k * share
-
-    @ti.func
-    def add_columns(M: ti.template(), c0, c1, c2):
-        for r in ti.static(range(3)):
-            M[r, 0] += c0[r]
-            M[r, 1] += c1[r]
-            M[r, 2] += c2[r]
 
     @ti.func
     def g2p_at(p, src, dst, x: ti.template(), v: ti.template(), C: ti.template(), grid_v: ti.template(),
