@@ -58,7 +58,6 @@ def body(args):
     material = Elastic(E=args.E, nu=args.nu)
     if not np.isfinite(args.velocity).all():
         raise ValueError(f"--velocity must be 3 finite numbers, got {list(args.velocity)}")
-    check_int("--frames", args.frames, 0)
     check_int("--gaussians", args.gaussians, 1)
     check_int("--width", args.width, 2)
     check_positive("--size", args.size)
