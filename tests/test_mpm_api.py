@@ -238,6 +238,28 @@ def test_sorted_warps_hold_particles_of_distinct_cells(ti_arch):
     np.testing.assert_array_equal(lattice.positions(), s.positions())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sort_particles_moves_every_field_with_its_particle(ti_arch, dtype):
+    """Every per-particle array (state and constants, rows of 1 to 9 values) follows its particle
+    through sort_particles. Shown to catch the 1-D gather of 16-byte rows (aux) with a wrong row
+    stride, which the simulation test above misses (one material: every aux row alike)."""
+    from taichi_mpm.solver import CONSTANT_KEYS, STATE_KEYS
+
+    rng = np.random.default_rng(2)
+    s = MPMSolver(res=24, dtype=dtype)
+    s.add_particles(CUBE[rng.permutation(len(CUBE))], Elastic(), volume=(1 / 48) ** 3)
+    for key in STATE_KEYS + CONSTANT_KEYS:
+        if key not in ("x", "id"):  # x decides the order; id is how we find each particle again
+            t = s.state[key][s.src] if key in STATE_KEYS else s.state[key]
+            t.copy_(torch.as_tensor(rng.integers(0, 1000, t.shape), dtype=t.dtype))
+    before = {key: s._get(key, False) for key in STATE_KEYS + CONSTANT_KEYS}
+    s.sort_particles()
+    ids = s.particle_ids()
+    assert not np.array_equal(ids, before["id"])  # the order did change
+    for key, values in before.items():
+        np.testing.assert_array_equal(s._get(key, False), values[np.argsort(before["id"])][ids], err_msg=key)
+
+
 def test_live_gravity_and_elastic_parameters(ti_arch):
     """set_gravity acts on the next substep; set_elastic_parameters changes the selected particles
     and recomputes the CFL wave speed over every particle (a softer body gives longer substeps).
