@@ -76,7 +76,8 @@ WORKLOADS = {"mpm_forward": ("substep_forward", MPM_FORWARD), "mpm_backward": ("
 def parse_raw(text: str) -> list:
     """``ncu --page raw --print-units base`` text -> [(kernel name, {metric: float})] in launch order."""
     launches = []
-    header = re.compile(r"^\s+(\S+) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Context")
+    # a C++ kernel's name has spaces ("void gsplat::f<3u, float>(unsigned int, ...)"): keep its short form
+    header = re.compile(r"^\s+(?:void )?([^\s(<]+)\S*.* \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\), Context")
     for line in text.splitlines():
         match = header.match(line)
         if match:

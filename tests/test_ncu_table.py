@@ -69,3 +69,11 @@ def test_without_ncu_the_error_is_one_line(monkeypatch, capsys):
         ncu_table.main(["--kernels", "k", "--", "python3", "x.py"])
     assert e.value.code == 2
     assert "ncu (Nsight Compute) is not on PATH" in capsys.readouterr().err
+
+def test_a_cpp_kernel_name_with_spaces_is_one_launch():
+    """A peer's C++ kernel (gsplat's) prints its whole signature, spaces included; the old pattern
+    (\\S+ before the launch shape) matched no line of it, and the table came out empty."""
+    raw = ("  void gsplat::rasterize_to_pixels_3dgs_bwd_kernel<3u, float>(unsigned int, unsigned int, const float *) "
+           "(120, 68, 8)x(16, 16, 1), Context 1, Stream 7, Device 0, CC 9.0\n"
+           "  gpu__time_duration.sum                                                  ns              4,727\n")
+    assert ncu_table.parse_raw(raw) == [("gsplat::rasterize_to_pixels_3dgs_bwd_kernel", {"gpu__time_duration.sum": 4727.0})]
