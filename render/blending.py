@@ -119,15 +119,24 @@ def _blend_kernels(config: BlendConfig):
     variant, K, alpha_mode = config.variant, config.channels, config.mode == "alpha"
 
     @ti.func
-    def uncomposite(alpha, T, T_final, feat, behind, v_pix, v_out_alpha):
+    def out_alpha_weight(v_out_alpha, T_final):
+        """What uncomposite needs of dL/d(output alpha): times the final T in alpha mode (one value
+        held through the walk back instead of two)."""
+        weight = v_out_alpha
+        if ti.static(alpha_mode):
+            weight = v_out_alpha * T_final
+        return weight
+
+    @ti.func
+    def uncomposite(alpha, T, feat, behind, v_pix, v_out):
         """Backward of one blended splat, walking back to front: (T in front of it, dL/dalpha,
-        dL/dfeature, blended features behind the splat in front of it)."""
-        v_alpha = feat.dot(v_pix) + v_out_alpha
+        dL/dfeature, blended features behind the splat in front of it). v_out: out_alpha_weight."""
+        v_alpha = feat.dot(v_pix) + v_out
         v_feat = alpha * v_pix
         if ti.static(alpha_mode):
             ra = 1.0 / (1.0 - alpha)
             T = T * ra
-            v_alpha = T * (feat - behind).dot(v_pix) + v_out_alpha * T_final * ra
+            v_alpha = T * (feat - behind).dot(v_pix) + v_out * ra
             behind = alpha * feat + (1.0 - alpha) * behind
             v_feat = v_feat * T
         return T, v_alpha, v_feat, behind
@@ -196,6 +205,7 @@ def _blend_kernels(config: BlendConfig):
                 v_out_alpha = 0.0
                 if given & GIVEN_ALPHA:
                     v_out_alpha = v_alpha_out[c, py, px, 0]
+                v_out = out_alpha_weight(v_out_alpha, T_final)
                 behind = ti.Vector.zero(ti.f32, K)  # blended features behind the current splat, per unit T
                 for back in range(last[c, py, px]):
                     j = start + last[c, py, px] - 1 - back
@@ -203,8 +213,7 @@ def _blend_kernels(config: BlendConfig):
                     mean, conic, opacity, feat = load(means2d, conics, opacities, features, item, N)
                     alpha, raw, d = _splat_alpha(mean, conic, opacity, pixel)
                     if alpha >= ALPHA_MIN:
-                        T, v_alpha, v_feat, behind = uncomposite(alpha, T, T_final, feat, behind, v_pix,
-                                                                 v_out_alpha)
+                        T, v_alpha, v_feat, behind = uncomposite(alpha, T, feat, behind, v_pix, v_out)
                         v_mean, v_conic, v_opacity = _splat_grads(alpha, raw, d, conic, opacity, v_alpha)
                         cc, n = item // N, item % N
                         for k in ti.static(range(K)):
@@ -360,8 +369,8 @@ def _blend_kernels(config: BlendConfig):
                     for k in ti.static(range(K)):
                         v_pix[k] = v_image[c, py, px, k]
             T = T_final
+            v_out = out_alpha_weight(v_out_alpha, T_final)
             behind = ti.Vector.zero(ti.f32, K)
-            first, count = scatter_slots(lane % 32)
             end = ranges[c, ty, tx, 2]  # the furthest any pixel of the tile got (the forward's atomic max)
             for batch in range((end - start + BLOCK - 1) // BLOCK):
                 ti.simt.block.sync()
@@ -391,8 +400,7 @@ def _blend_kernels(config: BlendConfig):
                         if alpha >= ALPHA_MIN:
                             contributes = 1
                             feat = ti.Vector([s_feat[s, k] for k in ti.static(range(K))], ti.f32)
-                            T, v_alpha, v_feat, behind = uncomposite(alpha, T, T_final, feat, behind, v_pix,
-                                                                     v_out_alpha)
+                            T, v_alpha, v_feat, behind = uncomposite(alpha, T, feat, behind, v_pix, v_out)
                             v_mean, v_conic, v_opacity = _splat_grads(alpha, raw, d, conic, opacity, v_alpha)
                     if ti.simt.warp.any_nonzero(ti.u32(FULL_MASK), contributes):
                         grads = ti.Vector.zero(ti.f32, V)
@@ -403,6 +411,9 @@ def _blend_kernels(config: BlendConfig):
                         for k in ti.static(range(K)):
                             grads[6 + k] = v_feat[k]
                         totals = reduce_scatter(grads, lane % 32)
+                        # here, not before the walk: two integers fewer held through it (registers
+                        # set the blocks an SM holds)
+                        first, count = scatter_slots(lane % 32)
                         if count > 0:
                             item = s_item[s]
                             cc, n = item // N, item % N
