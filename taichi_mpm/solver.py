@@ -546,7 +546,8 @@ class MPMSolver:
         key_dtype = torch.int32 if n_cells * 8 < 2 ** 31 else torch.int64
         by_cell = torch.sort(((block * cells + inner) * 8 + octant).to(key_dtype), stable=True)
         cell = by_cell.values // 8
-        rank = torch.arange(self.n_particles, device=self.device, dtype=key_dtype) - torch.searchsorted(cell, cell).to(key_dtype)
+        first_of_cell = torch.searchsorted(cell, cell).to(key_dtype)
+        rank = torch.arange(self.n_particles, device=self.device, dtype=key_dtype) - first_of_cell
         ranks = int(rank.max()) + 1  # the one host sync: the second key's range
         key_dtype = torch.int32 if n_cells * ranks < 2 ** 31 else torch.int64
         block, inner = block[by_cell.indices], inner[by_cell.indices]
