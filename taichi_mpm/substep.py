@@ -730,7 +730,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         gx = ti.Vector.zero(real, 3)
         gv = ti.Vector.zero(real, 3)
         gA = ti.Matrix.zero(real, 3, 3)
-        # a run-time loop over the 27 nodes (see for_stencil): the unrolled one took 10 s of LLVM
+        # a run-time loop over the 27 nodes (see for_axis): the unrolled one took 10 s of LLVM
         # code generation on every process start
         for i, j, k in ti.ndrange(3, 3, 3):
             offset = ti.Vector([i, j, k])
