@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from render.binning import DEFAULT_MAX_PAIRS, TILE_SIZE, bin_unchecked, tile_grid
-from render.blending import blend_kernels
+from render.blending import SPLAT_GRADS, blend_kernels, split_splat_grads
 from render.projection import ProjectionConfig, projection_kernels
 
 from taichi_mpm.runtime import device as taichi_device
@@ -152,10 +152,11 @@ class _Blend(torch.autograd.Function):
     def backward(ctx, v_image, v_alpha):
         means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last = ctx.saved_tensors
         (v_image, v_alpha), given = _given((v_image, v_alpha), (4, 4), features.device)  # GIVEN_IMAGE, _ALPHA
-        grads = [torch.zeros_like(t) for t in (means2d, conics, opacities, features)]
+        C, N, K = features.shape
+        v_splats = torch.zeros(C, N, SPLAT_GRADS + K, device=features.device)
         ctx.kernel(means2d, conics, opacities, features, item_ids, tile_ranges, *ctx.size, final_T,
-                   last, v_image, v_alpha, given, *grads)
-        return (*grads, None, None, None, None, None)
+                   last, v_image, v_alpha, given, v_splats)
+        return (*split_splat_grads(v_splats), None, None, None, None, None)
 
 
 def _render_nothing(C, width, height, channels, color_channels, backgrounds, grid, dev):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from render.binning import DEFAULT_MAX_PAIRS, bin_unchecked, tile_grid
-from render.blending import BLEND_MODES, blend_kernels
+from render.blending import BLEND_MODES, SPLAT_GRADS, blend_kernels, split_splat_grads
 from render.reference2d import reference_splat2d
 from render.splat2d import preprocess_kernels
 from taichi_mpm.runtime import ensure_init
@@ -63,11 +63,12 @@ class _Splat2D(torch.autograd.Function):
         (v_image, v_alpha), given = _given((None if v_image is None else v_image[None],
                                             None if v_alpha is None else v_alpha.reshape(1, height, width, 1)),
                                            (4, 4), means.device)
-        v_means, v_conics, v_opac, v_colors = (torch.zeros_like(t) for t in (means, conics, opacities, colors))
+        v_splats = torch.zeros(1, means.shape[1], SPLAT_GRADS + colors.shape[-1], device=means.device)
         ctx.kernel(means, conics, opacities, colors, item_ids, tile_ranges, width, height, final_T, last,
-                   v_image, v_alpha, given, v_means, v_conics, v_opac, v_colors)
+                   v_image, v_alpha, given, v_splats)
+        v_means, _, v_opac, v_colors = split_splat_grads(v_splats)
         v_chol = torch.empty_like(chol)
-        preprocess_kernels()[1](chol, rects, v_conics, v_chol)
+        preprocess_kernels()[1](chol, rects, v_splats, v_chol)  # reads the conic columns
         return v_means[0], v_chol, v_opac[0], v_colors[0], None, None, None, None
 
 

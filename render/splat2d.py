@@ -18,6 +18,7 @@ import taichi as ti
 from taichi_mpm.launch import TorchKernel
 
 from .binning import TILE_SIZE as TILE
+from .blending import CONIC_GRAD
 from .lanes import for_items, item_lanes
 from .projection import ALPHA_MIN
 
@@ -39,7 +40,8 @@ def preprocess_kernels(lanes: Optional[int] = None):
 
     forward(means (N, 2), chol (N, 3), opacities (N,), width, height,
             conics (1, N, 3) out, rects (N, 4) int32 out, pair_counts (N,) int32 out)
-    backward(chol (N, 3), rects (N, 4) int32, v_conics (1, N, 3), v_chol (N, 3) out)
+    backward(chol (N, 3), rects (N, 4) int32, v_splats (1, N, SPLAT_GRADS + K): the blend backward's, of which
+             it reads the conic columns, v_chol (N, 3) out)
     Conics are one image's (C = 1, N, 3), the layout the blend kernels read and write.
     lanes: the item loops' form (render/lanes.py); None takes the arch's.
     """
@@ -83,20 +85,20 @@ def _preprocess_kernels(lanes: int):
                   pair_counts))
 
     @ti.func
-    def backward_one(n, chol: ti.template(), rects: ti.template(), v_conics: ti.template(),
+    def backward_one(n, chol: ti.template(), rects: ti.template(), v_splats: ti.template(),
                      v_chol: ti.template()):
         v_L = ti.Matrix.zero(ti.f32, 2, 2)
         if rects[n, 2] > rects[n, 0] and rects[n, 3] > rects[n, 1]:  # blended somewhere
             L, _, conic, _ = _cov_conic(chol, n)
-            G = ti.Matrix([[v_conics[0, n, 0], 0.5 * v_conics[0, n, 1]],
-                           [0.5 * v_conics[0, n, 1], v_conics[0, n, 2]]])
+            v_conic = ti.math.vec3([v_splats[0, n, CONIC_GRAD + k] for k in ti.static(range(3))])
+            G = ti.Matrix([[v_conic[0], 0.5 * v_conic[1]], [0.5 * v_conic[1], v_conic[2]]])
             v_cov = -(conic @ G @ conic)
             v_L = 2.0 * v_cov @ L
         v_chol[n, 0], v_chol[n, 1], v_chol[n, 2] = v_L[0, 0], v_L[1, 0], v_L[1, 1]
 
     @ti.kernel
-    def backward(chol: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), v_conics: nd(ti.f32, ndim=3),
+    def backward(chol: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), v_splats: nd(ti.f32, ndim=3),
                  v_chol: nd(ti.f32, ndim=2)):
-        for_items(chol.shape[0], lanes, backward_one, (chol, rects, v_conics, v_chol))
+        for_items(chol.shape[0], lanes, backward_one, (chol, rects, v_splats, v_chol))
 
     return TorchKernel(forward), TorchKernel(backward)
