@@ -130,6 +130,11 @@ class _Project(torch.autograd.Function):
         return (*(g if u else None for g, u in zip(grads, ctx.used)), None, None, None, None)
 
 
+def _items(*arrays):
+    """(C, N, ...) per-splat arrays as the flat (C*N, ...) views the blend kernels index by item id."""
+    return tuple(a.view(a.shape[0] * a.shape[1], *a.shape[2:]) for a in arrays)
+
+
 class _Blend(torch.autograd.Function):
     """Screen-space splats + sorted tile pairs -> (features (C, H, W, K), alphas (C, H, W, 1))."""
 
@@ -141,7 +146,7 @@ class _Blend(torch.autograd.Function):
         final_T = torch.empty(C, height, width, device=dev)
         last = torch.empty(C, height, width, dtype=torch.int32, device=dev)
         # tile_ranges' third column (binning's walked=True) takes the walked bound of each tile
-        kernels[0](means2d, conics, opacities, features, item_ids, tile_ranges, width, height,
+        kernels[0](*_items(means2d, conics, opacities, features), item_ids, tile_ranges, width, height,
                    image, alpha, final_T, last)
         ctx.save_for_backward(means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last)
         ctx.size, ctx.kernel = (width, height), kernels[1]
@@ -154,8 +159,8 @@ class _Blend(torch.autograd.Function):
         (v_image, v_alpha), given = _given((v_image, v_alpha), (4, 4), features.device)  # GIVEN_IMAGE, _ALPHA
         C, N, K = features.shape
         v_splats = torch.zeros(C, N, SPLAT_GRADS + K, device=features.device)
-        ctx.kernel(means2d, conics, opacities, features, item_ids, tile_ranges, *ctx.size, final_T,
-                   last, v_image, v_alpha, given, v_splats)
+        ctx.kernel(*_items(means2d, conics, opacities, features), item_ids, tile_ranges, *ctx.size, final_T,
+                   last, v_image, v_alpha, given, v_splats.view(C * N, -1))
         return (*split_splat_grads(v_splats), None, None, None, None, None)
 
 

@@ -35,9 +35,9 @@ class _Splat2D(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, chol, opacities, colors, width, height, blend, max_pairs):
         # inputs pass as they are (TorchKernel's forward launch gives Taichi no gradient pointers);
-        # the blend kernels read one image's (C = 1, N, ...) arrays
+        # one image: the blend kernels' items are the N Gaussians
         N, K, dev = means.shape[0], colors.shape[1], means.device
-        conics = torch.empty(1, N, 3, device=dev)
+        conics = torch.empty(N, 3, device=dev)
         rects = torch.empty(N, 4, dtype=torch.int32, device=dev)
         counts = torch.empty(N, dtype=torch.int32, device=dev)
         preprocess_kernels()[0](means, chol, opacities, width, height, conics, rects, counts)
@@ -49,9 +49,10 @@ class _Splat2D(torch.autograd.Function):
         alpha = torch.empty(1, height, width, 1, device=dev)
         final_T = torch.empty(1, height, width, device=dev)
         last = torch.empty(1, height, width, dtype=torch.int32, device=dev)
-        one_image = (means[None], conics, opacities[None], colors[None])
-        blend[0](*one_image, item_ids, binning.tile_ranges, width, height, image, alpha, final_T, last)
-        ctx.save_for_backward(*one_image, chol, rects, item_ids, binning.tile_ranges, final_T, last)
+        blend[0](means, conics, opacities, colors, item_ids, binning.tile_ranges, width, height, image, alpha,
+                 final_T, last)
+        ctx.save_for_backward(means, conics, opacities, colors, chol, rects, item_ids, binning.tile_ranges,
+                              final_T, last)
         ctx.size, ctx.kernel = (width, height), blend[1]
         ctx.set_materialize_grads(False)  # the backward kernel skips a missing gradient
         return image[0], alpha.view(height, width)
@@ -63,13 +64,13 @@ class _Splat2D(torch.autograd.Function):
         (v_image, v_alpha), given = _given((None if v_image is None else v_image[None],
                                             None if v_alpha is None else v_alpha.reshape(1, height, width, 1)),
                                            (4, 4), means.device)
-        v_splats = torch.zeros(1, means.shape[1], SPLAT_GRADS + colors.shape[-1], device=means.device)
+        v_splats = torch.zeros(means.shape[0], SPLAT_GRADS + colors.shape[-1], device=means.device)
         ctx.kernel(means, conics, opacities, colors, item_ids, tile_ranges, width, height, final_T, last,
                    v_image, v_alpha, given, v_splats)
         v_means, _, v_opac, v_colors = split_splat_grads(v_splats)
         v_chol = torch.empty_like(chol)
         preprocess_kernels()[1](chol, rects, v_splats, v_chol)  # reads the conic columns
-        return v_means[0], v_chol, v_opac[0], v_colors[0], None, None, None, None
+        return v_means, v_chol, v_opac, v_colors, None, None, None, None
 
 
 @functools.lru_cache(maxsize=8)

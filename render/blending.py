@@ -78,12 +78,14 @@ BLEND_MODES = ("alpha", "sum")
 # K features. One array, not four: the CUDA kernel's atomics index it by their slot with no branch,
 # and it holds one base pointer and its strides through the walk instead of four (blend backward,
 # 100k Gaussians on 8 HD cameras, H200: 6.23 -> 5.31 ms; 1M trained-like on 4 at 640x480: 8.75 -> 7.83).
+# Indexing the per-splat arrays by flat item id, with no c, n = item // N, item % N, took it on to
+# 4.43 and 7.15 ms (bench/raster_kernel_time.py, 2026-11-28).
 MEAN_GRAD, CONIC_GRAD, OPACITY_GRAD, SPLAT_GRADS = 0, 2, 5, 6
 
 
 def split_splat_grads(v_splats):
-    """(v_means2d (C, N, 2), v_conics (C, N, 3), v_opacities (C, N), v_features (C, N, K)): views of the
-    blend backward's v_splats (C, N, SPLAT_GRADS + K)."""
+    """(v_means2d (C, N, 2), v_conics (C, N, 3), v_opacities (C, N), v_features (C, N, K)): views of
+    v_splats (C, N, SPLAT_GRADS + K), the blend backward's gradient array (it gets the (C*N, ...) view)."""
     return (v_splats[..., MEAN_GRAD:MEAN_GRAD + 2], v_splats[..., CONIC_GRAD:CONIC_GRAD + 3],
             v_splats[..., OPACITY_GRAD], v_splats[..., SPLAT_GRADS:])
 # bits of the backward's `given` argument: which of v_image, v_alpha the loss produced; the kernel
@@ -116,12 +118,14 @@ class BlendConfig:
 def blend_kernels(variant: str, channels: int, mode: str = "alpha"):
     """(forward, backward) kernels blending `channels` features per splat; see BlendConfig.
 
-    forward(means2d (C, N, 2), conics (C, N, 3), opacities (C, N), features (C, N, K), item_ids (P,),
+    forward(means2d (C*N, 2), conics (C*N, 3), opacities (C*N,), features (C*N, K), item_ids (P,),
             tile_ranges (C, ty, tx, 3) [start, end, start: raised to the end walked], width, height,
             image (C, H, W, K) out, alpha (C, H, W, 1) out, final_T (C, H, W) out, last (C, H, W) int32 out)
     backward(means2d, conics, opacities, features, item_ids, tile_ranges (as the forward left them),
              width, height, final_T, last, v_image (C, H, W, K), v_alpha (C, H, W, 1), given (GIVEN_* bits),
-             v_splats (C, N, SPLAT_GRADS + K), zeroed, accumulated into; split_splat_grads names its columns)
+             v_splats (C*N, SPLAT_GRADS + K), zeroed, accumulated into; split_splat_grads names its columns)
+    The per-splat arrays are flat over the C*N items (views of the (C, N, ...) arrays), indexed by the
+    item ids binning emits (c * N + n) with no division.
     """
     return _blend_kernels(BlendConfig(variant, channels, mode))
 
@@ -155,21 +159,19 @@ def _blend_kernels(config: BlendConfig):
 
     @ti.func
     def load(means2d: ti.template(), conics: ti.template(), opacities: ti.template(), features: ti.template(),
-             item, N):
-        c, n = item // N, item % N
-        mean = ti.math.vec2(means2d[c, n, 0], means2d[c, n, 1])
-        conic = ti.math.vec3(conics[c, n, 0], conics[c, n, 1], conics[c, n, 2])
-        feat = ti.Vector([features[c, n, k] for k in ti.static(range(K))], ti.f32)
-        return mean, conic, opacities[c, n], feat
+             item):
+        mean = ti.math.vec2(means2d[item, 0], means2d[item, 1])
+        conic = ti.math.vec3(conics[item, 0], conics[item, 1], conics[item, 2])
+        feat = ti.Vector([features[item, k] for k in ti.static(range(K))], ti.f32)
+        return mean, conic, opacities[item], feat
 
     if variant == "pixel":
         @ti.kernel
-        def forward(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
-                    features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+        def forward(means2d: nd(ti.f32, ndim=2), conics: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
+                    features: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                     width: ti.i32, height: ti.i32,
                     image: nd(ti.f32, ndim=4), alpha_out: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3),
                     last: nd(ti.i32, ndim=3)):
-            N = means2d.shape[1]
             for c, py, px in ti.ndrange(image.shape[0], height, width):
                 ty, tx = py // TILE, px // TILE
                 start, end = ranges[c, ty, tx, 0], ranges[c, ty, tx, 1]
@@ -178,7 +180,7 @@ def _blend_kernels(config: BlendConfig):
                 acc = ti.Vector.zero(ti.f32, K)
                 n_walked = 0
                 for j in range(start, end):
-                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item_ids[j], N)
+                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item_ids[j])
                     alpha, _, _ = _splat_alpha(mean, conic, opacity, pixel)
                     if alpha >= ALPHA_MIN:
                         if ti.static(alpha_mode):
@@ -199,12 +201,11 @@ def _blend_kernels(config: BlendConfig):
                 ti.atomic_max(ranges[c, ty, tx, 2], start + n_walked)
 
         @ti.kernel
-        def backward(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
-                     features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+        def backward(means2d: nd(ti.f32, ndim=2), conics: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
+                     features: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                      width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
                      v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4), given: ti.i32,
-                     v_splats: nd(ti.f32, ndim=3)):
-            N = means2d.shape[1]
+                     v_splats: nd(ti.f32, ndim=2)):
             for c, py, px in ti.ndrange(v_image.shape[0], height, width):
                 start = ranges[c, py // TILE, px // TILE, 0]
                 pixel = ti.math.vec2(px + 0.5, py + 0.5)
@@ -221,19 +222,18 @@ def _blend_kernels(config: BlendConfig):
                 for back in range(last[c, py, px]):
                     j = start + last[c, py, px] - 1 - back
                     item = item_ids[j]
-                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item, N)
+                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item)
                     alpha, raw, d = _splat_alpha(mean, conic, opacity, pixel)
                     if alpha >= ALPHA_MIN:
                         T, v_alpha, v_feat, behind = uncomposite(alpha, T, feat, behind, v_pix, v_out)
                         v_mean, v_conic, v_opacity = _splat_grads(alpha, raw, d, conic, opacity, v_alpha)
-                        cc, n = item // N, item % N
-                        v_splats[cc, n, MEAN_GRAD] += v_mean.x
-                        v_splats[cc, n, MEAN_GRAD + 1] += v_mean.y
+                        v_splats[item, MEAN_GRAD] += v_mean.x
+                        v_splats[item, MEAN_GRAD + 1] += v_mean.y
                         for k in ti.static(range(3)):
-                            v_splats[cc, n, CONIC_GRAD + k] += v_conic[k]
-                        v_splats[cc, n, OPACITY_GRAD] += v_opacity
+                            v_splats[item, CONIC_GRAD + k] += v_conic[k]
+                        v_splats[item, OPACITY_GRAD] += v_opacity
                         for k in ti.static(range(K)):
-                            v_splats[cc, n, SPLAT_GRADS + k] += v_feat[k]
+                            v_splats[item, SPLAT_GRADS + k] += v_feat[k]
 
         return TorchKernel(forward), TorchKernel(backward)
 
@@ -280,12 +280,11 @@ def _blend_kernels(config: BlendConfig):
         return v
 
     @ti.kernel
-    def forward_cuda(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
-                     features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+    def forward_cuda(means2d: nd(ti.f32, ndim=2), conics: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
+                     features: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                      width: ti.i32, height: ti.i32,
                      image: nd(ti.f32, ndim=4), alpha_out: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3),
                      last: nd(ti.i32, ndim=3)):
-        N = means2d.shape[1]
         tiles_y, tiles_x = ranges.shape[1], ranges.shape[2]
         num_tiles = tiles_x * tiles_y
         ti.loop_config(block_dim=BLOCK)
@@ -307,7 +306,7 @@ def _blend_kernels(config: BlendConfig):
                     break  # every pixel of the tile is saturated
                 j = start + batch * BLOCK + lane
                 if j < end:
-                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item_ids[j], N)
+                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item_ids[j])
                     s_geom[lane, 0], s_geom[lane, 1] = mean.x, mean.y
                     s_geom[lane, 2], s_geom[lane, 3], s_geom[lane, 4] = conic.x, conic.y, conic.z
                     s_geom[lane, 5] = opacity
@@ -347,12 +346,11 @@ def _blend_kernels(config: BlendConfig):
                 ti.atomic_max(ranges[c, ty, tx, 2], start + n_walked)
 
     @ti.kernel
-    def backward_cuda(means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), opacities: nd(ti.f32, ndim=2),
-                      features: nd(ti.f32, ndim=3), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+    def backward_cuda(means2d: nd(ti.f32, ndim=2), conics: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
+                      features: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                       width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
                       v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4), given: ti.i32,
-                      v_splats: nd(ti.f32, ndim=3)):
-        N = means2d.shape[1]
+                      v_splats: nd(ti.f32, ndim=2)):
         tiles_y, tiles_x = ranges.shape[1], ranges.shape[2]
         num_tiles = tiles_x * tiles_y
         ti.loop_config(block_dim=BLOCK)
@@ -387,7 +385,7 @@ def _blend_kernels(config: BlendConfig):
                 j = end - 1 - batch * BLOCK - lane
                 if j >= start:
                     item = item_ids[j]
-                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item, N)
+                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item)
                     s_item[lane] = item
                     s_geom[lane, 0], s_geom[lane, 1] = mean.x, mean.y
                     s_geom[lane, 2], s_geom[lane, 3], s_geom[lane, 4] = conic.x, conic.y, conic.z
@@ -426,9 +424,8 @@ def _blend_kernels(config: BlendConfig):
                         first, count = scatter_slots(lane % 32)
                         if count > 0:
                             item = s_item[s]
-                            cc, n = item // N, item % N
                             for h in ti.static(range(HELD)):
                                 if h < count:
-                                    ti.atomic_add(v_splats[cc, n, first + h], totals[h])
+                                    ti.atomic_add(v_splats[item, first + h], totals[h])
 
     return TorchKernel(forward_cuda), TorchKernel(backward_cuda)

@@ -39,10 +39,10 @@ def preprocess_kernels(lanes: Optional[int] = None):
     """(forward, backward) TorchKernels of the 2D preprocess stage (cached).
 
     forward(means (N, 2), chol (N, 3), opacities (N,), width, height,
-            conics (1, N, 3) out, rects (N, 4) int32 out, pair_counts (N,) int32 out)
-    backward(chol (N, 3), rects (N, 4) int32, v_splats (1, N, SPLAT_GRADS + K): the blend backward's, of which
+            conics (N, 3) out, rects (N, 4) int32 out, pair_counts (N,) int32 out)
+    backward(chol (N, 3), rects (N, 4) int32, v_splats (N, SPLAT_GRADS + K): the blend backward's, of which
              it reads the conic columns, v_chol (N, 3) out)
-    Conics are one image's (C = 1, N, 3), the layout the blend kernels read and write.
+    One image: its N Gaussians are the blend kernels' items, in the layout they read and write.
     lanes: the item loops' form (render/lanes.py); None takes the arch's.
     """
     return _preprocess_kernels(item_lanes() if lanes is None else lanes)
@@ -72,7 +72,7 @@ def _preprocess_kernels(lanes: int):
             if px0 <= px1 and py0 <= py1:
                 rect = ti.math.ivec4(px0 // TILE, py0 // TILE,
                                      ti.min(px1 // TILE + 1, tiles_x), ti.min(py1 // TILE + 1, tiles_y))
-        conics[0, n, 0], conics[0, n, 1], conics[0, n, 2] = conic[0, 0], conic[0, 1], conic[1, 1]
+        conics[n, 0], conics[n, 1], conics[n, 2] = conic[0, 0], conic[0, 1], conic[1, 1]
         for k in ti.static(range(4)):
             rects[n, k] = rect[k]
         pair_counts[n] = (rect[2] - rect[0]) * (rect[3] - rect[1])
@@ -80,7 +80,7 @@ def _preprocess_kernels(lanes: int):
     @ti.kernel
     def forward(means: nd(ti.f32, ndim=2), chol: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
                 width: ti.i32, height: ti.i32,
-                conics: nd(ti.f32, ndim=3), rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
+                conics: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
         for_items(means.shape[0], lanes, forward_one, (means, chol, opacities, width, height, conics, rects,
                   pair_counts))
 
@@ -90,14 +90,14 @@ def _preprocess_kernels(lanes: int):
         v_L = ti.Matrix.zero(ti.f32, 2, 2)
         if rects[n, 2] > rects[n, 0] and rects[n, 3] > rects[n, 1]:  # blended somewhere
             L, _, conic, _ = _cov_conic(chol, n)
-            v_conic = ti.math.vec3([v_splats[0, n, CONIC_GRAD + k] for k in ti.static(range(3))])
+            v_conic = ti.math.vec3([v_splats[n, CONIC_GRAD + k] for k in ti.static(range(3))])
             G = ti.Matrix([[v_conic[0], 0.5 * v_conic[1]], [0.5 * v_conic[1], v_conic[2]]])
             v_cov = -(conic @ G @ conic)
             v_L = 2.0 * v_cov @ L
         v_chol[n, 0], v_chol[n, 1], v_chol[n, 2] = v_L[0, 0], v_L[1, 0], v_L[1, 1]
 
     @ti.kernel
-    def backward(chol: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), v_splats: nd(ti.f32, ndim=3),
+    def backward(chol: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), v_splats: nd(ti.f32, ndim=2),
                  v_chol: nd(ti.f32, ndim=2)):
         for_items(chol.shape[0], lanes, backward_one, (chol, rects, v_splats, v_chol))
 
