@@ -11,7 +11,8 @@ for every scene compares our image with gsplat's. Prints a table and writes JSON
 
 ``--grid`` times the workloads people run, each row beside gsplat in the same run: 1, 4 and 8
 cameras (a ring around the scene, one batched call) x 256x256, 640x480, 1920x1080 x 10k, 100k, 1M, 3M
-Gaussians x random and trained-like x RGB and RGB+ED; forward+backward (median of --iters).
+Gaussians x random and trained-like x RGB and RGB+ED; forward+backward, the two renderers' calls
+interleaved (median of --iters rounds or more: see time_calls).
 ``gpu_ms`` is CUDA-event time; ``wall_ms`` is perf_counter time of a call followed by a sync;
 ``host_ms`` is the time until the call returns to Python without a sync (the Python, launches and
 whatever waiting on the GPU the call itself forces). Writes raster_grid.json.
@@ -222,17 +223,20 @@ def ring_cameras(count: int, width: int, height: int, dev):
     return tuple(t.to(dev) for t in stack_cameras(cams))
 
 
-def time_call(fn, iters: int, dev) -> dict:
-    """Median gpu_ms / wall_ms / host_ms of fn() (see the module docstring)."""
+ROW_SECONDS = 0.2  # each renderer's least total time a grid row (small rows get more calls)
+
+
+def time_calls(fns: dict, iters: int, dev) -> dict:
+    """Median gpu_ms / wall_ms / host_ms of each fn() (see the module docstring), the renderers'
+    calls interleaved, with the order alternating each round, so that a drift of the host's speed
+    during a row reaches every renderer alike. At least ``iters`` rounds, more (up to 10x) until the
+    slowest renderer has spent ROW_SECONDS: small rows are host-bound, and 5 calls left their ratios
+    10-20% apart from one run to the next (2026-11-28)."""
     def sync():
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(2):
-        fn()
-    sync()
-    gpu, wall, host = [], [], []
-    for _ in range(iters):
+    def one(fn):
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -243,10 +247,21 @@ def time_call(fn, iters: int, dev) -> dict:
             end.record()
         sync()
         t2 = time.perf_counter()
-        host.append((t1 - t0) * 1e3)
-        wall.append((t2 - t0) * 1e3)
-        gpu.append(start.elapsed_time(end) if dev.type == "cuda" else (t2 - t0) * 1e3)
-    return {"gpu_ms": float(np.median(gpu)), "wall_ms": float(np.median(wall)), "host_ms": float(np.median(host))}
+        gpu = start.elapsed_time(end) if dev.type == "cuda" else (t2 - t0) * 1e3
+        return gpu, (t2 - t0) * 1e3, (t1 - t0) * 1e3
+
+    names = list(fns)
+    for name in names:  # compile, warm the allocator; the second call estimates the row's cost
+        fns[name]()
+        sync()
+    slowest = max(one(fns[name])[1] for name in names) / 1e3
+    rounds = min(10 * iters, max(iters, math.ceil(ROW_SECONDS / max(slowest, 1e-6))))
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            samples[name].append(one(fns[name]))
+    return {name: dict(zip(("gpu_ms", "wall_ms", "host_ms"), (float(x) for x in np.median(np.array(v), 0))),
+                       calls=rounds) for name, v in samples.items()}
 
 
 def grid_rows(args, dev, save) -> list:
@@ -280,12 +295,11 @@ def grid_row(renderers: dict, leaves: dict, dist: str, count: int, width: int, h
     n = leaves["means"].shape[0]
     row = {"gaussians": n, "distribution": dist, "cameras": count, "width": width, "height": height, "mode": mode}
     weights = torch.randn(count, height, width, 4 if mode == "RGB+ED" else 3, device=dev)
-    for name, render in renderers.items():
-        def step(render=render):
-            img = render(leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"], leaves["sh"],
-                         viewmats, Ks, width, height, sh_degree=3, render_mode=mode)[0]
-            (img * weights).sum().backward()
-        row[name] = time_call(step, iters, dev)
+    def step(render):
+        img = render(leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"], leaves["sh"],
+                     viewmats, Ks, width, height, sh_degree=3, render_mode=mode)[0]
+        (img * weights).sum().backward()
+    row.update(time_calls({name: (lambda r=render: step(r)) for name, render in renderers.items()}, iters, dev))
     if "gsplat" in row:
         row["ratio"] = row["ours"]["gpu_ms"] / row["gsplat"]["gpu_ms"]
         row["ratio_wall"] = row["ours"]["wall_ms"] / row["gsplat"]["wall_ms"]

@@ -45,8 +45,11 @@ def raster_grid_table() -> str:
     d = load("raster_grid.json")
     if d is None or d.get("quick"):
         return ""
+    calls = sorted(r["ours"]["calls"] for r in d["rows"] if "calls" in r["ours"])
+    median_of = (f"median of {calls[0]}-{calls[-1]} calls (small rows more), ours and the peer's interleaved"
+                 if calls else f"median of {d['iters']}")
     rows = [f"**Rasterization, camera batches** (`bench/raster.py --grid`), {d['device']}, {d['date'][:10]}: "
-            f"forward+backward of one batched call, SH degree {d['sh_degree']}, median of {d['iters']}; peer: "
+            f"forward+backward of one batched call, SH degree {d['sh_degree']}, {median_of}; peer: "
             f"gsplat 1.5.3's `rasterization` on the same inputs, same run. GPU time from CUDA events; host: time "
             f"until the call returns (ours).", "",
             "| Gaussians | scene | cameras | image | mode | ours (ms) | gsplat (ms) | ours vs gsplat | ours host (ms) |",
