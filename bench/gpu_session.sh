@@ -3,7 +3,7 @@
 # under its own timeout (see shared/device/README.md for the carried wheels in .whl/):
 #     . .whl/env.sh && bash bench/gpu_session.sh [mpm_forward] [mpm_backward] [raster] [raster_grid] [image2d] [e2e]
 #                                             [multigpu] [profile] [fit_material]
-#                                             [first_gradient] [ncu_forward] [ncu_backward] [host_sections]
+#                                             [first_gradient] [ncu_forward] [ncu_backward] [host_sections] [ptx]
 #                                             [tests] [demo]
 #                                             [-- PYTEST_ARGS...]
 # With no step it runs mpm_forward, tests and demo. JSON goes to $OUT (or bench/results).
@@ -47,6 +47,7 @@ for step in "${steps[@]}"; do
     first_gradient) TAICHI_MPM_ARCH=cuda timeout 300 python3 bench/first_gradient.py --out "$out/first_gradient_cuda.json" ;;
     profile)      timeout 300 python3 bench/profile_gpu.py --out "$out/profile.txt" ;;
     host_sections) timeout 200 python3 bench/host_sections.py --out "$out/host_sections_cuda.json" ;;
+    ptx)          timeout 200 python3 bench/ptx_registers.py dump "$out/ptx" ;;  # then, anywhere: ptx_registers.py count
     ncu_forward)  timeout 240 python3 bench/ncu_table.py mpm_forward --out "$out/ncu_mpm_forward.txt" ;;  # needs ncu
     ncu_backward) timeout 240 python3 bench/ncu_table.py mpm_backward --out "$out/ncu_mpm_backward.txt" ;;
     e2e)          timeout 300 python3 bench/e2e_step.py --out "$out/e2e_step_cuda.json" ;;
