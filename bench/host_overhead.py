@@ -63,14 +63,3 @@ def torch_op_counts(fn: Callable[[], None]) -> tuple:
     aten = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
     return len(top), len(aten)
-
-
-def op_table(fn: Callable[[], None]) -> str:
-    """The top-level aten ops of one call of fn, by name and count (for reading, not for JSON)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    counts: Dict[str, int] = {}
-    for e in prof.events():
-        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")):
-            counts[e.name] = counts.get(e.name, 0) + 1
-    return "\n".join(f"{n:>4} {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
