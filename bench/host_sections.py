@@ -7,7 +7,8 @@ its kernels take ~0.33 ms, and a Taichi launch (~13 us plus ~1.9 us an array arg
 ops (~6 us each) account for about 0.5 ms of it (2026-11-28). This times, with perf_counter and no
 added sync, each stage the call runs through: the autograd Functions' forward and backward, the
 binning, every TorchKernel launch by kernel name (Python argument setting and Taichi's launch
-together), and the whole call; ``other`` is the call's time outside all of them (torch ops of the
+together), Taichi's C++ launch_kernel over all launches (so the argument setting is the launches'
+sum less it), and the whole call; ``other`` is the call's time outside all of them (torch ops of the
 bridge, autograd's engine, the loss). A stage that reads a GPU value to the host (binning's pair
 count) also waits there for the kernels queued before it: its time is host work plus that wait.
 Workloads: bench/profile_gpu.py's ``raster`` (10k 3D Gaussians, one 256x256 camera, SH3) and
@@ -36,6 +37,7 @@ from taichi_mpm.runtime import ensure_init  # noqa: E402
 
 
 IN_STAGES = "in the outermost stages"  # per call, summed over them (not reported)
+TAICHI_LAUNCH = "Taichi's launch_kernel (C++), all launches"  # inside the launches: the rest is argument setting
 OUTSIDE = "other (outside every stage)"
 
 
@@ -65,7 +67,8 @@ def timed_stages(spent: dict):
         return wrapped
 
     patches = [(TorchKernel, "__call__",
-                lambda args: f"launch {args[0]._primal.func.__module__.split('.')[-1]}.{args[0]._name}")]
+                lambda args: f"launch {args[0]._primal.func.__module__.split('.')[-1]}.{args[0]._name}"),
+               (TorchKernel, "_launch", lambda args: TAICHI_LAUNCH)]
     for cls in (rasterization._Project, rasterization._Blend, splat2d._Splat2D):
         for method in ("forward", "backward"):
             patches.append((cls, method, lambda args, n=f"{cls.__name__}.{method}": n))

@@ -24,7 +24,8 @@ def test_stages_are_timed_nested_and_unpatched_after(ti_arch, device):
     from bridge.splat2d import _Splat2D, splat2d
     from taichi_mpm.launch import TorchKernel
 
-    originals = (TorchKernel.__dict__["__call__"], _Splat2D.__dict__["forward"], _Splat2D.__dict__["backward"])
+    originals = (TorchKernel.__dict__["__call__"], TorchKernel.__dict__["_launch"], _Splat2D.__dict__["forward"],
+                 _Splat2D.__dict__["backward"])
     g = torch.Generator().manual_seed(0)
     n, w, h = 40, 24, 20
     leaves = [t.to(device).requires_grad_(True) for t in (
@@ -43,6 +44,9 @@ def test_stages_are_timed_nested_and_unpatched_after(ti_arch, device):
                       for direction in ("forward", "backward")}
     assert all(len(names) == 1 for names in blend_launches.values()), blend_launches
     assert medians[blend_launches["backward"][0]] <= medians["_Splat2D.backward"]
+    launches = sum(us for name, us in medians.items() if name.startswith("launch "))
+    assert 0 < medians[hs.TAICHI_LAUNCH] < launches  # Taichi's part of the launches, not all of them
     stages = medians["_Splat2D.forward"] + medians["_Splat2D.backward"]
     assert 0 <= medians[hs.OUTSIDE] <= medians["call"] - 0.9 * stages
-    assert (TorchKernel.__dict__["__call__"], _Splat2D.__dict__["forward"], _Splat2D.__dict__["backward"]) == originals
+    assert (TorchKernel.__dict__["__call__"], TorchKernel.__dict__["_launch"], _Splat2D.__dict__["forward"],
+            _Splat2D.__dict__["backward"]) == originals
