@@ -13,10 +13,13 @@ Helpers (import them with ``from conftest import ...``; tests/ is on sys.path un
         and its worst element.
     assert_mp4(path)                 an MP4 was written where imageio-ffmpeg is installed (a declared
                                      dependency the GPU machine lacks), none where it is not
+    load_bench(name)                 bench/<name>.py as a module (bench/ is no package; its scripts
+                                     import each other by name, so bench/ goes on sys.path)
 """
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -38,6 +41,18 @@ def device(ti_arch) -> torch.device:
     from taichi_mpm.runtime import device as runtime_device
 
     return runtime_device()
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def float_eps(dtype: torch.dtype) -> float:

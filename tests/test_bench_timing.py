@@ -1,22 +1,13 @@
 """bench/raster.py's grid timing: renderers interleaved with alternating order, small calls repeated."""
-import importlib.util
 import time
-from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _raster_bench():
-    spec = importlib.util.spec_from_file_location("raster_bench", BENCH / "raster.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 def test_calls_interleave_alternate_and_repeat_small_rows(monkeypatch):
-    bench = _raster_bench()
+    bench = load_bench("raster")
     monkeypatch.setattr(bench, "ROW_SECONDS", 0.05)
     order = []
 

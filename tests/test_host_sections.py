@@ -1,26 +1,14 @@
 """bench/host_sections.py: the stage timers wrap what a render call runs through and leave it as it was."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load():
-    sys.path.insert(0, str(BENCH))  # host_sections imports bench/profile_gpu.py's workloads
-    spec = importlib.util.spec_from_file_location("host_sections", BENCH / "host_sections.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_bench
 
 
 def test_stages_are_timed_nested_and_unpatched_after(ti_arch, device):
     """Each stage of a 2D splat forward+backward shows up once a call, a launch inside its autograd
     stage costs no more than that stage, and the call's time splits into stages plus the rest.
     Shown to catch nested stages counted twice in the split (binning runs inside _Splat2D.forward)."""
-    hs = _load()
+    hs = load_bench("host_sections")
     from bridge.splat2d import _Splat2D, splat2d
     from taichi_mpm.launch import TorchKernel
 

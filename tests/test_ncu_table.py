@@ -1,12 +1,9 @@
 """bench/ncu_table.py: reading Nsight Compute's raw page (the GPU run itself needs ncu and a GPU)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_spec = importlib.util.spec_from_file_location("ncu_table", Path(__file__).resolve().parents[1] / "bench" / "ncu_table.py")
-ncu_table = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ncu_table)
+from conftest import load_bench
+
+ncu_table = load_bench("ncu_table")
 
 # excerpt of `ncu --import R --page raw --print-units base` (H200, 2026-11-27)
 RAW = """[684] python3.12@127.0.0.1

@@ -1,11 +1,9 @@
 """bench/ptx_registers.py: ptxas -v's log read into rows, per PTX file, for the dump's GPU."""
-import importlib.util
 import stat
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from conftest import load_bench
 
 # ptxas 12.9's -v output for one module of the blend kernels (trimmed), 2026-11-28
 LOG = """ptxas warning : Unresolved extern variable 'shared_array_47' in whole program compilation, ignoring extern qualifier
@@ -22,15 +20,8 @@ ptxas info    : Used 255 registers
 """
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("ptx_registers", BENCH / "ptx_registers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_log_rows_and_blocks_per_sm():
-    pr = _module()
+    pr = load_bench("ptx_registers")
     rows = pr.parse_ptxas(LOG)
     assert [(r["kernel"], r["arch"], r["registers"], r["spill_store_bytes"], r["spill_load_bytes"],
              r["shared_bytes"]) for r in rows] == [
@@ -41,7 +32,7 @@ def test_log_rows_and_blocks_per_sm():
 
 
 def test_count_runs_ptxas_per_file_for_the_dumps_gpu(tmp_path):
-    pr = _module()
+    pr = load_bench("ptx_registers")
     fake = tmp_path / "ptxas"  # records its arguments, answers with LOG on stderr as ptxas does
     fake.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\ncat >&2 <<'END'\n{LOG}END\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
