@@ -2,9 +2,9 @@
 
     python bench/host_sections.py [--calls 200] [--out FILE]
 
-A 10k-Gaussian forward+backward returns after ~1.9 ms on an H200 (raster, one 256x256 camera) while
-its kernels take ~0.33 ms, and a Taichi launch (~13 us plus ~1.9 us an array argument) and ~44 torch
-ops (~6 us each) account for about 0.5 ms of it (2026-11-28). This times, with perf_counter and no
+A 10k-Gaussian forward+backward (raster, one 256x256 camera) takes ~0.33 ms of kernels on an H200
+but returns after ~2.4 ms, of which its five Taichi launches took 0.88 ms and the binning 0.52 ms
+(this script, 2026-11-28; bench/results/host_sections_cuda.json). This times, with perf_counter and no
 added sync, each stage the call runs through: the autograd Functions' forward and backward, the
 binning, every TorchKernel launch by kernel name (Python argument setting and Taichi's launch
 together), Taichi's C++ launch_kernel over all launches (so the argument setting is the launches'
