@@ -16,8 +16,9 @@ from typing import Any, Optional
 import torch
 
 from render.binning import DEFAULT_MAX_PAIRS, TILE_SIZE, bin_unchecked, tile_grid
-from render.blending import SPLAT_GRADS, blend_kernels, split_splat_grads
+from render.blending import blend_kernels, split_record
 from render.projection import ProjectionConfig, projection_kernels
+from render.splat_record import CONIC, DEPTH, GEOMETRY, MEAN, OPACITY, PROJECTED, RGB
 
 from taichi_mpm.runtime import device as taichi_device
 from taichi_mpm.runtime import ensure_init
@@ -94,74 +95,104 @@ def _given(grads, ndims, device):
 
 
 class _Project(torch.autograd.Function):
-    """Gaussians -> (means2d, conics, depths, rgb, opacities, radii) (C, N, ...) and, flat over the
-    C*N items, the tile rectangles (C*N, 4) and pair counts (C*N,) that binning reads."""
+    """Gaussians -> (means2d, conics, depths, opacities, features) (C, N, ...): views of one array of
+    splat records (C, N, PROJECTED) (render/splat_record.py; features: the columns the blend reads,
+    from `columns`), the radii (C, N, 2) and, flat over the C*N items, the tile rectangles (C*N, 4)
+    and pair counts (C*N,) that binning reads."""
 
     @staticmethod
-    def forward(ctx, means, quats, scales, covars, opacities, sh, viewmats, Ks, plane: tuple, kernels: tuple):
+    def forward(ctx, means, quats, scales, covars, opacities, sh, viewmats, Ks, plane: tuple, columns: tuple,
+                kernels: tuple):
         # inputs pass as they are: TorchKernel's forward launch gives Taichi no gradient pointers
         C, N, dev = viewmats.shape[0], means.shape[0], means.device
         width, height, near, far = plane
-        means2d, conics = torch.empty(C, N, 2, device=dev), torch.empty(C, N, 3, device=dev)
-        depths, opac = torch.empty(C, N, device=dev), torch.empty(C, N, device=dev)
-        rgb = torch.empty(C, N if kernels[2][5] else 1, 3, device=dev)
+        splats = torch.empty(C, N, PROJECTED, device=dev)
         radii = torch.empty(C, N, 2, dtype=torch.int32, device=dev)
         rects = torch.empty(C * N, 4, dtype=torch.int32, device=dev)
         pair_counts = torch.empty(C * N, dtype=torch.int32, device=dev)
         kernels[0](means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
-                   means2d, conics, depths, rgb, opac, radii, rects, pair_counts)
+                   splats, radii, rects, pair_counts)
         ctx.save_for_backward(means, quats, scales, covars, opacities, sh, viewmats, Ks, rects)
-        ctx.plane, ctx.kernel, ctx.used = plane, kernels[1], kernels[2]
+        ctx.plane, ctx.columns, ctx.kernel, ctx.used = plane, columns, kernels[1], kernels[2]
         ctx.mark_non_differentiable(radii, rects, pair_counts)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for outputs the loss does not use
-        return means2d, conics, depths, rgb, opac, radii, rects, pair_counts
+        means2d, conics, opac, features = split_record(splats, *columns)
+        return means2d, conics, splats[..., DEPTH], opac, features, radii, rects, pair_counts
 
     @staticmethod
-    def backward(ctx, v_means2d, v_conics, v_depths, v_rgb, v_opac, _v_radii, _v_rects, _v_pair_counts):
+    def backward(ctx, v_means2d, v_conics, v_depths, v_opac, v_features, _v_radii, _v_rects, _v_pair_counts):
         inputs = ctx.saved_tensors
         means, quats, scales, covars, opacities, sh, viewmats, Ks, rects = inputs
         # the kernel writes every gradient element (summing the cameras itself). An unused input is a
         # placeholder the kernel never touches: it stands in for its own gradient array
         grads = [torch.empty_like(t) if u else t for t, u in zip(inputs, ctx.used)]
-        # bits in render.projection.GIVEN_* order
-        v_outs, given = _given((v_means2d, v_conics, v_depths, v_rgb, v_opac), (3, 3, 2, 3, 2), means.device)
+        v_splats = _projected_grads(viewmats.shape[0], means.shape[0], ctx.columns, v_means2d, v_conics, v_depths,
+                                    v_opac, v_features)
         ctx.kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, ctx.plane[0], ctx.plane[1], rects,
-                   *v_outs, given, *grads)
-        return (*(g if u else None for g, u in zip(grads, ctx.used)), None, None, None, None)
+                   v_splats, *grads)
+        return (*(g if u else None for g, u in zip(grads, ctx.used)), None, None, None, None, None)
 
 
-def _items(*arrays):
-    """(C, N, ...) per-splat arrays as the flat (C*N, ...) views the blend kernels index by item id."""
-    return tuple(a.view(a.shape[0] * a.shape[1], *a.shape[2:]) for a in arrays)
+def _projected_grads(C, N, columns, v_means2d, v_conics, v_depths, v_opac, v_features):
+    """The gradients of _Project's outputs as one array of its records' layout (C, N, PROJECTED).
+    When the blend's backward gave them, they are views of such an array already (the blend read the
+    projection's records in place): that array is taken as it is, with a depth gradient from another
+    use added in; else the gradients given are summed into zeros, column by column."""
+    record = getattr(v_means2d, "_base", None)
+    if (record is not None and record.shape == (C, N, PROJECTED) and record.is_contiguous()
+            and all(g is not None and g._base is record and g.storage_offset() - record.storage_offset() == column
+                    for g, column in ((v_means2d, MEAN), (v_conics, CONIC), (v_opac, OPACITY),
+                                      (v_features, columns[0])))):
+        if v_depths is not None:
+            record[..., DEPTH] += v_depths
+        return record
+    record = torch.zeros(C, N, PROJECTED, device=(v_means2d if v_means2d is not None else v_conics).device)
+    means2d, conics, opac, features = split_record(record, *columns)
+    for g, view in zip((v_means2d, v_conics, v_depths, v_opac, v_features),
+                       (means2d, conics, record[..., DEPTH], opac, features)):
+        if g is not None:
+            view += g
+    return record
 
 
 class _Blend(torch.autograd.Function):
-    """Screen-space splats + sorted tile pairs -> (features (C, H, W, K), alphas (C, H, W, 1))."""
+    """Screen-space splats + sorted tile pairs -> (features (C, H, W, K), alphas (C, H, W, 1)).
+    `record`: the (C, N, width) splat records the other inputs are views of, with the features from
+    column `first_feature` (the projection's, read in place), or None: the inputs are packed into
+    records here."""
 
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, features, item_ids, tile_ranges, width, height, kernels):
+    def forward(ctx, means2d, conics, opacities, features, record, first_feature, item_ids, tile_ranges, width,
+                height, variant_channels: tuple):
         C, K, dev = means2d.shape[0], features.shape[-1], means2d.device
+        if record is None:
+            record = torch.cat([means2d, conics, opacities[..., None], features], -1)
+            first_feature = GEOMETRY
         image = torch.empty(C, height, width, K, device=dev)
         alpha = torch.empty(C, height, width, 1, device=dev)
         final_T = torch.empty(C, height, width, device=dev)
         last = torch.empty(C, height, width, dtype=torch.int32, device=dev)
         # tile_ranges' third column (binning's walked=True) takes the walked bound of each tile
-        kernels[0](*_items(means2d, conics, opacities, features), item_ids, tile_ranges, width, height,
-                   image, alpha, final_T, last)
-        ctx.save_for_backward(means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last)
-        ctx.size, ctx.kernel = (width, height), kernels[1]
+        kernels = blend_kernels(*variant_channels, "alpha", first_feature)
+        kernels[0](_items(record), item_ids, tile_ranges, width, height, image, alpha, final_T, last)
+        ctx.save_for_backward(record, item_ids, tile_ranges, final_T, last)
+        ctx.size, ctx.kernel, ctx.columns = (width, height), kernels[1], (first_feature, K)
         ctx.set_materialize_grads(False)  # the backward kernel skips a missing gradient
         return image, alpha
 
     @staticmethod
     def backward(ctx, v_image, v_alpha):
-        means2d, conics, opacities, features, item_ids, tile_ranges, final_T, last = ctx.saved_tensors
-        (v_image, v_alpha), given = _given((v_image, v_alpha), (4, 4), features.device)  # GIVEN_IMAGE, _ALPHA
-        C, N, K = features.shape
-        v_splats = torch.zeros(C, N, SPLAT_GRADS + K, device=features.device)
-        ctx.kernel(*_items(means2d, conics, opacities, features), item_ids, tile_ranges, *ctx.size, final_T,
-                   last, v_image, v_alpha, given, v_splats.view(C * N, -1))
-        return (*split_splat_grads(v_splats), None, None, None, None, None)
+        record, item_ids, tile_ranges, final_T, last = ctx.saved_tensors
+        (v_image, v_alpha), given = _given((v_image, v_alpha), (4, 4), record.device)  # GIVEN_IMAGE, _ALPHA
+        v_record = torch.zeros_like(record)
+        ctx.kernel(_items(record), item_ids, tile_ranges, *ctx.size, final_T, last, v_image, v_alpha, given,
+                   _items(v_record))
+        return (*split_record(v_record, *ctx.columns), None, None, None, None, None, None, None)
+
+
+def _items(record):
+    """(C, N, width) records as the flat (C*N, width) view the blend kernels index by item id."""
+    return record.view(record.shape[0] * record.shape[1], record.shape[2])
 
 
 def _render_nothing(C, width, height, channels, color_channels, backgrounds, grid, dev):
@@ -408,23 +439,22 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
     kernels = _projection(sh_deg, given_cov, rasterize_mode == "antialiased", C > 1)
     given = (means, quats, scales, covars, opacities, colors)
     # .contiguous() returns a contiguous tensor itself; unused inputs get a cached placeholder
-    means2d, conics, depths, rgb, opac, radii, rects, pair_counts = _Project.apply(
+    # the projection's records hold rgb and then depth: the features the blend reads are columns of them
+    columns = (DEPTH, 1) if render_mode in ("D", "ED") else (RGB, 3 if render_mode == "RGB" else 4)
+    means2d, conics, depths, opac, features, radii, rects, pair_counts = _Project.apply(
         *(t.contiguous() if u else _placeholder(s, dev) for t, u, s in zip(given, kernels[2], _PLACEHOLDER_SHAPES)),
-        viewmats.contiguous(), Ks.contiguous(), (width, height, float(near_plane), float(far_plane)), kernels)
+        viewmats.contiguous(), Ks.contiguous(), (width, height, float(near_plane), float(far_plane)), columns,
+        kernels)
+    record = means2d._base  # the records (C, N, PROJECTED), which the blend reads in place unless changed
     if means2d_offset is not None:
-        means2d = means2d + means2d_offset
-    if sh_degree is None:
+        means2d, record = means2d + means2d_offset, None
+    if sh_degree is None and render_mode not in ("D", "ED"):  # the caller's colours (and depth), packed
         rgb = colors.unsqueeze(0).expand(C, -1, -1) if colors.dim() == 2 else colors
-    if render_mode == "RGB":
-        features = rgb.contiguous()
-    elif render_mode in ("D", "ED"):
-        features = depths[..., None]
-    else:
-        features = torch.cat([rgb, depths[..., None]], -1)
+        features, record = (rgb if render_mode == "RGB" else torch.cat([rgb, depths[..., None]], -1)), None
     binning = bin_unchecked(rects, depths.detach().view(-1), pair_counts, C, grid, max_pairs, walked=True)
     item_ids = binning.item_ids if binning.num_pairs else _no_items(dev)
-    image, alpha = _Blend.apply(means2d, conics, opac, features, item_ids, binning.tile_ranges, width, height,
-                                blend_kernels(blend_variant, channels))
+    image, alpha = _Blend.apply(means2d, conics, opac, features, record, columns[0], item_ids, binning.tile_ranges,
+                                width, height, (blend_variant, channels))
     if backgrounds is not None:
         pad = image.shape[-1] - color_channels
         bg = torch.cat([backgrounds, backgrounds.new_zeros(C, pad)], -1) if pad else backgrounds

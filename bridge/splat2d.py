@@ -1,7 +1,7 @@
 """2D Gaussian splatting for image fitting (GaussianImage), differentiable through Taichi kernels.
 
 One autograd Function runs the three stages the 3D rasterizer shares with it:
-    preprocess (render/splat2d.py)        Cholesky factors -> conics, tile rectangles
+    preprocess (render/splat2d.py)        Cholesky factors -> splat records (render/splat_record.py), tiles
     binning (render/binning.py)           tile/Gaussian pairs in index order, no gradient
     blend (render/blending.py)            "sum" (order-free) or "alpha" (front to back) blending
 and its backward runs the hand-written blend and preprocess backward kernels. With
@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from render.binning import DEFAULT_MAX_PAIRS, bin_unchecked, tile_grid
-from render.blending import BLEND_MODES, SPLAT_GRADS, blend_kernels, split_splat_grads
+from render.blending import BLEND_MODES, blend_kernels, split_record
 from render.reference2d import reference_splat2d
 from render.splat2d import preprocess_kernels
+from render.splat_record import GEOMETRY
 from taichi_mpm.runtime import ensure_init
 from taichi_mpm.validation import check_int, check_tensor
 
@@ -35,12 +36,12 @@ class _Splat2D(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, chol, opacities, colors, width, height, blend, max_pairs):
         # inputs pass as they are (TorchKernel's forward launch gives Taichi no gradient pointers);
-        # one image: the blend kernels' items are the N Gaussians
+        # one image: the blend kernels' items are the N Gaussians, whose records the preprocess writes
         N, K, dev = means.shape[0], colors.shape[1], means.device
-        conics = torch.empty(N, 3, device=dev)
+        splats = torch.empty(N, GEOMETRY + K, device=dev)
         rects = torch.empty(N, 4, dtype=torch.int32, device=dev)
         counts = torch.empty(N, dtype=torch.int32, device=dev)
-        preprocess_kernels()[0](means, chol, opacities, width, height, conics, rects, counts)
+        preprocess_kernels()[0](means, chol, opacities, colors, width, height, splats, rects, counts)
         # no depths: pairs keep index order, Gaussian 0 in front; the third column of the tile ranges
         # is the blend kernels' walked bound (render.binning.bin_unchecked's walked=True)
         binning = bin_unchecked(rects, None, counts, 1, tile_grid(width, height), max_pairs, walked=True)
@@ -49,25 +50,22 @@ class _Splat2D(torch.autograd.Function):
         alpha = torch.empty(1, height, width, 1, device=dev)
         final_T = torch.empty(1, height, width, device=dev)
         last = torch.empty(1, height, width, dtype=torch.int32, device=dev)
-        blend[0](means, conics, opacities, colors, item_ids, binning.tile_ranges, width, height, image, alpha,
-                 final_T, last)
-        ctx.save_for_backward(means, conics, opacities, colors, chol, rects, item_ids, binning.tile_ranges,
-                              final_T, last)
+        blend[0](splats, item_ids, binning.tile_ranges, width, height, image, alpha, final_T, last)
+        ctx.save_for_backward(splats, chol, rects, item_ids, binning.tile_ranges, final_T, last)
         ctx.size, ctx.kernel = (width, height), blend[1]
         ctx.set_materialize_grads(False)  # the backward kernel skips a missing gradient
         return image[0], alpha.view(height, width)
 
     @staticmethod
     def backward(ctx, v_image, v_alpha):
-        means, conics, opacities, colors, chol, rects, item_ids, tile_ranges, final_T, last = ctx.saved_tensors
+        splats, chol, rects, item_ids, tile_ranges, final_T, last = ctx.saved_tensors
         width, height = ctx.size
         (v_image, v_alpha), given = _given((None if v_image is None else v_image[None],
                                             None if v_alpha is None else v_alpha.reshape(1, height, width, 1)),
-                                           (4, 4), means.device)
-        v_splats = torch.zeros(means.shape[0], SPLAT_GRADS + colors.shape[-1], device=means.device)
-        ctx.kernel(means, conics, opacities, colors, item_ids, tile_ranges, width, height, final_T, last,
-                   v_image, v_alpha, given, v_splats)
-        v_means, _, v_opac, v_colors = split_splat_grads(v_splats)
+                                           (4, 4), splats.device)
+        v_splats = torch.zeros_like(splats)
+        ctx.kernel(splats, item_ids, tile_ranges, width, height, final_T, last, v_image, v_alpha, given, v_splats)
+        v_means, _, v_opac, v_colors = split_record(v_splats, GEOMETRY, splats.shape[1] - GEOMETRY)
         v_chol = torch.empty_like(chol)
         preprocess_kernels()[1](chol, rects, v_splats, v_chol)  # reads the conic columns
         return v_means, v_chol, v_opac, v_colors, None, None, None, None

@@ -30,6 +30,7 @@ from taichi_mpm.launch import TorchKernel
 
 from .binning import TILE_SIZE as TILE
 from .projection import ALPHA_MIN
+from .splat_record import CONIC, GEOMETRY, MEAN, OPACITY
 
 ALPHA_MAX = 0.99
 T_MIN = 1e-4
@@ -74,20 +75,20 @@ def _pixel_of(tile_index, lane, tiles_x, num_tiles):
 
 
 BLEND_MODES = ("alpha", "sum")
-# columns of the backward's one gradient array per splat: mean2D (2), conic (3), opacity, then the
-# K features. One array, not four: the CUDA kernel's atomics index it by their slot with no branch,
-# and it holds one base pointer and its strides through the walk instead of four (blend backward,
-# 100k Gaussians on 8 HD cameras, H200: 6.23 -> 5.31 ms; 1M trained-like on 4 at 640x480: 8.75 -> 7.83).
-# Indexing the per-splat arrays by flat item id, with no c, n = item // N, item % N, took it on to
-# 4.43 and 7.15 ms (bench/raster_kernel_time.py, 2026-11-28).
-MEAN_GRAD, CONIC_GRAD, OPACITY_GRAD, SPLAT_GRADS = 0, 2, 5, 6
+# The backward accumulates every splat's gradients into one array of the record's layout
+# (render/splat_record.py), its atomics indexed by the value's slot with no branch (blend backward,
+# 100k Gaussians on 8 HD cameras, H200: four arrays picked by slot 6.23 ms, one array 5.31 ms;
+# items indexed flat, with no c, n = item // N, item % N, 4.43 ms; bench/raster_kernel_time.py,
+# 2026-11-28).
 
 
-def split_splat_grads(v_splats):
-    """(v_means2d (C, N, 2), v_conics (C, N, 3), v_opacities (C, N), v_features (C, N, K)): views of
-    v_splats (C, N, SPLAT_GRADS + K), the blend backward's gradient array (it gets the (C*N, ...) view)."""
-    return (v_splats[..., MEAN_GRAD:MEAN_GRAD + 2], v_splats[..., CONIC_GRAD:CONIC_GRAD + 3],
-            v_splats[..., OPACITY_GRAD], v_splats[..., SPLAT_GRADS:])
+def split_record(record, first_feature: int, channels: int):
+    """(means2d (..., 2), conics (..., 3), opacities (...), features (..., K)): views of a record array
+    (..., width) (render/splat_record.py), e.g. the blend backward's gradients."""
+    return (record[..., MEAN:MEAN + 2], record[..., CONIC:CONIC + 3], record[..., OPACITY],
+            record[..., first_feature:first_feature + channels])
+
+
 # bits of the backward's `given` argument: which of v_image, v_alpha the loss produced; the kernel
 # reads only those, so a missing one is passed as a placeholder instead of zero-filled
 GIVEN_IMAGE, GIVEN_ALPHA = 1, 2
@@ -98,12 +99,14 @@ class BlendConfig:
     """What a pair of blend kernels is compiled for.
 
     variant: "block" (CUDA only: shared memory, warp reductions) or "pixel" (any arch).
-    channels: features per splat. mode: "alpha" (front-to-back compositing) or "sum" (order-free).
+    channels: features per splat, in the record's columns first_feature .. first_feature + channels - 1
+    (render/splat_record.py). mode: "alpha" (front-to-back compositing) or "sum" (order-free).
     """
 
     variant: str
     channels: int
     mode: str = "alpha"
+    first_feature: int = GEOMETRY
 
     def __post_init__(self):
         if self.variant not in ("block", "pixel"):
@@ -112,27 +115,28 @@ class BlendConfig:
             raise ValueError(f"blend mode must be one of {BLEND_MODES}, got {self.mode!r}")
         if not (isinstance(self.channels, int) and self.channels >= 1):
             raise ValueError(f"channels must be a positive int, got {self.channels!r}")
+        if not (isinstance(self.first_feature, int) and self.first_feature >= GEOMETRY):
+            raise ValueError(f"features start at column {GEOMETRY} or later, got {self.first_feature!r}")
 
 
 @functools.cache  # a per-call lookup on plain arguments (no BlendConfig built and hashed each call)
-def blend_kernels(variant: str, channels: int, mode: str = "alpha"):
+def blend_kernels(variant: str, channels: int, mode: str = "alpha", first_feature: int = GEOMETRY):
     """(forward, backward) kernels blending `channels` features per splat; see BlendConfig.
 
-    forward(means2d (C*N, 2), conics (C*N, 3), opacities (C*N,), features (C*N, K), item_ids (P,),
+    forward(splats (C*N, width) records (render/splat_record.py), item_ids (P,),
             tile_ranges (C, ty, tx, 3) [start, end, start: raised to the end walked], width, height,
             image (C, H, W, K) out, alpha (C, H, W, 1) out, final_T (C, H, W) out, last (C, H, W) int32 out)
-    backward(means2d, conics, opacities, features, item_ids, tile_ranges (as the forward left them),
-             width, height, final_T, last, v_image (C, H, W, K), v_alpha (C, H, W, 1), given (GIVEN_* bits),
-             v_splats (C*N, SPLAT_GRADS + K), zeroed, accumulated into; split_splat_grads names its columns)
-    The per-splat arrays are flat over the C*N items (views of the (C, N, ...) arrays), indexed by the
-    item ids binning emits (c * N + n) with no division.
+    backward(splats, item_ids, tile_ranges (as the forward left them), width, height, final_T, last,
+             v_image (C, H, W, K), v_alpha (C, H, W, 1), given (GIVEN_* bits),
+             v_splats (C*N, width) zeroed, accumulated into in the records' layout; split_record names it)
+    Records are indexed by the item ids binning emits (c * N + n), with no division.
     """
-    return _blend_kernels(BlendConfig(variant, channels, mode))
+    return _blend_kernels(BlendConfig(variant, channels, mode, first_feature))
 
 
 @functools.cache
 def _blend_kernels(config: BlendConfig):
-    variant, K, alpha_mode = config.variant, config.channels, config.mode == "alpha"
+    variant, K, alpha_mode, F = config.variant, config.channels, config.mode == "alpha", config.first_feature
 
     @ti.func
     def out_alpha_weight(v_out_alpha, T_final):
@@ -158,17 +162,15 @@ def _blend_kernels(config: BlendConfig):
         return T, v_alpha, v_feat, behind
 
     @ti.func
-    def load(means2d: ti.template(), conics: ti.template(), opacities: ti.template(), features: ti.template(),
-             item):
-        mean = ti.math.vec2(means2d[item, 0], means2d[item, 1])
-        conic = ti.math.vec3(conics[item, 0], conics[item, 1], conics[item, 2])
-        feat = ti.Vector([features[item, k] for k in ti.static(range(K))], ti.f32)
-        return mean, conic, opacities[item], feat
+    def load(splats: ti.template(), item):
+        mean = ti.math.vec2(splats[item, MEAN], splats[item, MEAN + 1])
+        conic = ti.math.vec3(splats[item, CONIC], splats[item, CONIC + 1], splats[item, CONIC + 2])
+        feat = ti.Vector([splats[item, F + k] for k in ti.static(range(K))], ti.f32)
+        return mean, conic, splats[item, OPACITY], feat
 
     if variant == "pixel":
         @ti.kernel
-        def forward(means2d: nd(ti.f32, ndim=2), conics: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
-                    features: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+        def forward(splats: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                     width: ti.i32, height: ti.i32,
                     image: nd(ti.f32, ndim=4), alpha_out: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3),
                     last: nd(ti.i32, ndim=3)):
@@ -180,7 +182,7 @@ def _blend_kernels(config: BlendConfig):
                 acc = ti.Vector.zero(ti.f32, K)
                 n_walked = 0
                 for j in range(start, end):
-                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item_ids[j])
+                    mean, conic, opacity, feat = load(splats, item_ids[j])
                     alpha, _, _ = _splat_alpha(mean, conic, opacity, pixel)
                     if alpha >= ALPHA_MIN:
                         if ti.static(alpha_mode):
@@ -201,8 +203,7 @@ def _blend_kernels(config: BlendConfig):
                 ti.atomic_max(ranges[c, ty, tx, 2], start + n_walked)
 
         @ti.kernel
-        def backward(means2d: nd(ti.f32, ndim=2), conics: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
-                     features: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+        def backward(splats: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                      width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
                      v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4), given: ti.i32,
                      v_splats: nd(ti.f32, ndim=2)):
@@ -222,18 +223,18 @@ def _blend_kernels(config: BlendConfig):
                 for back in range(last[c, py, px]):
                     j = start + last[c, py, px] - 1 - back
                     item = item_ids[j]
-                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item)
+                    mean, conic, opacity, feat = load(splats, item)
                     alpha, raw, d = _splat_alpha(mean, conic, opacity, pixel)
                     if alpha >= ALPHA_MIN:
                         T, v_alpha, v_feat, behind = uncomposite(alpha, T, feat, behind, v_pix, v_out)
                         v_mean, v_conic, v_opacity = _splat_grads(alpha, raw, d, conic, opacity, v_alpha)
-                        v_splats[item, MEAN_GRAD] += v_mean.x
-                        v_splats[item, MEAN_GRAD + 1] += v_mean.y
+                        v_splats[item, MEAN] += v_mean.x
+                        v_splats[item, MEAN + 1] += v_mean.y
                         for k in ti.static(range(3)):
-                            v_splats[item, CONIC_GRAD + k] += v_conic[k]
-                        v_splats[item, OPACITY_GRAD] += v_opacity
+                            v_splats[item, CONIC + k] += v_conic[k]
+                        v_splats[item, OPACITY] += v_opacity
                         for k in ti.static(range(K)):
-                            v_splats[item, SPLAT_GRADS + k] += v_feat[k]
+                            v_splats[item, F + k] += v_feat[k]
 
         return TorchKernel(forward), TorchKernel(backward)
 
@@ -244,7 +245,7 @@ def _blend_kernels(config: BlendConfig):
     # 10) where a butterfly per value takes 5 V (45), and V lanes issue the global atomics at once where
     # lane 0 issued all V in turn. (ncu, 100k Gaussians, 8 HD cameras, H100, 2026-11-28: the backward
     # executed 3.7x the forward's instructions; by the code, the butterflies were about half a splat's.)
-    V = SPLAT_GRADS + K
+    V = GEOMETRY + K
     halving = []  # per step: (xor offset, live values before it, values kept after it), fixed at compile time
     HELD = V
     for offset in (16, 8, 4, 2, 1):
@@ -280,8 +281,7 @@ def _blend_kernels(config: BlendConfig):
         return v
 
     @ti.kernel
-    def forward_cuda(means2d: nd(ti.f32, ndim=2), conics: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
-                     features: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+    def forward_cuda(splats: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                      width: ti.i32, height: ti.i32,
                      image: nd(ti.f32, ndim=4), alpha_out: nd(ti.f32, ndim=4), final_T: nd(ti.f32, ndim=3),
                      last: nd(ti.i32, ndim=3)):
@@ -306,7 +306,7 @@ def _blend_kernels(config: BlendConfig):
                     break  # every pixel of the tile is saturated
                 j = start + batch * BLOCK + lane
                 if j < end:
-                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item_ids[j])
+                    mean, conic, opacity, feat = load(splats, item_ids[j])
                     s_geom[lane, 0], s_geom[lane, 1] = mean.x, mean.y
                     s_geom[lane, 2], s_geom[lane, 3], s_geom[lane, 4] = conic.x, conic.y, conic.z
                     s_geom[lane, 5] = opacity
@@ -346,8 +346,7 @@ def _blend_kernels(config: BlendConfig):
                 ti.atomic_max(ranges[c, ty, tx, 2], start + n_walked)
 
     @ti.kernel
-    def backward_cuda(means2d: nd(ti.f32, ndim=2), conics: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
-                      features: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
+    def backward_cuda(splats: nd(ti.f32, ndim=2), item_ids: nd(ti.i32, ndim=1), ranges: nd(ti.i32, ndim=4),
                       width: ti.i32, height: ti.i32, final_T: nd(ti.f32, ndim=3), last: nd(ti.i32, ndim=3),
                       v_image: nd(ti.f32, ndim=4), v_alpha_out: nd(ti.f32, ndim=4), given: ti.i32,
                       v_splats: nd(ti.f32, ndim=2)):
@@ -385,7 +384,7 @@ def _blend_kernels(config: BlendConfig):
                 j = end - 1 - batch * BLOCK - lane
                 if j >= start:
                     item = item_ids[j]
-                    mean, conic, opacity, feat = load(means2d, conics, opacities, features, item)
+                    mean, conic, opacity, feat = load(splats, item)
                     s_item[lane] = item
                     s_geom[lane, 0], s_geom[lane, 1] = mean.x, mean.y
                     s_geom[lane, 2], s_geom[lane, 3], s_geom[lane, 4] = conic.x, conic.y, conic.z
@@ -412,12 +411,12 @@ def _blend_kernels(config: BlendConfig):
                             v_mean, v_conic, v_opacity = _splat_grads(alpha, raw, d, conic, opacity, v_alpha)
                     if ti.simt.warp.any_nonzero(ti.u32(FULL_MASK), contributes):
                         grads = ti.Vector.zero(ti.f32, V)
-                        grads[MEAN_GRAD], grads[MEAN_GRAD + 1] = v_mean.x, v_mean.y
+                        grads[MEAN], grads[MEAN + 1] = v_mean.x, v_mean.y
                         for k in ti.static(range(3)):
-                            grads[CONIC_GRAD + k] = v_conic[k]
-                        grads[OPACITY_GRAD] = v_opacity
+                            grads[CONIC + k] = v_conic[k]
+                        grads[OPACITY] = v_opacity
                         for k in ti.static(range(K)):
-                            grads[SPLAT_GRADS + k] = v_feat[k]
+                            grads[GEOMETRY + k] = v_feat[k]
                         totals = reduce_scatter(grads, lane % 32)
                         # here, not before the walk: two integers fewer held through it (registers
                         # set the blocks an SM holds)
@@ -425,7 +424,9 @@ def _blend_kernels(config: BlendConfig):
                         if count > 0:
                             item = s_item[s]
                             for h in ti.static(range(HELD)):
-                                if h < count:
-                                    ti.atomic_add(v_splats[item, first + h], totals[h])
+                                if h < count:  # a slot's column: the features start at F
+                                    slot = first + h
+                                    ti.atomic_add(v_splats[item, slot + ti.select(slot >= GEOMETRY, F - GEOMETRY, 0)],
+                                                  totals[h])
 
     return TorchKernel(forward_cuda), TorchKernel(backward_cuda)

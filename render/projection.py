@@ -22,6 +22,7 @@ from taichi_mpm.launch import TorchKernel
 
 from .lanes import for_items, item_lanes
 from .sh import num_sh_bases, sh_to_rgb, sh_to_rgb_backward
+from .splat_record import CONIC, DEPTH, MEAN, OPACITY, PROJECTED, RGB
 
 DILATION = 0.3      # px^2 added to the projected covariance
 ALPHA_MIN = 1.0 / 255.0
@@ -107,14 +108,18 @@ class ProjectionConfig:
     accumulate: bool = True
 
 
-# bits of the backward's `given` argument: which screen-space gradients the loss produced; the
-# kernel reads only those, so a missing one is passed as a placeholder instead of zero-filled
-GIVEN_MEANS2D, GIVEN_CONICS, GIVEN_DEPTHS, GIVEN_RGB, GIVEN_OPACITIES = 1, 2, 4, 8, 16
-
-
 def projection_kernels(config: ProjectionConfig, lanes: Optional[int] = None):
     """(forward, backward) TorchKernels for one configuration (both cached). lanes: the item loops'
-    form (render/lanes.py); None takes the arch's."""
+    form (render/lanes.py); None takes the arch's.
+
+    forward(means (N, 3), quats (N, 4), scales (N, 3), covars (N, 6), opacities (N,), sh (N, B, 3),
+            viewmats (C, 4, 4), Ks (C, 3, 3), width, height, near, far,
+            splats (C, N, PROJECTED) out: the records of render/splat_record.py (zeros where a splat is
+            not visible; colour columns only with SH), radii (C, N, 2) int32 out, rects (C*N, 4) int32
+            out, pair_counts (C*N,) int32 out)
+    backward(means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects,
+             v_splats (C, N, PROJECTED) the records' gradients, v_means, v_quats, v_scales, v_covars,
+             v_opacities, v_sh (out, every element written))"""
     lanes = item_lanes() if lanes is None else lanes
     return (_forward_kernel(replace(config, accumulate=True), lanes), _backward_kernel(config, lanes))
 
@@ -137,8 +142,7 @@ def _forward_kernel(config: ProjectionConfig, lanes: int):
     @ti.func
     def project(idx, means: ti.template(), quats: ti.template(), scales: ti.template(), covars: ti.template(),
                 opacities: ti.template(), sh: ti.template(), viewmats: ti.template(), Ks: ti.template(), width,
-                height, near, far, means2d: ti.template(), conics: ti.template(), depths: ti.template(),
-                rgb: ti.template(), opac_out: ti.template(), radii: ti.template(), rects: ti.template(),
+                height, near, far, splats: ti.template(), radii: ti.template(), rects: ti.template(),
                 pair_counts: ti.template()):
         """Item idx = c * N + n: Gaussian n seen by camera c."""
         N = means.shape[0]
@@ -188,26 +192,23 @@ def _forward_kernel(config: ProjectionConfig, lanes: int):
                         visible = True
                         rect = ti.math.ivec4(px0 // TILE, py0 // TILE,
                                              ti.min(px1 // TILE + 1, tiles_x), ti.min(py1 // TILE + 1, tiles_y))
+        record = ti.Vector.zero(ti.f32, PROJECTED)  # zeros where the splat is not visible
         if visible:
-            means2d[c, n, 0], means2d[c, n, 1] = mean2d.x, mean2d.y
-            conics[c, n, 0], conics[c, n, 1], conics[c, n, 2] = conic.x, conic.y, conic.z
-            depths[c, n] = t.z
-            opac_out[c, n] = op
+            record[MEAN], record[MEAN + 1] = mean2d.x, mean2d.y
+            for k in ti.static(range(3)):
+                record[CONIC + k] = conic[k]
+            record[OPACITY] = op
+            record[DEPTH] = t.z
             radii[c, n, 0] = ti.cast(ti.ceil(ti.min(rx, 1e9)), ti.i32)
             radii[c, n, 1] = ti.cast(ti.ceil(ti.min(ry, 1e9)), ti.i32)
             if ti.static(sh_degree >= 0):
                 color = sh_to_rgb(sh, n, p + Rv.transpose() @ tv, sh_degree)
                 for ch in ti.static(range(3)):
-                    rgb[c, n, ch] = color[ch]
+                    record[RGB + ch] = color[ch]
         else:
-            means2d[c, n, 0], means2d[c, n, 1] = 0.0, 0.0
-            conics[c, n, 0], conics[c, n, 1], conics[c, n, 2] = 0.0, 0.0, 0.0
-            depths[c, n] = 0.0
-            opac_out[c, n] = 0.0
             radii[c, n, 0], radii[c, n, 1] = 0, 0
-            if ti.static(sh_degree >= 0):
-                for ch in ti.static(range(3)):
-                    rgb[c, n, ch] = 0.0
+        for k in ti.static(range(PROJECTED)):
+            splats[c, n, k] = record[k]
         for k in ti.static(range(4)):
             rects[idx, k] = rect[k]
         pair_counts[idx] = (rect[2] - rect[0]) * (rect[3] - rect[1])
@@ -216,14 +217,12 @@ def _forward_kernel(config: ProjectionConfig, lanes: int):
     def forward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
                 covars: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1), sh: nd(ti.f32, ndim=3),
                 viewmats: nd(ti.f32, ndim=3), Ks: nd(ti.f32, ndim=3), width: ti.i32, height: ti.i32,
-                near: ti.f32, far: ti.f32,
-                means2d: nd(ti.f32, ndim=3), conics: nd(ti.f32, ndim=3), depths: nd(ti.f32, ndim=2),
-                rgb: nd(ti.f32, ndim=3), opac_out: nd(ti.f32, ndim=2), radii: nd(ti.i32, ndim=3),
+                near: ti.f32, far: ti.f32, splats: nd(ti.f32, ndim=3), radii: nd(ti.i32, ndim=3),
                 rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
         # rects (C*N, 4) and pair_counts (C*N,) are laid out flat, as binning reads them
         for_items(viewmats.shape[0] * means.shape[0], lanes, project,
-                  (means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far, means2d,
-                   conics, depths, rgb, opac_out, radii, rects, pair_counts))
+                  (means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far, splats,
+                   radii, rects, pair_counts))
 
     return TorchKernel(forward)
 
@@ -237,9 +236,8 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
     @ti.func
     def camera_grads(c, n, means: ti.template(), quats: ti.template(), scales: ti.template(),
                      covars: ti.template(), opacities: ti.template(), sh: ti.template(), viewmats: ti.template(),
-                     Ks: ti.template(), width, height, rects: ti.template(), v_means2d: ti.template(),
-                     v_conics: ti.template(), v_depths: ti.template(), v_rgb: ti.template(),
-                     v_opac_out: ti.template(), given, v_sh: ti.template()):
+                     Ks: ti.template(), width, height, rects: ti.template(), v_splats: ti.template(),
+                     v_sh: ti.template()):
         """The gradients camera c's splat of Gaussian n sends back (zeros where it is not visible):
         (visible, mean, opacity, cov3D, scale, raw quaternion); SH gradients go into v_sh[n] (added
         with accumulate, else written)."""
@@ -269,13 +267,10 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
             conic = ti.Matrix([[d / det, -b / det], [-b / det, a / det]])
 
             # conic = inverse(cov2 + 0.3 I): dL/dcov2 = -conic G conic, G the symmetric dL/dconic
-            G = ti.Matrix.zero(ti.f32, 2, 2)
-            if given & GIVEN_CONICS:
-                G = ti.Matrix([[v_conics[c, n, 0], 0.5 * v_conics[c, n, 1]],
-                               [0.5 * v_conics[c, n, 1], v_conics[c, n, 2]]])
+            G = ti.Matrix([[v_splats[c, n, CONIC], 0.5 * v_splats[c, n, CONIC + 1]],
+                           [0.5 * v_splats[c, n, CONIC + 1], v_splats[c, n, CONIC + 2]]])
             v_cov2 = -(conic @ G @ conic)
-            if given & GIVEN_OPACITIES:
-                v_op = v_opac_out[c, n]
+            v_op = v_splats[c, n, OPACITY]
             if ti.static(antialiased):
                 det_orig = cov2[0, 0] * cov2[1, 1] - b * b
                 comp = ti.sqrt(ti.max(det_orig / det, 0.0))
@@ -302,16 +297,12 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
                 v_t.y += v_v / z
                 v_t.z -= v_v * t.y / (z * z)
             # mean2d = f * t.xy / z + c, and depth = z
-            if given & GIVEN_MEANS2D:
-                gx, gy = v_means2d[c, n, 0], v_means2d[c, n, 1]
-                v_t += ti.math.vec3(fx * gx / z, fy * gy / z, -(fx * gx * t.x + fy * gy * t.y) / (z * z))
-            if given & GIVEN_DEPTHS:
-                v_t.z += v_depths[c, n]
+            gx, gy = v_splats[c, n, MEAN], v_splats[c, n, MEAN + 1]
+            v_t += ti.math.vec3(fx * gx / z, fy * gy / z, -(fx * gx * t.x + fy * gy * t.y) / (z * z))
+            v_t.z += v_splats[c, n, DEPTH]
             v_p = Rv.transpose() @ v_t
             if ti.static(sh_degree >= 0):
-                v_color = ti.math.vec3(0.0)
-                if given & GIVEN_RGB:
-                    v_color = ti.math.vec3(v_rgb[c, n, 0], v_rgb[c, n, 1], v_rgb[c, n, 2])
+                v_color = ti.math.vec3([v_splats[c, n, RGB + ch] for ch in ti.static(range(3))])
                 v_p += sh_to_rgb_backward(sh, v_sh, n, p + Rv.transpose() @ tv, v_color, sh_degree,
                                           accumulate)
 
@@ -332,9 +323,7 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
     @ti.func
     def unproject(n, means: ti.template(), quats: ti.template(), scales: ti.template(), covars: ti.template(),
                   opacities: ti.template(), sh: ti.template(), viewmats: ti.template(), Ks: ti.template(), width,
-                  height, rects: ti.template(), v_means2d: ti.template(), v_conics: ti.template(),
-                  v_depths: ti.template(), v_rgb: ti.template(), v_opac_out: ti.template(), given,
-                  v_means: ti.template(), v_quats: ti.template(), v_scales: ti.template(), v_covars: ti.template(),
+                  height, rects: ti.template(), v_splats: ti.template(), v_means: ti.template(), v_quats: ti.template(), v_scales: ti.template(), v_covars: ti.template(),
                   v_opacities: ti.template(), v_sh: ti.template()):
         """Every gradient element of Gaussian n, written once: the sum over the cameras, taken in this
         thread (no zero-filled arrays, no atomics across threads, the same sum on every run)."""
@@ -349,8 +338,8 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
                     v_sh[n, k, ch] = 0.0
         for c in range(viewmats.shape[0]):
             visible, p_c, op_c, cov6_c, s_c, q_c = camera_grads(
-                c, n, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects, v_means2d,
-                v_conics, v_depths, v_rgb, v_opac_out, given, v_sh)
+                c, n, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects, v_splats,
+                v_sh)
             if ti.static(not accumulate and sh_degree >= 0):  # one camera: SH rows it did not write
                 for k in range(ti.select(visible, sh_rows_used, 0), v_sh.shape[1]):
                     for ch in ti.static(range(3)):
@@ -376,14 +365,10 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
     def backward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
                  covars: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1), sh: nd(ti.f32, ndim=3),
                  viewmats: nd(ti.f32, ndim=3), Ks: nd(ti.f32, ndim=3), width: ti.i32, height: ti.i32,
-                 rects: nd(ti.i32, ndim=2),
-                 v_means2d: nd(ti.f32, ndim=3), v_conics: nd(ti.f32, ndim=3), v_depths: nd(ti.f32, ndim=2),
-                 v_rgb: nd(ti.f32, ndim=3), v_opac_out: nd(ti.f32, ndim=2), given: ti.i32,
-                 v_means: nd(ti.f32, ndim=2), v_quats: nd(ti.f32, ndim=2), v_scales: nd(ti.f32, ndim=2),
+                 rects: nd(ti.i32, ndim=2), v_splats: nd(ti.f32, ndim=3), v_means: nd(ti.f32, ndim=2), v_quats: nd(ti.f32, ndim=2), v_scales: nd(ti.f32, ndim=2),
                  v_covars: nd(ti.f32, ndim=2), v_opacities: nd(ti.f32, ndim=1), v_sh: nd(ti.f32, ndim=3)):
         for_items(means.shape[0], lanes, unproject,
-                  (means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects, v_means2d,
-                   v_conics, v_depths, v_rgb, v_opac_out, given, v_means, v_quats, v_scales, v_covars,
-                   v_opacities, v_sh))
+                  (means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects, v_splats,
+                   v_means, v_quats, v_scales, v_covars, v_opacities, v_sh))
 
     return TorchKernel(backward)

@@ -18,9 +18,9 @@ import taichi as ti
 from taichi_mpm.launch import TorchKernel
 
 from .binning import TILE_SIZE as TILE
-from .blending import CONIC_GRAD
 from .lanes import for_items, item_lanes
 from .projection import ALPHA_MIN
+from .splat_record import CONIC, GEOMETRY, MEAN, OPACITY
 
 nd = ti.types.ndarray
 
@@ -38,11 +38,12 @@ def _cov_conic(chol: ti.template(), n):
 def preprocess_kernels(lanes: Optional[int] = None):
     """(forward, backward) TorchKernels of the 2D preprocess stage (cached).
 
-    forward(means (N, 2), chol (N, 3), opacities (N,), width, height,
-            conics (N, 3) out, rects (N, 4) int32 out, pair_counts (N,) int32 out)
-    backward(chol (N, 3), rects (N, 4) int32, v_splats (N, SPLAT_GRADS + K): the blend backward's, of which
+    forward(means (N, 2), chol (N, 3), opacities (N,), colors (N, K), width, height,
+            splats (N, GEOMETRY + K) out: the records the blend kernels read (render/splat_record.py),
+            rects (N, 4) int32 out, pair_counts (N,) int32 out)
+    backward(chol (N, 3), rects (N, 4) int32, v_splats (N, GEOMETRY + K): the blend backward's, of which
              it reads the conic columns, v_chol (N, 3) out)
-    One image: its N Gaussians are the blend kernels' items, in the layout they read and write.
+    One image: its N Gaussians are the blend kernels' items.
     lanes: the item loops' form (render/lanes.py); None takes the arch's.
     """
     return _preprocess_kernels(item_lanes() if lanes is None else lanes)
@@ -51,8 +52,8 @@ def preprocess_kernels(lanes: Optional[int] = None):
 @functools.cache
 def _preprocess_kernels(lanes: int):
     @ti.func
-    def forward_one(n, means: ti.template(), chol: ti.template(), opacities: ti.template(), width, height,
-                    conics: ti.template(), rects: ti.template(), pair_counts: ti.template()):
+    def forward_one(n, means: ti.template(), chol: ti.template(), opacities: ti.template(), colors: ti.template(),
+                    width, height, splats: ti.template(), rects: ti.template(), pair_counts: ti.template()):
         tiles_x = (width + TILE - 1) // TILE
         tiles_y = (height + TILE - 1) // TILE
         _, cov, conic, det = _cov_conic(chol, n)
@@ -72,17 +73,21 @@ def _preprocess_kernels(lanes: int):
             if px0 <= px1 and py0 <= py1:
                 rect = ti.math.ivec4(px0 // TILE, py0 // TILE,
                                      ti.min(px1 // TILE + 1, tiles_x), ti.min(py1 // TILE + 1, tiles_y))
-        conics[n, 0], conics[n, 1], conics[n, 2] = conic[0, 0], conic[0, 1], conic[1, 1]
+        splats[n, MEAN], splats[n, MEAN + 1] = means[n, 0], means[n, 1]
+        splats[n, CONIC], splats[n, CONIC + 1], splats[n, CONIC + 2] = conic[0, 0], conic[0, 1], conic[1, 1]
+        splats[n, OPACITY] = op
+        for k in range(colors.shape[1]):
+            splats[n, GEOMETRY + k] = colors[n, k]
         for k in ti.static(range(4)):
             rects[n, k] = rect[k]
         pair_counts[n] = (rect[2] - rect[0]) * (rect[3] - rect[1])
 
     @ti.kernel
     def forward(means: nd(ti.f32, ndim=2), chol: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1),
-                width: ti.i32, height: ti.i32,
-                conics: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
-        for_items(means.shape[0], lanes, forward_one, (means, chol, opacities, width, height, conics, rects,
-                  pair_counts))
+                colors: nd(ti.f32, ndim=2), width: ti.i32, height: ti.i32,
+                splats: nd(ti.f32, ndim=2), rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
+        for_items(means.shape[0], lanes, forward_one, (means, chol, opacities, colors, width, height, splats,
+                  rects, pair_counts))
 
     @ti.func
     def backward_one(n, chol: ti.template(), rects: ti.template(), v_splats: ti.template(),
@@ -90,7 +95,7 @@ def _preprocess_kernels(lanes: int):
         v_L = ti.Matrix.zero(ti.f32, 2, 2)
         if rects[n, 2] > rects[n, 0] and rects[n, 3] > rects[n, 1]:  # blended somewhere
             L, _, conic, _ = _cov_conic(chol, n)
-            v_conic = ti.math.vec3([v_splats[n, CONIC_GRAD + k] for k in ti.static(range(3))])
+            v_conic = ti.math.vec3([v_splats[n, CONIC + k] for k in ti.static(range(3))])
             G = ti.Matrix([[v_conic[0], 0.5 * v_conic[1]], [0.5 * v_conic[1], v_conic[2]]])
             v_cov = -(conic @ G @ conic)
             v_L = 2.0 * v_cov @ L

@@ -94,13 +94,15 @@ def test_batch_of_cameras_matches_reference(scene, device):
           backgrounds=torch.tensor([[0.1, 0.2, 0.3], [1.0, 0.0, 0.5]]))
 
 
-def test_precomputed_colors_and_covariances_match_reference(scene, device):
+@pytest.mark.parametrize("mode", ["RGB+D", "ED"])
+def test_precomputed_colors_and_covariances_match_reference(scene, device, mode):
     """Mutation-tested: caught the off-diagonal cov3D gradient not symmetrised (only this test
-    passes covars), and the depth / blending mutations."""
+    passes covars), and the depth / blending mutations. "ED" with colours given blends the
+    projection's depth column in place, "RGB+D" packs the colours with the geometry."""
     cov = covariance(scene["quats"].double(), scene["scales"].double(), None)
     cov6 = torch.stack([cov[:, 0, 0], cov[:, 0, 1], cov[:, 0, 2], cov[:, 1, 1], cov[:, 1, 2], cov[:, 2, 2]], 1)
     check(dict(means=scene["means"], quats=None, scales=None, covars=cov6.float(), opacities=scene["opacities"],
-               colors=torch.sigmoid(scene["sh"][:, 0])), device, render_mode="RGB+D")
+               colors=torch.sigmoid(scene["sh"][:, 0])), device, render_mode=mode)
 
 
 @pytest.mark.parametrize("channels", [1, 32])
@@ -184,3 +186,43 @@ def test_gradient_helper_names_the_input_and_its_worst_element(device):
         assert_grads_close({"z": torch.zeros(3, device=device)}, {"z": torch.zeros(3, device=device)}, GRAD_RTOL)
     with pytest.raises(AssertionError, match="missing"):
         assert_grads_close({"z": None}, {"z": torch.ones(3, device=device)}, GRAD_RTOL)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGB+ED", "ED"])
+def test_blend_reads_the_projections_records_in_place(scene, device, monkeypatch, mode):
+    """With SH colours, the blend reads the projection's records (render/splat_record.py) as they
+    are and the projection's backward takes the blend's gradient array as it is: no packing either
+    way. A depth gradient from another use (the loss on meta's depths here) is added into that
+    array: the gradients equal those of the column-by-column sum. A means2d_offset makes the blend
+    pack its own records, whose gradients the projection then sums column by column, except in
+    RGB+ED, where the packed records have the projection's layout and are taken as they are.
+    Shown to catch the in-place path never taken (the record's width compared with 9) and the depth
+    gradient of another use dropped on it."""
+    from bridge import rasterization
+    taken = []
+    original = rasterization._projected_grads
+
+    def in_place(C, N, columns, v_means2d, *rest):
+        out = original(C, N, columns, v_means2d, *rest)
+        taken.append(out is v_means2d._base)
+        return out
+
+    def column_by_column(C, N, columns, v_means2d, *rest):  # a copy has no _base: the general path
+        return original(C, N, columns, v_means2d.clone(), *rest)
+
+    viewmats, Ks = camera_tensors(1, torch.float32, device)
+    grads = []
+    for spy in (in_place, column_by_column):
+        monkeypatch.setattr(rasterization, "_projected_grads", spy)
+        leaves = {k: v.clone().requires_grad_(True) for k, v in sh_inputs(scene, 3).items()}
+        image, alpha, meta = rasterize(**leaves, viewmats=viewmats, Ks=Ks, width=WIDTH, height=HEIGHT, sh_degree=3,
+                                       render_mode=mode)
+        ((image * loss_weights(image.shape, device=device)).sum() + meta["depths"].sum()).backward()
+        grads.append({k: v.grad for k, v in leaves.items()})
+    assert_grads_close(grads[0], grads[1], 1e-6, zero_ok=("colors",) if mode == "ED" else ())
+    monkeypatch.setattr(rasterization, "_projected_grads", in_place)
+    offset = torch.zeros(1, scene["means"].shape[0], 2, device=device, requires_grad=True)
+    image, _, _ = rasterize(**leaves, viewmats=viewmats, Ks=Ks, width=WIDTH, height=HEIGHT, sh_degree=3,
+                            render_mode=mode, means2d_offset=offset)
+    image.sum().backward()
+    assert taken == [True, mode == "RGB+ED"]
