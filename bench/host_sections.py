@@ -3,8 +3,9 @@
     python bench/host_sections.py [--calls 200] [--out FILE]
 
 A 10k-Gaussian forward+backward (raster, one 256x256 camera) takes ~0.33 ms of kernels on an H200
-but returns after ~2.4 ms, of which its five Taichi launches took 0.88 ms and the binning 0.52 ms
-(this script, 2026-11-28; bench/results/host_sections_cuda.json). This times, with perf_counter and no
+but returns after ~2.2 ms, of which its five Taichi launches took 0.71 ms (0.32 ms of it in Taichi's
+C++ launch_kernel) and the binning 0.59 ms (this script, 2026-11-28, code f15133c;
+bench/results/host_sections_cuda.json). This times, with perf_counter and no
 added sync, each stage the call runs through: the autograd Functions' forward and backward, the
 binning, every TorchKernel launch by kernel name (Python argument setting and Taichi's launch
 together), Taichi's C++ launch_kernel over all launches (so the argument setting is the launches'
