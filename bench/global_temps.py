@@ -1,7 +1,7 @@
 """Taichi's global temporaries of every kernel a workload compiles, read from its IR on the CPU: the
 8-byte ones (float64, int64) at offsets that are not multiples of 8 are misaligned on CUDA.
 
-    python bench/global_temps.py [--workload rollout solver plastic] [--out FILE]
+    python bench/global_temps.py [--workload rollout solver plastic transient] [--out FILE]
 
 A value a kernel computes at its top level (outside its parallel loops) and reads inside them, such
 as a by-value argument of a ti.func called there, goes through a buffer of global temporaries, one
@@ -14,7 +14,8 @@ for the rollout) is read as a stream, and lists each kernel's temporaries as its
 them; the exit status is 1 if any 8-byte temporary is misaligned. Workloads: ``rollout`` (an elastic
 rollout of 20 substeps and its backward: the whole-substep kernels and their adjoints), ``solver``
 (MPMSolver steps of elastic and plastic bodies) and ``plastic`` (a rollout of a sand body: the SVD
-path's kernels and adjoints).
+path's kernels and adjoints) and ``transient`` (the NLOS transient renderer's float64 kernels,
+forward and backward).
 """
 from __future__ import annotations
 
@@ -71,6 +72,21 @@ params = {"E": torch.tensor(1e4, dtype=torch.float64), "nu": torch.tensor(0.3, d
           "friction_angle": angle}
 traj = R.simulate(scene, x0, torch.zeros_like(x0), params, 6, [6])
 traj.x.sum().backward()
+""",
+    "transient": """
+import math
+import torch
+from bridge.transient import transient_gaussians
+from render.transient import TransientGrid
+g = torch.Generator().manual_seed(0)
+f64 = torch.float64
+leaves = [t.requires_grad_() for t in (
+    torch.randn(7, 3, generator=g, dtype=f64) * 0.15 + torch.tensor([0.0, 0.0, 0.8], dtype=f64),
+    torch.rand(7, 3, generator=g, dtype=f64) * 0.08 + 0.04, torch.randn(7, 4, generator=g, dtype=f64),
+    torch.rand(7, generator=g, dtype=f64) * 0.8 + 0.1, torch.rand(7, generator=g, dtype=f64) + 0.2)]
+grid = TransientGrid((0.0, 1.3), (-math.pi, math.pi), 20, 18, 0.3, 0.04, 30)
+transient, histogram = transient_gaussians(*leaves, torch.zeros(2, 3, dtype=f64), grid)
+(transient.sum() + histogram.sum()).backward()
 """,
 }
 
