@@ -7,13 +7,14 @@ A value a kernel computes at its top level (outside its parallel loops) and read
 as a by-value argument of a ti.func called there, goes through a buffer of global temporaries, one
 offset each. Taichi 1.7.4 can place a float64 temporary after an int32 one at an offset of 4 mod 8:
 a CUDA kernel then fails with CUDA_ERROR_MISALIGNED_ADDRESS, and a CPU never shows it (x86 loads
-need no alignment). It struck twice in the MPM kernels (float64 rollouts on an H200, 2026-11-28:
-loops over ti.ndrange(flag * X, Y, Z), then a kernel running two substeps). This runs float64
+need no alignment). It struck the first kernel running two MPM substeps (float64 rollouts on an
+H200, 2026-11-28), whose float64 temporaries this finds at 156-172 B; the same error had struck loops
+over ti.ndrange(flag * X, Y, Z) earlier that day (not checked with this). This runs float64
 workloads on the CPU with Taichi's print_ir on, in a child process whose output (about 1 GB of IR
 for the rollout) is read as a stream, and lists each kernel's temporaries as its last IR dump has
 them; the exit status is 1 if any 8-byte temporary is misaligned. Workloads: ``rollout`` (an elastic
 rollout of 20 substeps and its backward: the whole-substep kernels and their adjoints), ``solver``
-(MPMSolver steps of elastic and plastic bodies) and ``plastic`` (a rollout of a sand body: the SVD
+(MPMSolver steps of elastic and plastic bodies), ``plastic`` (a rollout of a sand body: the SVD
 path's kernels and adjoints) and ``transient`` (the NLOS transient renderer's float64 kernels,
 forward and backward).
 """
