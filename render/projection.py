@@ -323,7 +323,8 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
     @ti.func
     def unproject(n, means: ti.template(), quats: ti.template(), scales: ti.template(), covars: ti.template(),
                   opacities: ti.template(), sh: ti.template(), viewmats: ti.template(), Ks: ti.template(), width,
-                  height, rects: ti.template(), v_splats: ti.template(), v_means: ti.template(), v_quats: ti.template(), v_scales: ti.template(), v_covars: ti.template(),
+                  height, rects: ti.template(), v_splats: ti.template(), v_means: ti.template(),
+                  v_quats: ti.template(), v_scales: ti.template(), v_covars: ti.template(),
                   v_opacities: ti.template(), v_sh: ti.template()):
         """Every gradient element of Gaussian n, written once: the sum over the cameras, taken in this
         thread (no zero-filled arrays, no atomics across threads, the same sum on every run)."""
@@ -365,8 +366,9 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
     def backward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
                  covars: nd(ti.f32, ndim=2), opacities: nd(ti.f32, ndim=1), sh: nd(ti.f32, ndim=3),
                  viewmats: nd(ti.f32, ndim=3), Ks: nd(ti.f32, ndim=3), width: ti.i32, height: ti.i32,
-                 rects: nd(ti.i32, ndim=2), v_splats: nd(ti.f32, ndim=3), v_means: nd(ti.f32, ndim=2), v_quats: nd(ti.f32, ndim=2), v_scales: nd(ti.f32, ndim=2),
-                 v_covars: nd(ti.f32, ndim=2), v_opacities: nd(ti.f32, ndim=1), v_sh: nd(ti.f32, ndim=3)):
+                 rects: nd(ti.i32, ndim=2), v_splats: nd(ti.f32, ndim=3), v_means: nd(ti.f32, ndim=2),
+                 v_quats: nd(ti.f32, ndim=2), v_scales: nd(ti.f32, ndim=2), v_covars: nd(ti.f32, ndim=2),
+                 v_opacities: nd(ti.f32, ndim=1), v_sh: nd(ti.f32, ndim=3)):
         for_items(means.shape[0], lanes, unproject,
                   (means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects, v_splats,
                    v_means, v_quats, v_scales, v_covars, v_opacities, v_sh))
