@@ -269,6 +269,13 @@ class _Substeps:
         self.affine_grad = torch.zeros_like(self.affine)
         self.svd_grads = None if self.svd is None else tuple(torch.zeros_like(t) for t in self.svd)
 
+    def pairs(self, n_substeps: int) -> bool:
+        """Whether a rollout of n_substeps runs two substeps a launch: elastic scenes (the plastic
+        ones' stress takes several kernels) where ``taichi_mpm.substep.paired_substeps`` says so."""
+        from taichi_mpm.substep import paired_substeps
+
+        return self.svd is None and paired_substeps(n_substeps)
+
     def constants(self, E, nu, aux) -> dict:
         sc = self.scene
         return {"material": sc.material, "E": E, "nu": nu, "aux": aux, "density": sc.density, "volume": sc.volume}
@@ -292,6 +299,22 @@ class _Substeps:
                     keep_grid=not forward_only, tiled=self.tiled)
         if grid is None:
             self.grid_clear = forward_only
+
+    def forward_pair(self, state: dict, j: int, constants: dict, controls, grids=None, substep: int = 0):
+        """:meth:`forward` from slot j to j + 1 and from j + 1 to j + 2 in one launch (elastic
+        scenes, see ``taichi_mpm.substep.paired_substeps``): on the scratch grid (forward only, left
+        clear) or on the given two (mv, m, v) grids, which keep what the adjoints read; controls: the
+        two substeps' (dFc, scale)."""
+        from taichi_mpm.substep import run_substep_pair
+
+        keep = grids is not None
+        if not keep and not self.grid_clear:
+            self.k.clear_grid(self.grid[0], self.grid[1])
+        run_substep_pair(self.k, j, j + 1, j + 2, self.scene.n_particles, state, constants,
+                         grids or (self.grid, self.grid), controls, self.setup, self.scene.dt,
+                         (self.time(substep), self.time(substep + 1)), keep_grid=keep, tiled=self.tiled)
+        if not keep:
+            self.grid_clear = True
 
     def time(self, substep: int) -> float:
         """The colliders' clock at the start of the rollout's substep ``substep``."""
@@ -365,11 +388,40 @@ class _Substeps:
                          adjoint["C"], adjoint["F"], g_dFc, sc.dt)
         k.advance_adjoint(n, *(adjoint[key] for key in STATE_KEYS))
 
+    def backward_pair(self, states: Tuple[dict, dict], adjoint: dict, grids, constants: dict,
+                      parameter_grads: dict, controls, control_grads, substep: int) -> None:
+        """:meth:`backward` of substeps ``substep`` and ``substep + 1`` of an elastic scene in one
+        launch (substep_adjoint_pair), the later first, on their kept grids; states, grids, controls
+        and control_grads: the two substeps' (each as ``backward`` takes it). For a backward where
+        no loss gradient lands on the state between the two."""
+        sc, setup = self.scene, self.setup
+        c = constants
+        (dFc, scale), (dFc1, scale1) = controls
+        g_dFc, g_dFc1 = (self.no_control if g is None else g for g in control_grads)
+        first, second = states
+        self.k.substep_adjoint_pair(
+            sc.n_particles, *(first[key] for key in STATE_KEYS), *(second[key] for key in STATE_KEYS),
+            c["material"], c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc, scale, dFc1, scale1,
+            self.affine, *grids[0], *grids[1], *self.grid_grads, *(adjoint[key] for key in STATE_KEYS),
+            parameter_grads["E"], parameter_grads["nu"], g_dFc, g_dFc1, self.affine_grad, setup.origin,
+            1.0 / sc.dx, sc.dt, setup.gravity, setup.dx, setup.wall_mode, setup.wall_friction, setup.colliders,
+            setup.n_colliders, self.time(substep), self.time(substep + 1))
+
     def check(self, state: dict, j: int, substep: int):
         """Raise SimulationError if slot j holds NaN/Inf or particles outside the valid domain."""
         sc = self.scene
         check_particles(state["x"][j], state["v"][j], np.asarray(sc.valid_lower), np.asarray(sc.valid_upper),
                         f"substep {substep}", "Lower dt or keep the bodies away from the walls.")
+
+
+def _chunks(count: int, paired: bool):
+    """(j, 2) for the pairs of substeps j, j + 1 among 0 .. count - 1, from 0 on, and (j, 1) for a
+    single one (the last of an odd count, or each of them when not paired)."""
+    j = 0
+    while j < count:
+        step = 2 if paired and j + 1 < count else 1
+        yield j, step
+        j += step
 
 
 def _control_for(scene: RolloutScene, controls: Optional[torch.Tensor], s: int, no_control: torch.Tensor):
@@ -388,6 +440,7 @@ class _Rollout(torch.autograd.Function):
                 x0, v0, C0, F0, E, nu, aux, controls):
         ctx.set_materialize_grads(False)  # outputs the loss does not use get no zero-filled gradient
         substeps = _Substeps(scene)
+        paired = substeps.pairs(n_substeps)
         n, dtype, dev = scene.n_particles, scene.dtype, x0.device
         K = plan.every
         state = _alloc_state(K + 1, n, dtype, dev)
@@ -415,10 +468,15 @@ class _Rollout(torch.autograd.Function):
                         state[key][0] = state[key][K]
                 if any(ctx.needs_input_grad[4:]):
                     checkpoints.append(_store(state, plan.storage, pin))
-                for j in range(length):
-                    substeps.forward(state, j, constants, _control_for(scene, controls, start + j, substeps.no_control),
-                                     substep=start + j)
-                    record(start + j + 1, j + 1)
+                for j, count in _chunks(length, paired):
+                    step_controls = [_control_for(scene, controls, start + i, substeps.no_control)
+                                     for i in range(j, j + count)]
+                    if count == 2:
+                        substeps.forward_pair(state, j, constants, step_controls, substep=start + j)
+                    else:
+                        substeps.forward(state, j, constants, step_controls[0], substep=start + j)
+                    for i in range(j, j + count):
+                        record(start + i + 1, i + 1)
                 substeps.check(state, length, start + length)
         ctx.scene, ctx.n_substeps, ctx.frames, ctx.plan = scene, n_substeps, frames, plan
         ctx.checkpoints = checkpoints
@@ -440,6 +498,7 @@ class _Rollout(torch.autograd.Function):
         # detached: a tensor that requires grad, passed to a kernel, has Taichi touch its .grad
         E, nu, aux, controls = (None if t is None else t.detach().contiguous() for t in ctx.saved_tensors)
         substeps = _Substeps(scene)
+        paired = substeps.pairs(n_substeps)
         n, dtype, dev = scene.n_particles, scene.dtype, E.device
         segment_length = plan.every
         frame_index = {t: i for i, t in enumerate(frames)}
@@ -459,17 +518,29 @@ class _Rollout(torch.autograd.Function):
                     if g is not None:
                         adjoint[key][1] += g[i]
 
+        def kept_grid(j: int):
+            return None if stored_grids is None else [g[j] for g in stored_grids]
+
+        def step_controls(s: int, count: int):
+            """(dFc, scale) of substeps s .. s + count - 1 and the adjoints their controls take."""
+            pairs = [_control_for(scene, controls, i, substeps.no_control) for i in range(s, s + count)]
+            grads = [None if controls_grad is None or scale == 0.0 else controls_grad[i // scene.control_stride]
+                     for i, (_, scale) in zip(range(s, s + count), pairs)]
+            return pairs, grads
+
         def refill(start: int, length: int):
             """Run the segment's substeps forward again from its checkpoint (slot `length` is never
             read; with stored grids, keep each substep's grid)."""
             _restore(segment, ctx.checkpoints[start // segment_length])
-            for j in range(length):
-                control = _control_for(scene, controls, start + j, substeps.no_control)
-                if stored_grids is not None:
-                    substeps.forward(segment, j, constants, control, [g[j] for g in stored_grids],
-                                     move_particles=j < length - 1, substep=start + j)
-                elif j < length - 1:
-                    substeps.forward(segment, j, constants, control, substep=start + j)
+            for j, count in _chunks(length if stored_grids is not None else length - 1, paired):
+                control, _ = step_controls(start + j, count)
+                if count == 2:
+                    substeps.forward_pair(segment, j, constants, control,
+                                          None if stored_grids is None else (kept_grid(j), kept_grid(j + 1)),
+                                          substep=start + j)
+                else:
+                    substeps.forward(segment, j, constants, control[0], kept_grid(j), move_particles=j < length - 1,
+                                     substep=start + j)
 
         def recompute(pair: dict, j: int, control, s: int):
             """The grid of substep j of the segment as its forward had it, and whether the
@@ -479,20 +550,29 @@ class _Rollout(torch.autograd.Function):
             substeps.forward(pair, 0, constants, control, move_particles=False, for_adjoint=True, substep=s)
             return substeps.grid, True
 
+        def slots(j: int) -> dict:
+            return {key: segment[key][j:j + 2] for key in STATE_KEYS}
+
         starts = list(range(0, n_substeps, segment_length))
         for start in reversed(starts):
             length = min(segment_length, n_substeps - start)
             refill(start, length)
-            for j in reversed(range(length)):
+            j = length - 1
+            while j >= 0:
                 s = start + j
                 add_output_grads(s + 1)
-                pair = {key: segment[key][j:j + 2] for key in STATE_KEYS}
-                control = _control_for(scene, controls, s, substeps.no_control)
-                control_grad = None if controls_grad is None or control[1] == 0.0 \
-                    else controls_grad[s // scene.control_stride]
+                if paired and stored_grids is not None and j >= 1 and s not in frame_index:
+                    control, control_grad = step_controls(s - 1, 2)
+                    substeps.backward_pair((slots(j - 1), slots(j)), adjoint, (kept_grid(j - 1), kept_grid(j)),
+                                           constants, parameter_grads, control, control_grad, substep=s - 1)
+                    j -= 2
+                    continue
+                pair = slots(j)
+                (control,), (control_grad,) = step_controls(s, 1)
                 grid, stress_ready = recompute(pair, j, control, s)
                 substeps.backward(pair, adjoint, grid, constants, parameter_grads, control, control_grad,
                                   stress_ready, substep=s)
+                j -= 1
         add_output_grads(0)
         # free the segment buffers (and the last views into them) before the results are copied out
         ctx.checkpoints = segment = stored_grids = substeps = pair = grid = None

@@ -529,12 +529,14 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                       tile)
 
     @ti.func
-    def stress_p2g_loop(src, dst, n, x: ti.template(), v: ti.template(), C: ti.template(), F: ti.template(),
-                        plastic: ti.template(), material: ti.template(), E: ti.template(), nu: ti.template(),
-                        density: ti.template(), volume: ti.template(), aux: ti.template(), dFc: ti.template(),
-                        control_scale, grid_mv: ti.template(), grid_m: ti.template(), origin, inv_dx, dt,
-                        tiled: ti.template()):
-        """particle_stress and p2g in one parallel loop (tiled: through shared memory, CUDA)."""
+    def stress_p2g_loop(src: ti.template(), dst: ti.template(), n: ti.template(), x: ti.template(),
+                        v: ti.template(), C: ti.template(), F: ti.template(), plastic: ti.template(),
+                        material: ti.template(), E: ti.template(), nu: ti.template(), density: ti.template(),
+                        volume: ti.template(), aux: ti.template(), dFc: ti.template(), control_scale: ti.template(),
+                        grid_mv: ti.template(), grid_m: ti.template(), origin: ti.template(), inv_dx: ti.template(),
+                        dt: ti.template(), tiled: ti.template()):
+        """particle_stress and p2g in one parallel loop (tiled: through shared memory, CUDA). Every
+        parameter a template, as in substep_at."""
         if ti.static(tiled):
             ti.loop_config(block_dim=BLOCK)
             for i in range(blocked(n)):
@@ -698,9 +700,11 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         ti.simt.block.sync()  # the block's next pass reuses stage
 
     @ti.func
-    def g2p_loop(src, dst, n, x: ti.template(), v: ti.template(), C: ti.template(), grid_v: ti.template(), origin,
-                 inv_dx, dt, tiled: ti.template()):
-        """g2p's parallel loop (tiled: the large-scene form, CUDA)."""
+    def g2p_loop(src: ti.template(), dst: ti.template(), n: ti.template(), x: ti.template(), v: ti.template(),
+                 C: ti.template(), grid_v: ti.template(), origin: ti.template(), inv_dx: ti.template(),
+                 dt: ti.template(), tiled: ti.template()):
+        """g2p's parallel loop (tiled: the large-scene form, CUDA). Every parameter a template, as in
+        substep_at."""
         if ti.static(tiled):
             ti.loop_config(block_dim=BLOCK)
             for i in range(blocked(n)):
@@ -820,20 +824,21 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         for f in range(9 * n):
             advance_adjoint_at(f, n, g_x, g_v, g_C, g_F, g_plastic)
     # ---- whole substeps in one call: one launch context for the stages (each loop still its own
-    # GPU launch), because at 100k particles the host time of separate calls was the substep's cost
-    @ti.kernel
-    def substep_forward(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
-                        F: steps_mat, plastic: steps_scalar, material: per_particle_int, E: per_particle,
-                        nu: per_particle, density: per_particle, volume: per_particle, aux: table,
-                        dFc: per_particle_mat, control_scale: real, grid_mv: grid_vec, grid_m: grid_scalar,
-                        grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real, gravity: vec3, dx: real,
-                        wall_mode: ti.i32, wall_friction: real, colliders: table, n_colliders: ti.template(),
-                        time: real, keep_grid: ti.i32, tiled: ti.template()):
-        """One substep without the plastic return maps' SVD: stress and P2G in one pass (tiled:
-        through shared memory, CUDA), grid_update, g2p. keep_grid 0: the grid must be clear on entry
-        and is left clear (grid_update zeroes it once read); 1: it is cleared first and kept (mv, m,
-        v) for an adjoint. Run-time flags rather than template ones: one compile serves the
-        forward, the backward's recomputes and the solver."""
+    # GPU launch), because at 100k particles the host time of separate calls was the substep's cost.
+    # The bodies are ti.funcs whose parameters are all templates: a by-value parameter is a copy
+    # made at the kernel's top level, which Taichi keeps in its global temporaries, where 1.7.4 can
+    # put a float64 one at an offset of 4 mod 8 (CUDA_ERROR_MISALIGNED_ADDRESS on CUDA, fine on the
+    # CPU; bench/global_temps.py finds them). A template parameter is the kernel's argument itself.
+    @ti.func
+    def substep_at(src: ti.template(), dst: ti.template(), n: ti.template(), x: ti.template(), v: ti.template(),
+                   C: ti.template(), F: ti.template(), plastic: ti.template(), material: ti.template(),
+                   E: ti.template(), nu: ti.template(), density: ti.template(), volume: ti.template(),
+                   aux: ti.template(), dFc: ti.template(), control_scale: ti.template(), grid_mv: ti.template(),
+                   grid_m: ti.template(), grid_v: ti.template(), origin: ti.template(), inv_dx: ti.template(),
+                   dt: ti.template(), gravity: ti.template(), dx: ti.template(), wall_mode: ti.template(),
+                   wall_friction: ti.template(), colliders: ti.template(), n_colliders: ti.template(),
+                   time: ti.template(), keep_grid: ti.template(), tiled: ti.template()):
+        """The loops of substep_forward (see there)."""
         # keep_grid tested per node: a top-level if would make the loop serial, and loops over
         # ti.ndrange(keep_grid * X, Y, Z) or range(keep_grid * X * Y * Z) failed on CUDA (float64
         # rollouts, taichi 1.7.4, 2026-11-28). With keep_grid 0 this loop costs ~8 us at 1M particles
@@ -847,6 +852,73 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
                            colliders, n_colliders, time, 1 - keep_grid)
         g2p_loop(src, dst, n, x, v, C, grid_v, origin, inv_dx, dt, tiled)
+
+    @ti.kernel
+    def substep_forward(src: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat,
+                        F: steps_mat, plastic: steps_scalar, material: per_particle_int, E: per_particle,
+                        nu: per_particle, density: per_particle, volume: per_particle, aux: table,
+                        dFc: per_particle_mat, control_scale: real, grid_mv: grid_vec, grid_m: grid_scalar,
+                        grid_v: grid_vec, origin: vec3, inv_dx: real, dt: real, gravity: vec3, dx: real,
+                        wall_mode: ti.i32, wall_friction: real, colliders: table, n_colliders: ti.template(),
+                        time: real, keep_grid: ti.i32, tiled: ti.template()):
+        """One substep without the plastic return maps' SVD: stress and P2G in one pass (tiled:
+        through shared memory, CUDA), grid_update, g2p. keep_grid 0: the grid must be clear on entry
+        and is left clear (grid_update zeroes it once read); 1: it is cleared first and kept (mv, m,
+        v) for an adjoint. Run-time flags rather than template ones: one compile serves the
+        forward, the backward's recomputes and the solver."""
+        substep_at(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale,
+                   grid_mv, grid_m, grid_v, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
+                   n_colliders, time, keep_grid, tiled)
+
+    @ti.kernel
+    def substep_forward_pair(src: ti.i32, mid: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec,
+                             C: steps_mat, F: steps_mat, plastic: steps_scalar, material: per_particle_int,
+                             E: per_particle, nu: per_particle, density: per_particle, volume: per_particle,
+                             aux: table, dFc: per_particle_mat, control_scale: real, dFc1: per_particle_mat,
+                             control_scale1: real, grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec,
+                             grid_mv1: grid_vec, grid_m1: grid_scalar, grid_v1: grid_vec, origin: vec3,
+                             inv_dx: real, dt: real, gravity: vec3, dx: real, wall_mode: ti.i32,
+                             wall_friction: real, colliders: table, n_colliders: ti.template(), time: real,
+                             time1: real, keep_grid: ti.i32, tiled: ti.template()):
+        """substep_forward from slot src to mid (control dFc, scale, grid (mv, m, v), clock time),
+        then from mid to dst (dFc1, scale1, grid (mv1, m1, v1), time1), in one launch: a launch
+        costs the rollout ~0.2 ms of host time at 100k particles (H200), more than the substep's
+        GPU work. With keep_grid 0 both grids may be the same scratch grid."""
+        substep_at(src, mid, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale,
+                   grid_mv, grid_m, grid_v, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
+                   n_colliders, time, keep_grid, tiled)
+        substep_at(mid, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc1, control_scale1,
+                   grid_mv1, grid_m1, grid_v1, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
+                   n_colliders, time1, keep_grid, tiled)
+
+    @ti.func
+    def adjoint_at(n: ti.template(), x: ti.template(), v: ti.template(), C: ti.template(), F: ti.template(),
+                   plastic: ti.template(), material: ti.template(), E: ti.template(), nu: ti.template(),
+                   density: ti.template(), volume: ti.template(), aux: ti.template(), dFc: ti.template(),
+                   control_scale: ti.template(), affine: ti.template(), grid_mv: ti.template(),
+                   grid_m: ti.template(), grid_v: ti.template(), g_mv: ti.template(), g_m: ti.template(),
+                   g_grid_v: ti.template(), g_x: ti.template(), g_v: ti.template(), g_C: ti.template(),
+                   g_F: ti.template(), g_plastic: ti.template(), g_E: ti.template(), g_nu: ti.template(),
+                   g_dFc: ti.template(), g_affine: ti.template(), origin: ti.template(), inv_dx: ti.template(),
+                   dt: ti.template(), gravity: ti.template(), dx: ti.template(), wall_mode: ti.template(),
+                   wall_friction: ti.template(), colliders: ti.template(), n_colliders: ti.template(),
+                   time: ti.template()):
+        """The loops of substep_adjoint (see there; parameters as substep_at's)."""
+        for p in range(n):
+            _, _, tau = updated_stress(p, 0, C, F, plastic, material, E, nu, aux, dFc, control_scale, dt)
+            affine[p] = affine_of(p, 0, tau, C, density, volume, inv_dx, dt)
+        for p in range(n):
+            g2p_grad_at(p, 0, 1, x, grid_v, g_x, g_v, g_C, g_grid_v, origin, inv_dx, dt)
+        for I in ti.grouped(grid_m):
+            grid_update_grad_at(I, grid_mv, grid_m, g_grid_v, g_mv, g_m, dt, gravity, origin, dx, wall_mode,
+                                wall_friction, colliders, n_colliders, time)
+        for p in range(n):
+            p2g_grad_at(p, 0, x, v, density, volume, affine, g_mv, g_m, g_x, g_v, g_affine, origin, inv_dx)
+        for p in range(n):
+            particle_stress_grad_at(p, 0, 1, C, F, material, E, nu, density, volume, dFc, control_scale,
+                                    g_affine, g_C, g_F, g_plastic, g_E, g_nu, g_dFc, inv_dx, dt)
+        for f in range(9 * n):
+            advance_adjoint_at(f, n, g_x, g_v, g_C, g_F, g_plastic)
 
     @ti.kernel
     def substep_adjoint(n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat, plastic: steps_scalar,
@@ -864,21 +936,37 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         and nothing here reads them), g2p_grad, grid_update_grad, p2g_grad, particle_stress_grad,
         advance_adjoint. The state adjoints g_* [2, N, ...] hold the incoming ones in slot 1 and
         leave with them in slot 1."""
-        for p in range(n):
-            _, _, tau = updated_stress(p, 0, C, F, plastic, material, E, nu, aux, dFc, control_scale, dt)
-            affine[p] = affine_of(p, 0, tau, C, density, volume, inv_dx, dt)
-        for p in range(n):
-            g2p_grad_at(p, 0, 1, x, grid_v, g_x, g_v, g_C, g_grid_v, origin, inv_dx, dt)
-        for I in ti.grouped(grid_m):
-            grid_update_grad_at(I, grid_mv, grid_m, g_grid_v, g_mv, g_m, dt, gravity, origin, dx, wall_mode,
-                                wall_friction, colliders, n_colliders, time)
-        for p in range(n):
-            p2g_grad_at(p, 0, x, v, density, volume, affine, g_mv, g_m, g_x, g_v, g_affine, origin, inv_dx)
-        for p in range(n):
-            particle_stress_grad_at(p, 0, 1, C, F, material, E, nu, density, volume, dFc, control_scale,
-                                    g_affine, g_C, g_F, g_plastic, g_E, g_nu, g_dFc, inv_dx, dt)
-        for f in range(9 * n):
-            advance_adjoint_at(f, n, g_x, g_v, g_C, g_F, g_plastic)
+        adjoint_at(n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale, affine,
+                   grid_mv, grid_m, grid_v, g_mv, g_m, g_grid_v, g_x, g_v, g_C, g_F, g_plastic, g_E, g_nu, g_dFc,
+                   g_affine, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders, n_colliders, time)
+
+    @ti.kernel
+    def substep_adjoint_pair(n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat,
+                             plastic: steps_scalar, x1: steps_vec, v1: steps_vec, C1: steps_mat, F1: steps_mat,
+                             plastic1: steps_scalar, material: per_particle_int, E: per_particle, nu: per_particle,
+                             density: per_particle, volume: per_particle, aux: table, dFc: per_particle_mat,
+                             control_scale: real, dFc1: per_particle_mat, control_scale1: real,
+                             affine: per_particle_mat, grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec,
+                             grid_mv1: grid_vec, grid_m1: grid_scalar, grid_v1: grid_vec, g_mv: grid_vec,
+                             g_m: grid_scalar, g_grid_v: grid_vec, g_x: steps_vec, g_v: steps_vec, g_C: steps_mat,
+                             g_F: steps_mat, g_plastic: steps_scalar, g_E: per_particle, g_nu: per_particle,
+                             g_dFc: per_particle_mat, g_dFc1: per_particle_mat, g_affine: per_particle_mat,
+                             origin: vec3, inv_dx: real, dt: real, gravity: vec3, dx: real, wall_mode: ti.i32,
+                             wall_friction: real, colliders: table, n_colliders: ti.template(), time: real,
+                             time1: real):
+        """substep_adjoint of two consecutive substeps in one launch, the later first: the one on
+        the states x1 .. plastic1 (2 slots each; its control dFc1, scale1 with adjoint g_dFc1, its
+        grid (mv1, m1, v1), clock time1), then the one on x .. plastic (dFc, scale, g_dFc, grid
+        (mv, m, v), time). Both run on the same 2-slot state adjoints: the first one's advance
+        leaves its result where the second reads its input. For a backward where no loss gradient
+        lands on the state between the two."""
+        adjoint_at(n, x1, v1, C1, F1, plastic1, material, E, nu, density, volume, aux, dFc1, control_scale1, affine,
+                   grid_mv1, grid_m1, grid_v1, g_mv, g_m, g_grid_v, g_x, g_v, g_C, g_F, g_plastic, g_E, g_nu,
+                   g_dFc1, g_affine, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
+                   n_colliders, time1)
+        adjoint_at(n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale, affine,
+                   grid_mv, grid_m, grid_v, g_mv, g_m, g_grid_v, g_x, g_v, g_C, g_F, g_plastic, g_E, g_nu, g_dFc,
+                   g_affine, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders, n_colliders, time)
 
     return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, advance_adjoint=advance_adjoint,
                            particle_stress_grad=particle_stress_grad, p2g=p2g, stress_p2g=stress_p2g,
@@ -886,7 +974,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                            particle_stress_svd=particle_stress_svd, plastic_stress_grad=plastic_stress_grad,
                            trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad, substep_forward=substep_forward,
-                           substep_adjoint=substep_adjoint)
+                           substep_forward_pair=substep_forward_pair, substep_adjoint=substep_adjoint,
+                           substep_adjoint_pair=substep_adjoint_pair)
 
 
 # Taichi's control-flow-graph optimisation pass grows faster than linearly with a kernel's size: with
@@ -927,6 +1016,27 @@ def tiled_p2g(n_particles: int) -> bool:
     if setting in ("0", "1"):
         return setting == "1"
     return n_particles >= TILED_P2G_MIN_PARTICLES
+
+
+# On CUDA a rollout runs its elastic substeps two a launch (substep_forward_pair, substep_adjoint_pair):
+# at 100k particles a launch cost ~0.11 ms of Taichi's C++ launch path and 0.11-0.23 ms of argument
+# setting on the H200 machine, more than a substep's GPU work, and the pairs took an optimisation
+# step of bench/e2e_step.py from 202 to 135 ms (2026-11-28). Not on the CPU: there a 40-substep
+# rollout took as long either way, and the two pair kernels added ~13 s of compile time on 2 cores.
+# Short rollouts (under PAIRED_MIN_SUBSTEPS) keep the single kernels: little to gain, a compile to pay.
+PAIRED_ARCHES = ("cuda",)
+PAIRED_MIN_SUBSTEPS = 16
+
+
+def paired_substeps(n_substeps: int) -> bool:
+    """Whether a rollout of n_substeps runs its elastic substeps two a launch: on PAIRED_ARCHES for
+    n_substeps >= PAIRED_MIN_SUBSTEPS. TAICHI_MPM_PAIRED_SUBSTEPS=0 turns it off, =1 on at any arch
+    and length (comparisons, tests)."""
+    from taichi.lang import impl
+    setting = os.environ.get("TAICHI_MPM_PAIRED_SUBSTEPS", "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return impl.current_cfg().arch.name in PAIRED_ARCHES and n_substeps >= PAIRED_MIN_SUBSTEPS
 
 
 @dataclass(frozen=True)
@@ -996,3 +1106,20 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
                   int(not keep_grid))
     if move_particles:
         k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt, tiled)
+
+
+def run_substep_pair(k, src: int, mid: int, dst: int, n: int, state: Mapping[str, Any],
+                     constants: Mapping[str, Any], grids: Tuple[Tuple[Any, Any, Any], Tuple[Any, Any, Any]],
+                     controls: Tuple[Tuple[Any, float], Tuple[Any, float]], setup: GridSetup, dt: float,
+                     times: Tuple[float, float], keep_grid: bool, tiled: bool = False) -> None:
+    """Two elastic substeps, src -> mid -> dst, in one launch (substep_forward_pair): run_substep
+    without ``svd`` twice, the second with ``grids[1]``, ``controls[1]`` and ``times[1]``. With
+    ``keep_grid=False`` both grids may be the same clear scratch grid."""
+    x, v, C, F, plastic = state["x"], state["v"], state["C"], state["F"], state["plastic"]
+    material, E, nu, aux = constants["material"], constants["E"], constants["nu"], constants["aux"]
+    density, volume = constants["density"], constants["volume"]
+    (dFc, scale), (dFc1, scale1) = controls
+    k.substep_forward_pair(src, mid, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
+                           scale, dFc1, scale1, *grids[0], *grids[1], setup.origin, 1.0 / setup.dx, dt,
+                           setup.gravity, setup.dx, setup.wall_mode, setup.wall_friction, setup.colliders,
+                           setup.n_colliders, times[0], times[1], int(keep_grid), tiled)
