@@ -149,6 +149,38 @@ def run_variant(args, scene, x0, binding, viewmats, Ks, target, variant):
     return row
 
 
+def profile_step(args, scene, x0, binding, viewmats, Ks, target, variant) -> str:
+    """One plain step under torch.profiler: its wall time, the summed GPU kernel time and that time
+    per kernel (Taichi's kernels grouped by name, each of their loops a launch; torch's by name), to
+    tell a host-bound step from a GPU-bound one and which kernels hold the GPU."""
+    import re
+    from collections import defaultdict
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        step(args, scene, x0, binding, viewmats, Ks, target, variant)
+        sync()
+        wall_ms = (time.perf_counter() - t) * 1e3
+    kernels = defaultdict(lambda: [0, 0.0])  # name -> [launches, microseconds]
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            name = re.sub(r"_c\d+_\d+_kernel_\d+_\w+$", "", e.name)[:70]  # a Taichi kernel's loops together
+            kernels[name][0] += 1
+            kernels[name][1] += e.self_device_time_total
+    gpu_ms = sum(us for _, us in kernels.values()) / 1e3
+    if not kernels:
+        return f"{variant}: wall {wall_ms:.1f} ms; no GPU kernel (a CPU run)"
+    lines = [f"{variant}: wall {wall_ms:.1f} ms, GPU kernels {gpu_ms:.1f} ms (profiler on)",
+             f"{'kernel':<72} {'launches':>8} {'ms':>8} {'share':>6}"]
+    for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]:
+        lines.append(f"{name:<72} {count:>8} {us / 1e3:>8.2f} {us / 1e3 / gpu_ms:>6.1%}")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--particles", type=int, default=100_000)
@@ -163,6 +195,8 @@ def main():
                         default=["surface", "per_particle"], help="surface upsampling and/or the one-per-particle peer")
     parser.add_argument("--quick", action="store_true", help="tiny CPU-sized run")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="also profile one step of each variant (torch.profiler) and write the kernel table here")
     args = parser.parse_args()
     if args.quick:
         args.particles, args.res, args.substeps, args.gaussians = 2000, 24, 20, 2000
@@ -185,6 +219,10 @@ def main():
     for r in rows:
         print(f"{r['variant']:>13} {r['step_ms']:>8.1f} {r['peak_GB']:>8.3f} " + " ".join(f"{r[k]:>22.1f}" for k in keys))
     print(f"wrote {write(args, rows, device_name, arch, scene, binding, viewmats)}")
+    if args.profile:
+        tables = [profile_step(args, scene, x0, binding, viewmats, Ks, target, v) for v in args.variants]
+        args.profile.write_text(f"bench/e2e_step.py --profile on {device_name}\n\n" + "\n\n".join(tables) + "\n")
+        print("\n\n".join(tables))
 
 
 def write(args, rows, device_name, arch, scene, binding, viewmats):

@@ -196,7 +196,7 @@ def e2e_table() -> str:
     rows = [f"**One optimisation step of the whole chain** (`bench/e2e_step.py`), {d['device']}, {d['date'][:10]}: "
             f"{w['particles']:,} particles, {w['substeps']} substeps, {w['frames']} frames x {w['views']} views at "
             f"{w['size']}x{w['size']}, full backward; median of {w['repeats']}"
-            + (f"; code: {d['code']}" if "code" in d else "") + ".", "",
+            + (f"; code: {d['code']}" if "code" in d else "") + "." + noted(d), "",
             "| Gaussians | step (ms) | sim forward | upsampling | rendering | render+upsample backward | "
             "sim backward | peak GB |", "|---|---|---|---|---|---|---|---|"]
     names = {"surface": f"{w['gaussians']:,} surface (synthesize_surface)", "per_particle": "one per particle"}
