@@ -5,7 +5,7 @@ samplers produce it: 1M particles in a 128^3 grid and 8M in 256^3 (``--quick``: 
 For each size it times, at the same fixed dt:
   - taichi_mpm: ``MPMSolver.step`` (state checks every 8 substeps included) and a per-stage
     profile (each stage timed alone);
-  - on CUDA, taichi_mpm with the kernels it runs below 2^17 particles (TAICHI_MPM_TILED_P2G=0:
+  - on CUDA, taichi_mpm with the kernels it runs below 2^16 particles (TAICHI_MPM_TILED_P2G=0:
     no shared-memory tiles, run-time stencil loops: taichi_mpm.substep.for_axis);
   - taichi_mpm after one ``sort_particles()`` (the order the transfers prefer);
   - taichi_mpm on randomly shuffled particles, unsorted and with ``sort_every=64`` (1M only);

@@ -996,13 +996,15 @@ def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
     return SimpleNamespace(**launchers)
 
 
-# Below this many particles a substep is launch-bound (100k particles on an H200: 0.16 ms of GPU
-# work in 0.33 ms of wall time), so the large-scene kernels (shared-memory P2G, unrolled stencils)
-# gain little there, while they compile several times longer (float64 forward substep, H200: 9.9 s
-# tiled against 1.1 s): a new user's small first scene should not wait for them. At 1M particles
-# they take 0.77 ms a substep against 1.55 ms (2026-11-27), so the small-scene ones are GPU-bound
-# from about 2^17 particles on.
-TILED_P2G_MIN_PARTICLES = 1 << 17
+# The large-scene kernels (shared-memory P2G, unrolled stencils) compile several times longer than
+# the small-scene ones (float64 forward substep, H200: 9.9 s tiled against 1.1 s), so a new user's
+# small first scene, launch-bound anyway, should not wait for them. At 1M particles they take 0.77
+# ms a substep against 1.55 ms (2026-11-27). Since the rollout runs two substeps a launch, 100k
+# particles are GPU-bound enough for them to pay: bench/e2e_step.py's step (100k particles, one
+# Gaussian a particle, H200, 2026-11-28, two runs each interleaved) took 130 and 156 ms without
+# them, 104 and 105 ms with them; the forward pairs' GPU time 45.2 -> 30.5 ms a step. 2^16 is a
+# guess below that measurement (not measured between 2^16 and 100k).
+TILED_P2G_MIN_PARTICLES = 1 << 16
 
 
 def tiled_p2g(n_particles: int) -> bool:
