@@ -8,6 +8,7 @@ particle positions and deformation gradients (and on into ``bridge.simulate``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Union
 
 import torch
@@ -23,10 +24,34 @@ class Gaussians:
     colors: torch.Tensor     # (N, 3)
 
 
+# The per-frame maps from particles to Gaussians work on 10^5-10^6 3x3 matrices at a time, in ways
+# chosen for the GPU: products as broadcast multiplies and sums (cuBLAS's batched 3x3 gemm took ~110
+# us a call on 180k matrices, twelve calls a step of bench/e2e_step.py; an elementwise pass over the
+# same data is memory-bound, a few us), gathers by index_select (its backward adds with atomics;
+# advanced indexing's sorts its indices first).
+def matvec(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A v for A (..., 3, 3), v (..., 3)."""
+    return (A * v[..., None, :]).sum(-1)
+
+
+def gram(A: torch.Tensor) -> torch.Tensor:
+    """A A^T for A (..., 3, 3)."""
+    return (A[..., :, None, :] * A[..., None, :, :]).sum(-1)
+
+
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[index] for an integer index of any shape: (*index.shape, *t.shape[1:])."""
+    return t.index_select(0, index.reshape(-1)).view(*index.shape, *t.shape[1:])
+
+
+@lru_cache(maxsize=None)
+def _upper_entries(device: torch.device) -> torch.Tensor:
+    return torch.tensor([0, 1, 2, 4, 5, 8], device=device)  # xx, xy, xz, yy, yz, zz of a row-major 3x3
+
+
 def upper_triangle(cov: torch.Tensor) -> torch.Tensor:
     """(..., 3, 3) symmetric -> (..., 6) as xx, xy, xz, yy, yz, zz."""
-    i, j = torch.triu_indices(3, 3, device=cov.device)
-    return cov[..., i, j]
+    return cov.flatten(-2).index_select(-1, _upper_entries(cov.device))
 
 
 def particles_to_gaussians(positions: torch.Tensor, deformation: Optional[torch.Tensor], radius: float,
@@ -54,7 +79,7 @@ def particles_to_gaussians(positions: torch.Tensor, deformation: Optional[torch.
     else:
         if deformation.shape != (n, 3, 3):
             raise ValueError(f"deformation must be (N, 3, 3) = ({n}, 3, 3), got {tuple(deformation.shape)}")
-        cov = radius ** 2 * deformation @ deformation.transpose(1, 2)
+        cov = radius ** 2 * gram(deformation)
     colors = torch.as_tensor(colors, dtype=real, device=dev)
     if colors.shape == (3,):
         colors = colors.expand(n, 3)

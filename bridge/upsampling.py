@@ -32,7 +32,7 @@ from torch import nn
 
 from taichi_mpm.validation import check_tensor
 
-from .surface import Gaussians, upper_triangle
+from .surface import Gaussians, gather_rows, gram, matvec, upper_triangle
 
 DEFAULT_COLOR = (0.8, 0.8, 0.8)
 
@@ -185,9 +185,9 @@ def deform_points(X: torch.Tensor, particles: torch.Tensor, weights: torch.Tenso
 
     Returns (mu (M, 3), F_g (M, 3, 3) = sum_p w_p F_p). Shared by the surface upsampler and the
     3DGS advection (bridge.gaussian_sim)."""
-    offset = X[:, None, :] - x_rest[particles]                      # (M, k, 3)
-    Fp = F[particles]                                               # (M, k, 3, 3)
-    moved = x[particles] + (Fp @ offset[..., None])[..., 0]          # (M, k, 3)
+    offset = X[:, None, :] - gather_rows(x_rest, particles)         # (M, k, 3)
+    Fp = gather_rows(F, particles)                                  # (M, k, 3, 3)
+    moved = gather_rows(x, particles) + matvec(Fp, offset)          # (M, k, 3)
     w = weights.to(x.dtype)
     return (w[..., None] * moved).sum(1), (w[..., None, None] * Fp).sum(1)
 
@@ -220,9 +220,9 @@ def synthesize_surface(x: torch.Tensor, F: torch.Tensor, binding: SurfaceBinding
     normals = b.normals.to(real)
     X = b.surface.to(real) - (b.depth.to(real) * thickness)[:, None] * normals
     mu, Fg = deform_points(X, b.particles, b.weights, b.x_rest.to(real), x, F)
-    FFt = Fg @ Fg.transpose(1, 2)
+    FFt = gram(Fg)
     if b.flatten != 1.0:
-        Fn = (Fg @ normals[..., None])[..., 0]
+        Fn = matvec(Fg, normals)
         FFt = FFt - (1.0 - b.flatten ** 2) * Fn[:, :, None] * Fn[:, None, :]
     cov = sigma0.square() * FFt
     return Gaussians(mu.to(dtype).contiguous(), upper_triangle(cov).to(dtype).contiguous(),
