@@ -493,7 +493,9 @@ class _Rollout(torch.autograd.Function):
         """The checkpoint schedule in reverse: for each segment (last first) restore its checkpoint,
         refill its substeps forward, then walk its substeps backward, each as
         ``recompute`` (grid kept or recomputed) -> ``_Substeps.backward`` (which ends with the
-        adjoint of state s as the incoming adjoint of substep s - 1)."""
+        adjoint of state s as the incoming adjoint of substep s - 1), or two at once
+        (``_Substeps.backward_pair``) where the pairs run, the grids are kept and no frame lies
+        between the two."""
         scene, n_substeps, frames, plan = ctx.scene, ctx.n_substeps, ctx.frames, ctx.plan
         # detached: a tensor that requires grad, passed to a kernel, has Taichi touch its .grad
         E, nu, aux, controls = (None if t is None else t.detach().contiguous() for t in ctx.saved_tensors)
@@ -523,10 +525,10 @@ class _Rollout(torch.autograd.Function):
 
         def step_controls(s: int, count: int):
             """(dFc, scale) of substeps s .. s + count - 1 and the adjoints their controls take."""
-            pairs = [_control_for(scene, controls, i, substeps.no_control) for i in range(s, s + count)]
+            acting = [_control_for(scene, controls, i, substeps.no_control) for i in range(s, s + count)]
             grads = [None if controls_grad is None or scale == 0.0 else controls_grad[i // scene.control_stride]
-                     for i, (_, scale) in zip(range(s, s + count), pairs)]
-            return pairs, grads
+                     for i, (_, scale) in zip(range(s, s + count), acting)]
+            return acting, grads
 
         def refill(start: int, length: int):
             """Run the segment's substeps forward again from its checkpoint (slot `length` is never
@@ -542,15 +544,16 @@ class _Rollout(torch.autograd.Function):
                     substeps.forward(segment, j, constants, control[0], kept_grid(j), move_particles=j < length - 1,
                                      substep=start + j)
 
-        def recompute(pair: dict, j: int, control, s: int):
+        def recompute(states: dict, j: int, control, s: int):
             """The grid of substep j of the segment as its forward had it, and whether the
             per-particle scratch was recomputed with it."""
             if stored_grids is not None:
-                return [g[j] for g in stored_grids], False
-            substeps.forward(pair, 0, constants, control, move_particles=False, for_adjoint=True, substep=s)
+                return kept_grid(j), False
+            substeps.forward(states, 0, constants, control, move_particles=False, for_adjoint=True, substep=s)
             return substeps.grid, True
 
         def slots(j: int) -> dict:
+            """Views of the segment's states j and j + 1, substep j's input and output."""
             return {key: segment[key][j:j + 2] for key in STATE_KEYS}
 
         starts = list(range(0, n_substeps, segment_length))
@@ -567,15 +570,15 @@ class _Rollout(torch.autograd.Function):
                                            constants, parameter_grads, control, control_grad, substep=s - 1)
                     j -= 2
                     continue
-                pair = slots(j)
+                states = slots(j)
                 (control,), (control_grad,) = step_controls(s, 1)
-                grid, stress_ready = recompute(pair, j, control, s)
-                substeps.backward(pair, adjoint, grid, constants, parameter_grads, control, control_grad,
+                grid, stress_ready = recompute(states, j, control, s)
+                substeps.backward(states, adjoint, grid, constants, parameter_grads, control, control_grad,
                                   stress_ready, substep=s)
                 j -= 1
         add_output_grads(0)
         # free the segment buffers (and the last views into them) before the results are copied out
-        ctx.checkpoints = segment = stored_grids = substeps = pair = grid = None
+        ctx.checkpoints = segment = stored_grids = substeps = states = grid = None
         grads = [adjoint[key][1].clone() for key in ("x", "v", "C", "F")] + \
             [parameter_grads["E"], parameter_grads["nu"], parameter_grads["aux"], controls_grad]
         return (None, None, None, None) + tuple(g if need else None
