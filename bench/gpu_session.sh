@@ -7,6 +7,8 @@
 #                                             [tests] [demo]
 #                                             [-- PYTEST_ARGS...]
 # With no step it runs mpm_forward, tests and demo. JSON goes to $OUT (or bench/results).
+# The wheels: ../shared/device/prepare.sh gsplat==1.5.3 pytorch-msssim (scenes.fit_image and
+# scenes.fit_gaussians import pytorch_msssim; without it their tests fail on the GPU machine).
 # mpm_forward's second peer, taichi_elements, runs where .peers/taichi_elements/engine exists: name
 # .peers in the device call's carry (see bench/mpm_peer_taichi_elements.py).
 #
@@ -27,6 +29,11 @@ done
 [ ${#steps[@]} -eq 0 ] && steps=(mpm_forward tests demo)
 [ ${#pytest_args[@]} -eq 0 ] && pytest_args=(tests/)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# The carried wheels are installed without byte-compiling: each new process would then compile
+# taichi's modules again and print a SyntaxWarning of taichi/tools/image.py on stderr, which fails the
+# tests that want a CLI error in one stderr line. Compiled once here, no process prints it.
+python3 -m compileall -q "$(python3 -c 'import os, taichi; print(os.path.dirname(taichi.__file__))' 2>/dev/null)" \
+  >/dev/null 2>&1 || true
 failed=()
 for step in "${steps[@]}"; do
   echo "=== $step"
