@@ -1,6 +1,8 @@
-"""Time to the first gradient: a new user's first ``bridge.simulate(...).backward()``, cold Taichi cache.
+"""Time to the first gradient: a new user's first ``bridge.simulate(...).backward()`` (or first render's
+backward: ``--workload raster|splat2d``), cold Taichi cache.
 
-    python bench/first_gradient.py [--before DIR] [--material elastic|von_mises|sand|snow] [--substeps T]
+    python bench/first_gradient.py [--before DIR] [--workload rollout|raster|splat2d]
+                                   [--material elastic|von_mises|sand|snow] [--substeps T]
                                    [--out bench/results/first_gradient_cpu.json]
 
 Each measurement runs in a fresh interpreter with its own empty Taichi offline cache (a temporary
@@ -74,6 +76,25 @@ def kernel_call(self, *a, **k):
         current.pop()
 kernel_impl.Kernel.__call__ = kernel_call
 kernel_impl.Kernel.ensure_compiled = timed("front_s", ensure)
+{workload}
+t1, c1 = time.perf_counter(), cpu()
+loss = forward()
+float(loss)
+t2, c2 = time.perf_counter(), cpu()
+loss.backward()
+if torch.cuda.is_available():
+    torch.cuda.synchronize()
+t3, c3 = time.perf_counter(), cpu()
+print("RESULT " + json.dumps({"setup_s": t1 - t0, "forward_s": t2 - t1, "backward_s": t3 - t2,
+                              "setup_cpu_s": c1 - c0, "forward_cpu_s": c2 - c1, "backward_cpu_s": c3 - c2,
+                              "kernels": dict(sorted(stages.items(), key=lambda kv: -sum(kv[1].values())))}))
+"""
+
+# Each workload builds its inputs (the set-up) and defines forward() -> a scalar loss; the child
+# times the set-up, forward() and the loss's backward. argv: workload option, cache folder, size.
+WORKLOADS = {
+    # an MPM rollout of argv[3] substeps of the material argv[1] (float64, ~300 particles)
+    "rollout": """
 from bridge.rollout import RolloutScene, simulate
 from taichi_mpm import Elastic, MPMSolver, Sand, Snow, VonMises
 from taichi_mpm.runtime import device
@@ -86,28 +107,46 @@ x0 = solver.positions(as_torch=True).clone().to(device())
 v0 = torch.zeros_like(x0)
 E = torch.tensor(2e4, dtype=torch.float64, device=x0.device, requires_grad=True)
 nu = torch.tensor(0.3, dtype=torch.float64, device=x0.device)
-t1, c1 = time.perf_counter(), cpu()
 T = int(sys.argv[3])
-traj = simulate(scene, x0, v0, {"E": E, "nu": nu}, n_substeps=T, frames=[T])
-loss = traj.x[-1].square().sum() + traj.F[-1].square().sum()
-float(loss)
-t2, c2 = time.perf_counter(), cpu()
-loss.backward()
-float(E.grad)
-t3, c3 = time.perf_counter(), cpu()
-print("RESULT " + json.dumps({"setup_s": t1 - t0, "forward_s": t2 - t1, "backward_s": t3 - t2,
-                              "setup_cpu_s": c1 - c0, "forward_cpu_s": c2 - c1, "backward_cpu_s": c3 - c2,
-                              "kernels": dict(sorted(stages.items(), key=lambda kv: -sum(kv[1].values())))}))
-"""
+def forward():
+    traj = simulate(scene, x0, v0, {"E": E, "nu": nu}, n_substeps=T, frames=[T])
+    return traj.x[-1].square().sum() + traj.F[-1].square().sum()
+""",
+    # the README's rasterizer call: 10k Gaussians, SH degree 3, one 256x256 camera
+    "raster": """
+import bridge
+from render import Camera, stack_cameras
+from taichi_mpm.runtime import device
+g = torch.Generator().manual_seed(0)
+N = 10_000
+leaves = [t.to(device()).requires_grad_() for t in (torch.randn(N, 3, generator=g) * 0.5,
+          torch.randn(N, 4, generator=g), torch.rand(N, 3, generator=g) * 0.03, torch.rand(N, generator=g),
+          torch.rand(N, 16, 3, generator=g))]
+viewmats, Ks = stack_cameras([Camera.look_at(eye=(0, -3, 1), width=256, height=256)], device())
+def forward():
+    images, _, _ = bridge.rasterize(*leaves, viewmats, Ks, 256, 256, sh_degree=3)
+    return images.square().mean()
+""",
+    # the README's image fit: 500 2D Gaussians on a 64x64 image, order-free sum
+    "splat2d": """
+from bridge import GaussianImage
+from taichi_mpm.runtime import device
+photo = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0)).to(device())
+model = GaussianImage.from_image(photo, 500)
+def forward():
+    return (model() - photo).square().mean()
+""",
+}
 
 
-def measure(code_dir: Path, material: str, cache: str, substeps: int = 8) -> dict:
+def measure(code_dir: Path, material: str, cache: str, substeps: int = 8, workload: str = "rollout") -> dict:
     path = os.pathsep.join([str(code_dir)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                                               if p and Path(p).resolve() != ROOT])
     env = dict(os.environ, PYTHONPATH=path)
     env.setdefault("TAICHI_MPM_ARCH", "cpu")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, material, cache, str(substeps)], cwd=code_dir, env=env,
+    child = CHILD.replace("{workload}", WORKLOADS[workload])
+    proc = subprocess.run([sys.executable, "-c", child, material, cache, str(substeps)], cwd=code_dir, env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -124,6 +163,8 @@ def measure(code_dir: Path, material: str, cache: str, substeps: int = 8) -> dic
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, default=None, help="checkout of the code to compare against")
+    parser.add_argument("--workload", default="rollout", choices=tuple(WORKLOADS),
+                        help="rollout (MPM, --material), raster (bridge.rasterize) or splat2d (GaussianImage)")
     parser.add_argument("--material", default="elastic", choices=("elastic", "von_mises", "sand", "snow"))
     parser.add_argument("--substeps", type=int, default=8, help="rollout length")
     parser.add_argument("--quick", action="store_true", help="accepted; the scene is always tiny")
@@ -136,7 +177,7 @@ def main(argv=None) -> dict:
     for label, code in codes:
         with tempfile.TemporaryDirectory(prefix="ti_cache_") as cache:
             for state in ("cold", "warm"):
-                r = measure(Path(code).resolve(), args.material, cache, args.substeps)
+                r = measure(Path(code).resolve(), args.material, cache, args.substeps, args.workload)
                 r.update(code=label, cache=state)
                 runs.append(r)
                 print(f"{label:10s} {state:4s} | {r['setup_s']:6.1f} {r['forward_s']:6.1f} {r['backward_s']:6.1f} "
@@ -151,9 +192,12 @@ def main(argv=None) -> dict:
     if arch == "cuda":
         import torch
         device = torch.cuda.get_device_name(0)
+    scene = {"rollout": f"16^3 grid, 1 particle a cell cube (~300 particles), {args.substeps} substeps, float64",
+             "raster": "bridge.rasterize, 10k Gaussians, SH degree 3, one 256x256 camera",
+             "splat2d": "GaussianImage, 500 2D Gaussians, 64x64, sum mode"}[args.workload]
     result = {"benchmark": "first_gradient", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "device": device, "arch": arch, "cpu_count": os.cpu_count(), "material": args.material,
-              "scene": f"16^3 grid, 1 particle a cell cube (~300 particles), {args.substeps} substeps, float64",
+              "device": device, "arch": arch, "cpu_count": os.cpu_count(), "workload": args.workload,
+              "material": args.material if args.workload == "rollout" else args.workload, "scene": scene,
               "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

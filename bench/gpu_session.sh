@@ -3,7 +3,8 @@
 # under its own timeout (see shared/device/README.md for the carried wheels in .whl/):
 #     . .whl/env.sh && bash bench/gpu_session.sh [mpm_forward] [mpm_backward] [raster] [raster_grid] [image2d] [e2e]
 #                                             [multigpu] [profile] [fit_material]
-#                                             [first_gradient] [ncu_forward] [ncu_backward] [host_sections] [ptx]
+#                                             [first_gradient] [first_render] [ncu_forward] [ncu_backward]
+#                                             [host_sections] [ptx]
 #                                             [tests] [demo]
 #                                             [-- PYTEST_ARGS...]
 # With no step it runs mpm_forward, tests and demo. JSON goes to $OUT (or bench/results).
@@ -52,6 +53,8 @@ for step in "${steps[@]}"; do
     fit_material) timeout 540 python3 -m scenes.fit_material --res 48 --ppc 8 --gaussians 60000 --size 256 192 \
                     --iters 100 --frames 16 --every 2 --out "$out/fit_material" ;;  # the GPU-size recovery
     first_gradient) TAICHI_MPM_ARCH=cuda timeout 300 python3 bench/first_gradient.py --out "$out/first_gradient_cuda.json" ;;
+    first_render) ( set -e; for w in raster splat2d; do TAICHI_MPM_ARCH=cuda timeout 200 python3 bench/first_gradient.py \
+                    --workload $w --out "$out/first_gradient_cuda_$w.json"; done ) ;;
     profile)      timeout 300 python3 bench/profile_gpu.py --out "$out/profile.txt" ;;
     host_sections) timeout 200 python3 bench/host_sections.py --out "$out/host_sections_cuda.json" ;;
     ptx)          timeout 200 python3 bench/ptx_registers.py dump "$out/ptx" ;;  # then, anywhere: ptx_registers.py count

@@ -178,6 +178,27 @@ def first_gradient_table() -> str:
     return "\n".join(parts)
 
 
+def first_render_table() -> str:
+    """bench/first_gradient.py --workload raster / splat2d: a fresh process's first render gradient."""
+    rows = []
+    for arch in ("cpu", "cuda"):
+        for workload in ("raster", "splat2d"):
+            d = load(f"first_gradient_{arch}_{workload}.json")
+            if d is None:
+                continue
+            if not rows:
+                rows += ["**Time to the first render gradient** (`bench/first_gradient.py --workload raster|splat2d`): "
+                         "a fresh process, empty Taichi cache: set-up (imports, inputs), first forward, first backward "
+                         "(wall seconds, every kernel compiling inside them); and the next process, on the cache.", "",
+                         "| device | workload | cache | set-up (s) | forward (s) | backward (s) | total (s) |",
+                         "|---|---|---|---|---|---|---|"]
+            where = f"{d['device']} ({d['cpu_count']} cores)" if d["arch"] == "cpu" else d["device"]
+            for r in d["runs"]:
+                rows.append(f"| {where}, {d['date'][:10]} | {d['scene']} | {r['cache']} | {r['setup_s']:.1f} | "
+                            f"{r['forward_s']:.1f} | {r['backward_s']:.1f} | **{r['total_s']:.1f}** |")
+    return "\n".join(rows)
+
+
 def demo_time_table() -> str:
     d = load("demo_time.json")
     if d is None:
@@ -237,7 +258,8 @@ def multigpu_table() -> str:
 
 def report() -> str:
     tables = (raster_table(), raster_grid_table(), image2d_table(), transient_table(), mpm_forward_table(), mpm_backward_table(),
-              e2e_table(), multigpu_table(), first_gradient_table(), demo_time_table())
+              e2e_table(), multigpu_table(), first_gradient_table(), first_render_table(),
+              demo_time_table())
     return "\n\n".join(t for t in tables if t)
 
 
