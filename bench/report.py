@@ -190,11 +190,14 @@ def first_render_table() -> str:
                 rows += ["**Time to the first render gradient** (`bench/first_gradient.py --workload raster|splat2d`): "
                          "a fresh process, empty Taichi cache: set-up (imports, inputs), first forward, first backward "
                          "(wall seconds, every kernel compiling inside them); and the next process, on the cache.", "",
-                         "| device | workload | cache | set-up (s) | forward (s) | backward (s) | total (s) |",
-                         "|---|---|---|---|---|---|---|"]
+                         "| device | workload | code | cache | set-up (s) | forward (s) | backward (s) | total (s) |",
+                         "|---|---|---|---|---|---|---|---|"]
             where = f"{d['device']} ({d['cpu_count']} cores)" if d["arch"] == "cpu" else d["device"]
+            if d.get("note"):
+                where += f" ({d['note']})"
             for r in d["runs"]:
-                rows.append(f"| {where}, {d['date'][:10]} | {d['scene']} | {r['cache']} | {r['setup_s']:.1f} | "
+                code = {"before": d.get("before", "before"), "this tree": "now"}.get(r["code"], r["code"])
+                rows.append(f"| {where}, {d['date'][:10]} | {d['scene']} | {code} | {r['cache']} | {r['setup_s']:.1f} | "
                             f"{r['forward_s']:.1f} | {r['backward_s']:.1f} | **{r['total_s']:.1f}** |")
     return "\n".join(rows)
 

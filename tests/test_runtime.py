@@ -152,3 +152,27 @@ def test_cpu_arch_runs_torch_on_one_thread_unless_told_otherwise():
     """)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "threads 2" in proc.stdout
+
+
+def test_a_kernel_error_still_points_at_its_source(device):
+    """runtime replaces Taichi's source-position strings (its front end built them with an 80-column
+    TextWrapper for every name of every kernel, ~1.8 s of a warm fit_material process); an error in
+    a kernel must still name the file, the line and the expression, caret under it. Seen to fail
+    with the caret line dropped and with the line number off by the kernel's offset."""
+    from taichi.lang.ast.ast_transformer_utils import ASTTransformerContext
+
+    assert ASTTransformerContext.get_pos_info is runtime._source_position
+
+    @ti.kernel
+    def broken(a: ti.types.ndarray(ti.f32, ndim=1)):
+        for i in range(a.shape[0]):
+            a[i] = no_such_name + 1.0  # noqa: F821
+
+    with pytest.raises(Exception) as error:
+        broken(torch.zeros(3, device=device))
+    with open(__file__) as source:
+        line = next(n for n, text in enumerate(source, 1) if "a[i] = no_such_name" in text)
+    lines = str(error.value).splitlines()
+    at = next(i for i, text in enumerate(lines) if text.startswith(f'File "{__file__}", line {line}, in broken'))
+    assert lines[at + 1].strip() == "a[i] = no_such_name + 1.0  # noqa: F821"
+    assert lines[at + 2] == " " * lines[at + 1].index("no_such_name") + "^" * len("no_such_name")
