@@ -404,8 +404,8 @@ class _Substeps:
             c["material"], c["E"], c["nu"], c["density"], c["volume"], c["aux"], dFc, scale, dFc1, scale1,
             self.affine, *grids[0], *grids[1], *self.grid_grads, *(adjoint[key] for key in STATE_KEYS),
             parameter_grads["E"], parameter_grads["nu"], g_dFc, g_dFc1, self.affine_grad, setup.origin,
-            1.0 / sc.dx, sc.dt, setup.gravity, setup.dx, setup.wall_mode, setup.wall_friction, setup.colliders,
-            setup.n_colliders, self.time(substep), self.time(substep + 1))
+            1.0 / sc.dx, sc.dt, setup.gravity, setup.dx, *setup.boundary(self.time(substep)),
+            self.time(substep + 1))
 
     def check(self, state: dict, j: int, substep: int):
         """Raise SimulationError if slot j holds NaN/Inf or particles outside the valid domain."""

@@ -1023,8 +1023,8 @@ def tiled_p2g(n_particles: int) -> bool:
 # On CUDA a rollout runs its elastic substeps two a launch (substep_forward_pair, substep_adjoint_pair):
 # at 100k particles a launch cost ~0.11 ms of Taichi's C++ launch path and 0.11-0.23 ms of argument
 # setting on the H200 machine, more than a substep's GPU work, and the pairs took an optimisation
-# step of bench/e2e_step.py from 202 to 135 ms (2026-11-28). Not on the CPU: there a 40-substep
-# rollout took as long either way, and the two pair kernels added ~13 s of compile time on 2 cores.
+# step of bench/e2e_step.py from 202 to 146 ms (2026-11-28, one call). Not on the CPU: there a
+# 40-substep rollout took as long either way, and the two pair kernels added ~13 s of compile time on 2 cores.
 # Short rollouts (under PAIRED_MIN_SUBSTEPS) keep the single kernels: little to gain, a compile to pay.
 PAIRED_ARCHES = ("cuda",)
 PAIRED_MIN_SUBSTEPS = 16
@@ -1061,7 +1061,8 @@ class GridSetup:
 
     def boundary(self, time: float) -> tuple:
         """(wall_mode, wall_friction, colliders, n_colliders, time): the arguments that end every
-        grid-update kernel's list (grid_update, grid_update_grad, substep_forward, substep_adjoint)."""
+        grid-update kernel's list (grid_update, grid_update_grad, substep_forward, substep_adjoint;
+        the pair kernels add the second substep's time after them)."""
         return self.wall_mode, self.wall_friction, self.colliders, self.n_colliders, time
 
 
@@ -1123,5 +1124,4 @@ def run_substep_pair(k, src: int, mid: int, dst: int, n: int, state: Mapping[str
     (dFc, scale), (dFc1, scale1) = controls
     k.substep_forward_pair(src, mid, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
                            scale, dFc1, scale1, *grids[0], *grids[1], setup.origin, 1.0 / setup.dx, dt,
-                           setup.gravity, setup.dx, setup.wall_mode, setup.wall_friction, setup.colliders,
-                           setup.n_colliders, times[0], times[1], int(keep_grid), tiled)
+                           setup.gravity, setup.dx, *setup.boundary(times[0]), times[1], int(keep_grid), tiled)
