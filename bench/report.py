@@ -150,6 +150,17 @@ def transient_table() -> str:
     return "\n".join(rows)
 
 
+def _first_gradient_device(d: dict) -> str:
+    """A first_gradient file's device cell: the device (its cores on the CPU) and its note."""
+    where = f"{d['device']} ({d['cpu_count']} cores)" if d["arch"] == "cpu" else d["device"]
+    return where + (f" ({d['note']})" if d.get("note") else "")
+
+
+def _first_gradient_code(d: dict, run: dict) -> str:
+    """A first_gradient run's code cell: the earlier checkout's label or "now"."""
+    return {"before": d.get("before", "before"), "this tree": "now"}.get(run["code"], run["code"])
+
+
 def first_gradient_table() -> str:
     parts = []
     for name in ("first_gradient_cpu.json", "first_gradient_cuda.json", "first_gradient_cpu_von_mises.json",
@@ -165,11 +176,9 @@ def first_gradient_table() -> str:
                       f"compiles inside these); and the next process, which finds them in Taichi's cache.", "",
                       "| device | material | code | set-up (s) | forward (s) | backward (s) | total (s) | 'Loading variable' warnings |",
                       "|---|---|---|---|---|---|---|---|"]
-        where = f"{d['device']} ({d['cpu_count']} cores)" if d["arch"] == "cpu" else d["device"]
-        if d.get("note"):
-            where += f" ({d['note']})"
+        where = _first_gradient_device(d)
         for r in shown:
-            code = {"before": d.get("before", "before"), "this tree": "now"}.get(r["code"], r["code"])
+            code = _first_gradient_code(d, r)
             if r["cache"] == "warm":
                 code += ", next process (kernels cached)"
             parts.append(f"| {where}, {r.get('date', d['date'])[:10]} | {d.get('material', 'elastic')} | {code} | "
@@ -192,11 +201,9 @@ def first_render_table() -> str:
                          "(wall seconds, every kernel compiling inside them); and the next process, on the cache.", "",
                          "| device | workload | code | cache | set-up (s) | forward (s) | backward (s) | total (s) |",
                          "|---|---|---|---|---|---|---|---|"]
-            where = f"{d['device']} ({d['cpu_count']} cores)" if d["arch"] == "cpu" else d["device"]
-            if d.get("note"):
-                where += f" ({d['note']})"
+            where = _first_gradient_device(d)
             for r in d["runs"]:
-                code = {"before": d.get("before", "before"), "this tree": "now"}.get(r["code"], r["code"])
+                code = _first_gradient_code(d, r)
                 rows.append(f"| {where}, {d['date'][:10]} | {d['scene']} | {code} | {r['cache']} | {r['setup_s']:.1f} | "
                             f"{r['forward_s']:.1f} | {r['backward_s']:.1f} | **{r['total_s']:.1f}** |")
     return "\n".join(rows)
