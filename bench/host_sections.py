@@ -12,9 +12,11 @@ together), Taichi's C++ launch_kernel over all launches (so the argument setting
 sum less it), and the whole call; ``other`` is the call's time outside all of them (torch ops of the
 bridge, autograd's engine, the loss). A stage that reads a GPU value to the host (binning's pair
 count) also waits there for the kernels queued before it: its time is host work plus that wait.
-Workloads: bench/profile_gpu.py's ``raster`` (10k 3D Gaussians, one 256x256 camera, SH3) and
-``splat2d`` (10k 2D Gaussians at 512x512, alpha mode). Prints microseconds per call, median over
-``--calls`` calls (nested stages are also inside their parents' time), and writes them as JSON.
+Workloads: bench/profile_gpu.py's ``raster`` (10k 3D Gaussians, one 256x256 camera, SH3),
+``splat2d`` (10k 2D Gaussians at 512x512, alpha mode) and its two rollouts (100k particles, 40
+substeps, forward, and forward+backward; a tenth of ``--calls`` calls, at least 3). Prints
+microseconds per call, median over the calls (nested stages are also inside their parents' time),
+and how many launches of each kernel a call makes ("calls of ... (count)"), and writes them as JSON.
 """
 from __future__ import annotations
 
@@ -62,7 +64,10 @@ def timed_stages(spent: dict):
             finally:
                 depth[0] -= 1
                 us = (time.perf_counter() - t0) * 1e6
-                spent[name_of(args)] += us
+                name = name_of(args)
+                spent[name] += us
+                if name.startswith("launch "):  # a count, not microseconds
+                    spent[f"calls of {name[len('launch '):]} (count)"] += 1
                 if depth[0] == 0:
                     spent[IN_STAGES] += us
         return wrapped
@@ -127,11 +132,14 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if arch == "cuda" else "cpu"
     report = {"benchmark": "host_sections", "device": device, "arch": arch,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "calls": args.calls, "workloads": {}}
-    for name, make in (("raster 10k 256x256 1 camera fwd+bwd", profile_gpu.raster_call),
-                       ("splat2d 10k 512x512 alpha fwd+bwd", profile_gpu.splat2d_call)):
-        medians = sections(make(), args.calls)
+    rollouts = profile_gpu.rollout_calls()
+    workloads = [("raster 10k 256x256 1 camera fwd+bwd", profile_gpu.raster_call(), args.calls),
+                 ("splat2d 10k 512x512 alpha fwd+bwd", profile_gpu.splat2d_call(), args.calls)]
+    workloads += [(name, call, max(args.calls // 10, 3)) for name, call in rollouts.items()]
+    for name, call, calls in workloads:
+        medians = sections(call, calls)
         report["workloads"][name] = medians
-        print(f"\n{name} on {device} (us a call, median of {args.calls}):")
+        print(f"\n{name} on {device} (us a call, median of {calls}):")
         for stage, us in sorted(medians.items(), key=lambda kv: -kv[1]):
             print(f"  {us:9.1f}  {stage}")
     out = args.out or Path(__file__).parent / "results" / f"host_sections_{arch}.json"

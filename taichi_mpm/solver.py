@@ -90,6 +90,19 @@ def _bounds_on(device: torch.device, dtype: torch.dtype, lower: tuple, upper: tu
     return (torch.tensor(lower, dtype=dtype, device=device), torch.tensor(upper, dtype=dtype, device=device))
 
 
+def particle_extent(x: torch.Tensor, v: torch.Tensor, lower, upper) -> torch.Tensor:
+    """[2] tensor on x's (CUDA) device: how far the farthest particle of x [N, 3] lies outside
+    [lower, upper] (<= 0: none does) and the top squared speed of v [N, 3]; NaN propagates through
+    both. No sync: check_particles reads it, or a caller that reads it later (bridge.rollout)."""
+    lo, hi = _bounds_on(x.device, x.dtype, tuple(map(float, lower)), tuple(map(float, upper)))
+    return torch.stack([torch.maximum(x - hi, lo - x).amax(), (v * v).sum(1).amax()])
+
+
+def extent_is_valid(outside: float, max_speed2: float) -> bool:
+    """Whether particle_extent's two numbers pass (False for NaN)."""
+    return outside <= 0.0 and max_speed2 < 1e30
+
+
 def check_particles(x: torch.Tensor, v: torch.Tensor, lower: np.ndarray, upper: np.ndarray, where: str,
                     advice: str) -> float:
     """Raise SimulationError if a particle of x, v [N, 3] is NaN/Inf or outside [lower, upper];
@@ -98,19 +111,20 @@ def check_particles(x: torch.Tensor, v: torch.Tensor, lower: np.ndarray, upper: 
     global atomic max/min took 2.2 ms for 1M particles on an H200, torch 0.19 ms with a mask and a
     count, which this halves), numpy on the CPU (torch's thread pool stalls for milliseconds when
     Taichi's threads share the cores). Only a failing check builds the per-particle mask."""
-    if x.is_cuda:
-        lo, hi = _bounds_on(x.device, x.dtype, tuple(map(float, lower)), tuple(map(float, upper)))
-        speed2 = (v * v).sum(1)
-        outside, max_speed2 = torch.stack([torch.maximum(x - hi, lo - x).amax(), speed2.amax()]).tolist()
+    on_cuda = x.is_cuda
+    if on_cuda:
+        outside, max_speed2 = particle_extent(x, v, lower, upper).tolist()
     else:
         x, v = x.numpy(), v.numpy()
         lo, hi = np.asarray(lower, dtype=x.dtype), np.asarray(upper, dtype=x.dtype)
         speed2 = (v * v).sum(1)
         outside, max_speed2 = float(np.maximum(x - hi, lo - x).max()), float(speed2.max())
-    if outside <= 0.0 and max_speed2 < 1e30:  # False for NaN
+    if extent_is_valid(outside, max_speed2):
         return max_speed2
     # comparisons with NaN are False, so NaN positions or speeds count as bad
-    bad = ~(((x >= lo) & (x <= hi)).all(1) & (speed2 < 1e30))
+    if on_cuda:
+        lo, hi = _bounds_on(x.device, x.dtype, tuple(map(float, lower)), tuple(map(float, upper)))
+    bad = ~(((x >= lo) & (x <= hi)).all(1) & ((v * v).sum(1) < 1e30))
     i = int(bad.nonzero()[0][0])
     raise SimulationError(
         f"{where}: {int(bad.sum())} particles have NaN/Inf state or left the valid domain "

@@ -27,8 +27,8 @@ model's own parameters, see ``materials``).
 Grid, recomputed every substep, never kept: grid_mv [3, X, Y, Z] momentum, grid_m [X, Y, Z] mass,
 grid_v [3, X, Y, Z] velocity after forces and boundaries (vector grids channel-major: grid_layout.py).
 
-One substep from local step ``src`` to ``dst``:
-    clear_grid(grid_mv, grid_m)
+One substep from local step ``src`` to ``dst`` (the grid's mv and m clear on entry: whoever reads
+them last, grid_update or grid_update_grad, zeroes them):
     particle_stress(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux,
                     dFc, control_scale, affine, inv_dx, dt)
         F_trial = (I + dt C[src]) (F[src] + control_scale dFc[p]); writes the return-mapped F[dst],
@@ -39,7 +39,8 @@ One substep from local step ``src`` to ``dst``:
         scatters mass and momentum m v[src] + affine (x_i - x_p) to the 27 nodes (atomics).
     grid_update(grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
                 colliders, n_colliders, time)
-        grid_v = mv / m + dt g, then domain walls and colliders (boundary.py); writes every node.
+        grid_v = mv / m + dt g, then domain walls and colliders (boundary.py), at the nodes
+        with mass (the velocity of the others is read only with weight 0).
         n_colliders is a compile-time constant (ti.template: one compile per collider count; the
         colliders unroll).
     g2p(src, dst, n, x, v, C, grid_v, origin, inv_dx, dt)
@@ -175,17 +176,6 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def weight_slopes(fx):
         """d W / d fx of stencil's weights (same layout); d fx / d x = inv_dx."""
         return ti.Matrix.rows([fx - 1.5, 2.0 * (1.0 - fx), fx - 0.5])
-
-    @ti.func
-    def clear_grid_at(I, grid_mv: ti.template(), grid_m: ti.template()):
-        """One node of clear_grid."""
-        set_node_vec(grid_mv, I, ti.Vector.zero(real, 3))
-        grid_m[I] = 0.0
-
-    @ti.kernel
-    def clear_grid(grid_mv: grid_vec, grid_m: grid_scalar):
-        for I in ti.grouped(grid_m):
-            clear_grid_at(I, grid_mv, grid_m)
 
     @ti.func
     def trial_gradient(p, src, C: ti.template(), F: ti.template(), dFc: ti.template(), control_scale, dt):
@@ -337,12 +327,11 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def particle_stress_grad_at(p, src, dst, C: ti.template(), F: ti.template(), material: ti.template(),
                                 E: ti.template(), nu: ti.template(), density: ti.template(),
                                 volume: ti.template(), dFc: ti.template(), control_scale,
-                                g_affine: ti.template(), g_C: ti.template(), g_F: ti.template(),
+                                g_aff, g_C: ti.template(), g_F: ti.template(),
                                 g_plastic: ti.template(), g_E: ti.template(), g_nu: ti.template(),
                                 g_dFc: ti.template(), inv_dx, dt):
-        """One particle of particle_stress_grad."""
+        """One particle of particle_stress_grad, its affine's adjoint g_aff given."""
         F_trial, A, F_base = trial_gradient(p, src, C, F, dFc, control_scale, dt)
-        g_aff = g_affine[p]
         g_tau = stress_scale(p, volume, inv_dx, dt) * g_aff
         g_trial, gE, gnu = elastic_update_grad(material[p], F_trial, E[p], nu[p], g_tau, g_F[dst, p])
         g_C[src, p] += (density[p] * volume[p]) * g_aff + dt * g_trial @ F_base.transpose()
@@ -368,7 +357,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         for p in range(n):
             if not is_plastic(material[p]):
                 particle_stress_grad_at(p, src, dst, C, F, material, E, nu, density, volume, dFc, control_scale,
-                                        g_affine, g_C, g_F, g_plastic, g_E, g_nu, g_dFc, inv_dx, dt)
+                                        g_affine[p], g_C, g_F, g_plastic, g_E, g_nu, g_dFc, inv_dx, dt)
 
     # ---- the differentiable stress of plastic materials: SVD outside, return maps inside -------
     @ti.kernel
@@ -575,11 +564,13 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def grid_update_at(I, grid_mv: ti.template(), grid_m: ti.template(), grid_v: ti.template(), dt, gravity,
                        origin, dx, wall_mode, wall_friction, colliders: ti.template(),
                        n_colliders: ti.template(), time, consume):
-        """One node of grid_update. consume: a node no particle reached (mass exactly 0) is left as
-        it is: P2G left it clear, and its velocity is read only with stencil weight 0 (G2P reads
-        the nodes its own P2G gave weight): at 1M particles in a 128^3 grid 94% of the nodes are
-        empty, and writing them all was most of the stage's memory traffic."""
-        if not consume or grid_m[I] != 0.0:
+        """One node of grid_update. A node no particle reached (mass exactly 0) is left as it is:
+        P2G left it clear, and its velocity is read only with stencil weight 0 (G2P and g2p_grad
+        read the nodes their own P2G gave weight), so the finite value an earlier substep left
+        there is harmless (velocity grids start at zero): at 1M particles in a 128^3 grid 94% of
+        the nodes are empty, and writing them all was most of the stage's memory traffic.
+        consume: zero mv and m of the nodes with mass once read."""
+        if grid_m[I] != 0.0:
             v_node = ti.Vector.zero(real, 3)
             if grid_m[I] > MIN_NODE_MASS:
                 v_node, _ = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
@@ -593,8 +584,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def grid_update(grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, dt: real,
                     gravity: vec3, origin: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
                     colliders: table, n_colliders: ti.template(), time: real, consume: ti.i32):
-        """consume (0/1): zero mv and m once read, so the next substep's P2G finds a clear grid (no
-        clear_grid launch); off where the adjoint needs them afterwards."""
+        """consume (0/1): zero mv and m once read, so the next substep's P2G finds a clear grid; off
+        where the adjoint reads them afterwards (grid_update_grad zeroes them then)."""
         for I in ti.grouped(grid_m):
             grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
                            colliders, n_colliders, time, consume)
@@ -603,18 +594,25 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def grid_update_grad_at(I, grid_mv: ti.template(), grid_m: ti.template(), g_grid_v: ti.template(),
                             g_mv: ti.template(), g_m: ti.template(), dt, gravity, origin, dx, wall_mode,
                             wall_friction, colliders: ti.template(), n_colliders: ti.template(), time):
-        """One node of grid_update_grad."""
-        g_mv_node, g_m_node = ti.Vector.zero(real, 3), ti.cast(0.0, real)
-        if grid_m[I] > MIN_NODE_MASS:
-            _, J = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
-                                 colliders, n_colliders, time)
-            g_in = J.transpose() @ node_vec(g_grid_v, I)
-            inv_m = 1.0 / grid_m[I]
-            g_mv_node = inv_m * g_in
-            g_m_node = -inv_m * inv_m * g_in.dot(node_vec(grid_mv, I))
-        set_node_vec(g_mv, I, g_mv_node)
-        g_m[I] = g_m_node
-        set_node_vec(g_grid_v, I, ti.Vector.zero(real, 3))
+        """One node of grid_update_grad. A node without mass is left as it is, as grid_update
+        leaves it: g2p_grad's atomics added exact zeros to its g_grid_v (stencil weight 0), and
+        p2g_grad reads its g_mv, g_m (finite values of an earlier substep; zero at allocation)
+        only with weight and weight slope 0."""
+        if grid_m[I] != 0.0:
+            g_mv_node, g_m_node = ti.Vector.zero(real, 3), ti.cast(0.0, real)
+            if grid_m[I] > MIN_NODE_MASS:
+                _, J = node_velocity(I, grid_mv, grid_m, dt, gravity, origin, dx, wall_mode, wall_friction,
+                                     colliders, n_colliders, time)
+                g_in = J.transpose() @ node_vec(g_grid_v, I)
+                inv_m = 1.0 / grid_m[I]
+                g_mv_node = inv_m * g_in
+                g_m_node = -inv_m * inv_m * g_in.dot(node_vec(grid_mv, I))
+            set_node_vec(g_mv, I, g_mv_node)
+            g_m[I] = g_m_node
+            set_node_vec(g_grid_v, I, ti.Vector.zero(real, 3))
+            # the grid's last reader: left clear for the P2G of a later refill (no clearing pass)
+            set_node_vec(grid_mv, I, ti.Vector.zero(real, 3))
+            grid_m[I] = 0.0
 
     @ti.kernel
     def grid_update_grad(grid_mv: grid_vec, grid_m: grid_scalar, g_grid_v: grid_vec, g_mv: grid_vec,
@@ -622,8 +620,9 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                          wall_friction: real, colliders: table, n_colliders: ti.template(), time: real):
         """Adjoint of grid_update (hand-written): g_grid_v -> g_mv, g_m of the occupied nodes
         (v = J-chain of mv / m: d/dmv = J / m, d/dm = -J mv / m^2); empty nodes pass nothing.
-        Writes every node of g_mv and g_m (no zeroing needed) and resets g_grid_v to zero once read,
-        ready for the next substep's g2p_grad atomics."""
+        Writes g_mv and g_m of every node with mass (no zeroing needed), and resets its g_grid_v
+        (ready for the next substep's g2p_grad atomics) and its mv and m (ready for a later P2G on
+        this grid) to zero once read; skips the empty ones (see grid_update_grad_at)."""
         for I in ti.grouped(grid_m):
             grid_update_grad_at(I, grid_mv, grid_m, g_grid_v, g_mv, g_m, dt, gravity, origin, dx, wall_mode,
                                 wall_friction, colliders, n_colliders, time)
@@ -722,15 +721,15 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     # ---- hand-written adjoints of the transfers (Taichi's took 64 s and 25 s to compile) --------
     @ti.func
     def p2g_grad_at(p, src, x: ti.template(), v: ti.template(), density: ti.template(), volume: ti.template(),
-                    affine: ti.template(), g_mv: ti.template(), g_m: ti.template(), g_x: ti.template(),
-                    g_v: ti.template(), g_affine: ti.template(), origin, inv_dx):
-        """One particle of p2g_grad."""
+                    A, g_mv: ti.template(), g_m: ti.template(), g_x: ti.template(), g_v: ti.template(), origin,
+                    inv_dx):
+        """One particle of p2g_grad, its affine A given: adds to g_x, g_v [src] and returns the
+        affine's adjoint."""
         shape = ti.Vector([g_m.shape[0], g_m.shape[1], g_m.shape[2]])
         base, fx, W = stencil(x[src, p], origin, inv_dx, shape)
         dW = weight_slopes(fx)
         mass = density[p] * volume[p]
         momentum = mass * v[src, p]
-        A = affine[p]
         gx = ti.Vector.zero(real, 3)
         gv = ti.Vector.zero(real, 3)
         gA = ti.Matrix.zero(real, 3, 3)
@@ -750,7 +749,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
             gA += weight * g.outer_product(dpos)
         g_x[src, p] += gx
         g_v[src, p] += gv
-        g_affine[p] = gA
+        return gA
 
     @ti.kernel
     def p2g_grad(src: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec, density: per_particle,
@@ -760,7 +759,7 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         g_affine (written: p2g is affine's only reader). Density and volume are constants of the
         rollout: no adjoint."""
         for p in range(n):
-            p2g_grad_at(p, src, x, v, density, volume, affine, g_mv, g_m, g_x, g_v, g_affine, origin, inv_dx)
+            g_affine[p] = p2g_grad_at(p, src, x, v, density, volume, affine[p], g_mv, g_m, g_x, g_v, origin, inv_dx)
 
     @ti.func
     def g2p_grad_at(p, src, dst, x: ti.template(), grid_v: ti.template(), g_x: ti.template(),
@@ -837,18 +836,13 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                    grid_m: ti.template(), grid_v: ti.template(), origin: ti.template(), inv_dx: ti.template(),
                    dt: ti.template(), gravity: ti.template(), dx: ti.template(), wall_mode: ti.template(),
                    wall_friction: ti.template(), colliders: ti.template(), n_colliders: ti.template(),
-                   time: ti.template(), keep_grid: ti.template(), tiled: ti.template()):
-        """The loops of substep_forward (see there)."""
-        # keep_grid tested per node: a top-level if would make the loop serial, and loops over
-        # ti.ndrange(keep_grid * X, Y, Z) or range(keep_grid * X * Y * Z) failed on CUDA (float64
-        # rollouts, taichi 1.7.4, 2026-11-28). With keep_grid 0 this loop costs ~8 us at 1M particles
-        # on 128^3 (H200, ncu), as the 1-D range did.
-        for I in ti.grouped(grid_m):
-            if keep_grid:
-                clear_grid_at(I, grid_mv, grid_m)
+                   time: ti.template(), keep_grid: ti.template(), tiled: ti.template(), nodes: ti.template()):
+        """The loops of substep_forward (see there). nodes: a mass grid of grid_m's shape whose
+        shape the grid loop takes (a pair passes its first grid to both substeps: Taichi computes
+        a loop's range in a launch of its own wherever it is not computed yet)."""
         stress_p2g_loop(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
                         control_scale, grid_mv, grid_m, origin, inv_dx, dt, tiled)
-        for I in ti.grouped(grid_m):
+        for I in ti.grouped(nodes):
             grid_update_at(I, grid_mv, grid_m, grid_v, dt, gravity, origin, dx, wall_mode, wall_friction,
                            colliders, n_colliders, time, 1 - keep_grid)
         g2p_loop(src, dst, n, x, v, C, grid_v, origin, inv_dx, dt, tiled)
@@ -862,13 +856,14 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                         wall_mode: ti.i32, wall_friction: real, colliders: table, n_colliders: ti.template(),
                         time: real, keep_grid: ti.i32, tiled: ti.template()):
         """One substep without the plastic return maps' SVD: stress and P2G in one pass (tiled:
-        through shared memory, CUDA), grid_update, g2p. keep_grid 0: the grid must be clear on entry
-        and is left clear (grid_update zeroes it once read); 1: it is cleared first and kept (mv, m,
-        v) for an adjoint. Run-time flags rather than template ones: one compile serves the
-        forward, the backward's recomputes and the solver."""
+        through shared memory, CUDA), grid_update, g2p. The grid's mv and m must be clear on entry;
+        keep_grid 0: grid_update zeroes them once read, leaving the grid clear; 1: they are kept
+        (with v) for the substep's adjoint, whose grid_update_grad zeroes them once read. Run-time
+        flags rather than template ones: one compile serves the forward, the backward's recomputes
+        and the solver."""
         substep_at(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale,
                    grid_mv, grid_m, grid_v, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
-                   n_colliders, time, keep_grid, tiled)
+                   n_colliders, time, keep_grid, tiled, grid_m)
 
     @ti.kernel
     def substep_forward_pair(src: ti.i32, mid: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec,
@@ -886,35 +881,36 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         GPU work. With keep_grid 0 both grids may be the same scratch grid."""
         substep_at(src, mid, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale,
                    grid_mv, grid_m, grid_v, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
-                   n_colliders, time, keep_grid, tiled)
+                   n_colliders, time, keep_grid, tiled, grid_m)
         substep_at(mid, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc1, control_scale1,
                    grid_mv1, grid_m1, grid_v1, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
-                   n_colliders, time1, keep_grid, tiled)
+                   n_colliders, time1, keep_grid, tiled, grid_m)
 
     @ti.func
     def adjoint_at(n: ti.template(), x: ti.template(), v: ti.template(), C: ti.template(), F: ti.template(),
                    plastic: ti.template(), material: ti.template(), E: ti.template(), nu: ti.template(),
                    density: ti.template(), volume: ti.template(), aux: ti.template(), dFc: ti.template(),
-                   control_scale: ti.template(), affine: ti.template(), grid_mv: ti.template(),
+                   control_scale: ti.template(), grid_mv: ti.template(),
                    grid_m: ti.template(), grid_v: ti.template(), g_mv: ti.template(), g_m: ti.template(),
                    g_grid_v: ti.template(), g_x: ti.template(), g_v: ti.template(), g_C: ti.template(),
                    g_F: ti.template(), g_plastic: ti.template(), g_E: ti.template(), g_nu: ti.template(),
-                   g_dFc: ti.template(), g_affine: ti.template(), origin: ti.template(), inv_dx: ti.template(),
+                   g_dFc: ti.template(), origin: ti.template(), inv_dx: ti.template(),
                    dt: ti.template(), gravity: ti.template(), dx: ti.template(), wall_mode: ti.template(),
                    wall_friction: ti.template(), colliders: ti.template(), n_colliders: ti.template(),
                    time: ti.template()):
         """The loops of substep_adjoint (see there; parameters as substep_at's)."""
         for p in range(n):
-            _, _, tau = updated_stress(p, 0, C, F, plastic, material, E, nu, aux, dFc, control_scale, dt)
-            affine[p] = affine_of(p, 0, tau, C, density, volume, inv_dx, dt)
-        for p in range(n):
             g2p_grad_at(p, 0, 1, x, grid_v, g_x, g_v, g_C, g_grid_v, origin, inv_dx, dt)
-        for I in ti.grouped(grid_m):
+        # over g_m's shape (grid_m's): a pair's two substeps share g_m, so its range is computed once
+        for I in ti.grouped(g_m):
             grid_update_grad_at(I, grid_mv, grid_m, g_grid_v, g_mv, g_m, dt, gravity, origin, dx, wall_mode,
                                 wall_friction, colliders, n_colliders, time)
+        # the particle's stress again, p2g's adjoint and the stress's in registers: the affine
+        # matrix and its adjoint never go through memory
         for p in range(n):
-            p2g_grad_at(p, 0, x, v, density, volume, affine, g_mv, g_m, g_x, g_v, g_affine, origin, inv_dx)
-        for p in range(n):
+            _, _, tau = updated_stress(p, 0, C, F, plastic, material, E, nu, aux, dFc, control_scale, dt)
+            affine = affine_of(p, 0, tau, C, density, volume, inv_dx, dt)
+            g_affine = p2g_grad_at(p, 0, x, v, density, volume, affine, g_mv, g_m, g_x, g_v, origin, inv_dx)
             particle_stress_grad_at(p, 0, 1, C, F, material, E, nu, density, volume, dFc, control_scale,
                                     g_affine, g_C, g_F, g_plastic, g_E, g_nu, g_dFc, inv_dx, dt)
         for f in range(9 * n):
@@ -924,21 +920,21 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
     def substep_adjoint(n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat, plastic: steps_scalar,
                         material: per_particle_int, E: per_particle, nu: per_particle, density: per_particle,
                         volume: per_particle, aux: table, dFc: per_particle_mat, control_scale: real,
-                        affine: per_particle_mat, grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec,
+                        grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec,
                         g_mv: grid_vec, g_m: grid_scalar, g_grid_v: grid_vec, g_x: steps_vec, g_v: steps_vec,
                         g_C: steps_mat, g_F: steps_mat, g_plastic: steps_scalar, g_E: per_particle,
-                        g_nu: per_particle, g_dFc: per_particle_mat, g_affine: per_particle_mat, origin: vec3,
+                        g_nu: per_particle, g_dFc: per_particle_mat, origin: vec3,
                         inv_dx: real, dt: real, gravity: vec3, dx: real, wall_mode: ti.i32, wall_friction: real,
                         colliders: table, n_colliders: ti.template(), time: real):
         """The reverse of the elastic substep from slot 0 to 1 of x .. plastic, on its grid (mv, m,
-        v as its forward left them), then the adjoint step to the previous substep: the stress again
-        (affine only, the per-substep scratch no forward keeps: F and plastic [1] are the forward's
-        and nothing here reads them), g2p_grad, grid_update_grad, p2g_grad, particle_stress_grad,
+        v as its forward left them), then the adjoint step to the previous substep: g2p_grad,
+        grid_update_grad, then one particle loop (the stress again for the affine matrix, which no
+        forward keeps, p2g_grad and particle_stress_grad, the affine and its adjoint in registers),
         advance_adjoint. The state adjoints g_* [2, N, ...] hold the incoming ones in slot 1 and
         leave with them in slot 1."""
-        adjoint_at(n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale, affine,
+        adjoint_at(n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale,
                    grid_mv, grid_m, grid_v, g_mv, g_m, g_grid_v, g_x, g_v, g_C, g_F, g_plastic, g_E, g_nu, g_dFc,
-                   g_affine, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders, n_colliders, time)
+                   origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders, n_colliders, time)
 
     @ti.kernel
     def substep_adjoint_pair(n: ti.i32, x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat,
@@ -946,12 +942,11 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                              plastic1: steps_scalar, material: per_particle_int, E: per_particle, nu: per_particle,
                              density: per_particle, volume: per_particle, aux: table, dFc: per_particle_mat,
                              control_scale: real, dFc1: per_particle_mat, control_scale1: real,
-                             affine: per_particle_mat, grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec,
+                             grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec,
                              grid_mv1: grid_vec, grid_m1: grid_scalar, grid_v1: grid_vec, g_mv: grid_vec,
                              g_m: grid_scalar, g_grid_v: grid_vec, g_x: steps_vec, g_v: steps_vec, g_C: steps_mat,
                              g_F: steps_mat, g_plastic: steps_scalar, g_E: per_particle, g_nu: per_particle,
-                             g_dFc: per_particle_mat, g_dFc1: per_particle_mat, g_affine: per_particle_mat,
-                             origin: vec3, inv_dx: real, dt: real, gravity: vec3, dx: real, wall_mode: ti.i32,
+                             g_dFc: per_particle_mat, g_dFc1: per_particle_mat, origin: vec3, inv_dx: real, dt: real, gravity: vec3, dx: real, wall_mode: ti.i32,
                              wall_friction: real, colliders: table, n_colliders: ti.template(), time: real,
                              time1: real):
         """substep_adjoint of two consecutive substeps in one launch, the later first: the one on
@@ -960,15 +955,15 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
         (mv, m, v), time). Both run on the same 2-slot state adjoints: the first one's advance
         leaves its result where the second reads its input. For a backward where no loss gradient
         lands on the state between the two."""
-        adjoint_at(n, x1, v1, C1, F1, plastic1, material, E, nu, density, volume, aux, dFc1, control_scale1, affine,
+        adjoint_at(n, x1, v1, C1, F1, plastic1, material, E, nu, density, volume, aux, dFc1, control_scale1,
                    grid_mv1, grid_m1, grid_v1, g_mv, g_m, g_grid_v, g_x, g_v, g_C, g_F, g_plastic, g_E, g_nu,
-                   g_dFc1, g_affine, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
+                   g_dFc1, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
                    n_colliders, time1)
-        adjoint_at(n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale, affine,
+        adjoint_at(n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale,
                    grid_mv, grid_m, grid_v, g_mv, g_m, g_grid_v, g_x, g_v, g_C, g_F, g_plastic, g_E, g_nu, g_dFc,
-                   g_affine, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders, n_colliders, time)
+                   origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders, n_colliders, time)
 
-    return SimpleNamespace(clear_grid=clear_grid, particle_stress=particle_stress, advance_adjoint=advance_adjoint,
+    return SimpleNamespace(particle_stress=particle_stress, advance_adjoint=advance_adjoint,
                            particle_stress_grad=particle_stress_grad, p2g=p2g, stress_p2g=stress_p2g,
                            grid_update=grid_update, grid_update_grad=grid_update_grad, g2p=g2p, trial_svd=trial_svd,
                            particle_stress_svd=particle_stress_svd, plastic_stress_grad=plastic_stress_grad,
@@ -1072,7 +1067,7 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
                 move_particles: bool = True, svd_separation: float = 0.0, keep_grid: bool = True,
                 tiled: bool = False) -> None:
     """The substep sequence, written once for the solver and the differentiable rollout:
-    clear_grid, particle stress (with ``svd`` = (U, sig, V) buffers: trial_svd then
+    particle stress (with ``svd`` = (U, sig, V) buffers: trial_svd then
     particle_stress_svd, the differentiable form of the plastic models), p2g, grid_update, g2p.
 
     k: the kernels of :func:`substep_kernels` (or launchers with the same signatures); state:
@@ -1081,10 +1076,11 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
     after grid_update (a backward recomputing the grid of a substep); ``svd_separation``: see
     trial_svd (the backward's recompute passes constitutive.svd_separation, the forward 0).
     Without ``svd`` the whole substep is one kernel call (substep_forward), which writes no
-    ``affine`` (substep_adjoint recomputes it) and moves the particles even with
+    ``affine`` (substep_adjoint recomputes it in registers) and moves the particles even with
     ``move_particles=False``: the destination slot must be one the caller may overwrite.
-    ``keep_grid=False`` is the forward-only form: the grid must be clear on entry and is left clear
-    (grid_update zeroes mv and m once read: no clear_grid). ``tiled``: the large-scene kernels
+    The grid's mv and m must be clear on entry. ``keep_grid=False`` is the forward-only form: it is
+    left clear (grid_update zeroes mv and m once read); ``keep_grid=True`` keeps it for the
+    substep's adjoint, whose grid_update_grad clears it. ``tiled``: the large-scene kernels
     (shared-memory P2G, unrolled stencils; :func:`tiled_p2g`).
     """
     grid_mv, grid_m, grid_v = grid
@@ -1099,8 +1095,6 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
                           *setup.boundary(time), int(keep_grid), tiled)
         return
     U, sig, V = svd
-    if keep_grid:
-        k.clear_grid(grid_mv, grid_m)
     k.trial_svd(src, n, C, F, material, dFc, scale, U, sig, V, dt, svd_separation)
     k.particle_stress_svd(src, dst, n, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale,
                           U, sig, V, affine, inv_dx, dt)

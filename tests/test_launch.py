@@ -79,6 +79,39 @@ def test_bad_input_raises_before_launch(wrapped, device, case, compiled):
     assert args[-1].abs().sum() == 0  # nothing ran
 
 
+@pytest.mark.parametrize("change", ["values", "resized", "data swapped", "strided in place", "other dtype"])
+def test_same_tensor_changed_in_place_is_taken_again(wrapped, device, change):
+    """A launcher remembers the last tensor of each argument to skip its checks: the same object,
+    changed in place between two calls, must be read (or refused) as it is now."""
+    args = random_args(3, 1, device)
+    wrapped(*args)
+    x, w = args[0], args[2]
+    if change == "values":
+        x.mul_(2.0)
+    elif change == "resized":  # same object, new storage and shape
+        w.resize_(N + 5).normal_()
+    elif change == "data swapped":  # same object and shape, another storage
+        w.data = torch.rand(N, device=device) + 3.0
+    elif change == "strided in place":  # same object, storage pointer and shape; strides changed
+        args[2] = torch.rand(2 * N, device=device)[:N]
+        wrapped(*args)
+        args[2].as_strided_((N,), (2,))
+        with pytest.raises(ValueError, match="not contiguous"):
+            wrapped(*args)
+        return
+    elif change == "other dtype":  # same storage and shape
+        w.data = w.data.view(torch.int32)
+        with pytest.raises(ValueError, match="float32"):
+            wrapped(*args)
+        return
+    out = args[-1]
+    out.zero_()
+    expected = torch.zeros_like(out)
+    mix(*args[:-1], expected) if change != "resized" else mix(x, args[1], w[:N].contiguous(), *args[3:-1], expected)
+    wrapped(*args)
+    assert torch.equal(out, expected)
+
+
 def test_wrong_argument_count(wrapped, device):
     with pytest.raises(TypeError, match="takes 9 arguments"):
         wrapped(*random_args(0, 1, device)[:-1])

@@ -268,6 +268,19 @@ def test_paired_substeps_equal_single_ones(setup, monkeypatch, store_grids):
         torch.testing.assert_close(grads["1"][name], grads["0"][name], rtol=1e-11, atol=1e-13)
 
 
+def test_a_blow_up_raises_naming_its_first_bad_segment(setup):
+    """A stiffness far past the CFL limit of dt blows the state up within the first segment:
+    SimulationError names the end of that segment (substep K) and a particle, not a later
+    segment's (on CUDA the check of a segment is read one segment later, check_later)."""
+    from bridge.rollout import simulate
+    from taichi_mpm import SimulationError
+
+    d = setup
+    E = torch.full_like(d["E_body"], 1e13)
+    with pytest.raises(SimulationError, match=rf"^substep {K}: \d+ particles have NaN/Inf state .* first is particle "):
+        simulate(d["scene"], d["x0"], d["v0"], {"E": E, "nu": d["nu_body"]}, T, FRAMES, checkpoint_every=K)
+
+
 def test_checkpoint_plan():
     from bridge.rollout import CheckpointPlan
 
