@@ -90,11 +90,15 @@ def _bounds_on(device: torch.device, dtype: torch.dtype, lower: tuple, upper: tu
     return (torch.tensor(lower, dtype=dtype, device=device), torch.tensor(upper, dtype=dtype, device=device))
 
 
+def _device_bounds(x: torch.Tensor, lower, upper) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _bounds_on(x.device, x.dtype, tuple(map(float, lower)), tuple(map(float, upper)))
+
+
 def particle_extent(x: torch.Tensor, v: torch.Tensor, lower, upper) -> torch.Tensor:
     """[2] tensor on x's (CUDA) device: how far the farthest particle of x [N, 3] lies outside
     [lower, upper] (<= 0: none does) and the top squared speed of v [N, 3]; NaN propagates through
     both. No sync: check_particles reads it, or a caller that reads it later (bridge.rollout)."""
-    lo, hi = _bounds_on(x.device, x.dtype, tuple(map(float, lower)), tuple(map(float, upper)))
+    lo, hi = _device_bounds(x, lower, upper)
     return torch.stack([torch.maximum(x - hi, lo - x).amax(), (v * v).sum(1).amax()])
 
 
@@ -123,7 +127,7 @@ def check_particles(x: torch.Tensor, v: torch.Tensor, lower: np.ndarray, upper: 
         return max_speed2
     # comparisons with NaN are False, so NaN positions or speeds count as bad
     if on_cuda:
-        lo, hi = _bounds_on(x.device, x.dtype, tuple(map(float, lower)), tuple(map(float, upper)))
+        lo, hi = _device_bounds(x, lower, upper)
     bad = ~(((x >= lo) & (x <= hi)).all(1) & ((v * v).sum(1) < 1e30))
     i = int(bad.nonzero()[0][0])
     raise SimulationError(
