@@ -36,7 +36,7 @@ EIGHT_BYTE = re.compile(r"\b[fiu]64\b")
 WORKLOADS = {
     "rollout": """
 import os
-os.environ["TAICHI_MPM_PAIRED_SUBSTEPS"] = "1"  # the two-substep kernels CUDA runs, on the CPU too
+os.environ["TAICHI_MPM_GROUPED_SUBSTEPS"] = "1"  # the grouped kernels CUDA runs, on the CPU too
 import torch
 import bridge.rollout as R
 from taichi_mpm import Elastic, MPMSolver

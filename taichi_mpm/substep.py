@@ -838,8 +838,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                    wall_friction: ti.template(), colliders: ti.template(), n_colliders: ti.template(),
                    time: ti.template(), keep_grid: ti.template(), tiled: ti.template(), nodes: ti.template()):
         """The loops of substep_forward (see there). nodes: a mass grid of grid_m's shape whose
-        shape the grid loop takes (a pair passes its first grid to both substeps: Taichi computes
-        a loop's range in a launch of its own wherever it is not computed yet)."""
+        shape the grid loop takes (a grouped launch passes its first grid to every substep: Taichi
+        computes a loop's range in a launch of its own wherever it is not computed yet)."""
         stress_p2g_loop(src, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
                         control_scale, grid_mv, grid_m, origin, inv_dx, dt, tiled)
         for I in ti.grouped(nodes):
@@ -866,25 +866,35 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                    n_colliders, time, keep_grid, tiled, grid_m)
 
     @ti.kernel
-    def substep_forward_pair(src: ti.i32, mid: ti.i32, dst: ti.i32, n: ti.i32, x: steps_vec, v: steps_vec,
-                             C: steps_mat, F: steps_mat, plastic: steps_scalar, material: per_particle_int,
-                             E: per_particle, nu: per_particle, density: per_particle, volume: per_particle,
-                             aux: table, dFc: per_particle_mat, control_scale: real, dFc1: per_particle_mat,
-                             control_scale1: real, grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec,
-                             grid_mv1: grid_vec, grid_m1: grid_scalar, grid_v1: grid_vec, origin: vec3,
-                             inv_dx: real, dt: real, gravity: vec3, dx: real, wall_mode: ti.i32,
+    def substep_forward_quad(src: ti.i32, s1: ti.i32, s2: ti.i32, s3: ti.i32, dst: ti.i32, n: ti.i32,
+                             x: steps_vec, v: steps_vec, C: steps_mat, F: steps_mat, plastic: steps_scalar,
+                             material: per_particle_int, E: per_particle, nu: per_particle, density: per_particle,
+                             volume: per_particle, aux: table, dFc: per_particle_mat, control_scale: real,
+                             dFc1: per_particle_mat, control_scale1: real, dFc2: per_particle_mat,
+                             control_scale2: real, dFc3: per_particle_mat, control_scale3: real,
+                             grid_mv: grid_vec, grid_m: grid_scalar, grid_v: grid_vec, grid_mv1: grid_vec,
+                             grid_m1: grid_scalar, grid_v1: grid_vec, grid_mv2: grid_vec, grid_m2: grid_scalar,
+                             grid_v2: grid_vec, grid_mv3: grid_vec, grid_m3: grid_scalar, grid_v3: grid_vec,
+                             origin: vec3, inv_dx: real, dt: real, gravity: vec3, dx: real, wall_mode: ti.i32,
                              wall_friction: real, colliders: table, n_colliders: ti.template(), time: real,
-                             time1: real, keep_grid: ti.i32, tiled: ti.template()):
-        """substep_forward from slot src to mid (control dFc, scale, grid (mv, m, v), clock time),
-        then from mid to dst (dFc1, scale1, grid (mv1, m1, v1), time1), in one launch: a launch
-        costs the rollout ~0.2 ms of host time at 100k particles (H200), more than the substep's
-        GPU work. With keep_grid 0 both grids may be the same scratch grid."""
-        substep_at(src, mid, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale,
+                             time1: real, time2: real, time3: real, keep_grid: ti.i32, tiled: ti.template()):
+        """Four substep_forward calls in one launch, src -> s1 -> s2 -> s3 -> dst, the i-th with
+        its own control (dFc<i>, control_scale<i>; no suffix for the first), grid (mv<i>, m<i>,
+        v<i>) and clock time<i>: a launch cost the rollout ~0.2 ms of host time at 100k particles
+        (H200), more than a substep's GPU work (see GROUPED_ARCHES). With keep_grid 0 the four
+        grids may be one scratch grid."""
+        substep_at(src, s1, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, control_scale,
                    grid_mv, grid_m, grid_v, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
                    n_colliders, time, keep_grid, tiled, grid_m)
-        substep_at(mid, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc1, control_scale1,
+        substep_at(s1, s2, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc1, control_scale1,
                    grid_mv1, grid_m1, grid_v1, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
                    n_colliders, time1, keep_grid, tiled, grid_m)
+        substep_at(s2, s3, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc2, control_scale2,
+                   grid_mv2, grid_m2, grid_v2, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
+                   n_colliders, time2, keep_grid, tiled, grid_m)
+        substep_at(s3, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc3, control_scale3,
+                   grid_mv3, grid_m3, grid_v3, origin, inv_dx, dt, gravity, dx, wall_mode, wall_friction, colliders,
+                   n_colliders, time3, keep_grid, tiled, grid_m)
 
     @ti.func
     def adjoint_at(n: ti.template(), x: ti.template(), v: ti.template(), C: ti.template(), F: ti.template(),
@@ -969,7 +979,8 @@ def substep_kernels(real, plastic_models: bool = True) -> SimpleNamespace:
                            particle_stress_svd=particle_stress_svd, plastic_stress_grad=plastic_stress_grad,
                            trial_svd_grad=trial_svd_grad,
                            p2g_grad=p2g_grad, g2p_grad=g2p_grad, substep_forward=substep_forward,
-                           substep_forward_pair=substep_forward_pair, substep_adjoint=substep_adjoint,
+                           substep_forward_quad=substep_forward_quad,
+                           substep_adjoint=substep_adjoint,
                            substep_adjoint_pair=substep_adjoint_pair)
 
 
@@ -1015,25 +1026,28 @@ def tiled_p2g(n_particles: int) -> bool:
     return n_particles >= TILED_P2G_MIN_PARTICLES
 
 
-# On CUDA a rollout runs its elastic substeps two a launch (substep_forward_pair, substep_adjoint_pair):
-# at 100k particles a launch cost ~0.11 ms of Taichi's C++ launch path and 0.11-0.23 ms of argument
-# setting on the H200 machine, more than a substep's GPU work, and the pairs took an optimisation
-# step of bench/e2e_step.py from 202 to 146 ms (2026-11-28, one call). Not on the CPU: there a
-# 40-substep rollout took as long either way, and the two pair kernels added ~13 s of compile time on 2 cores.
-# Short rollouts (under PAIRED_MIN_SUBSTEPS) keep the single kernels: little to gain, a compile to pay.
-PAIRED_ARCHES = ("cuda",)
-PAIRED_MIN_SUBSTEPS = 16
+# On CUDA a rollout runs its elastic substeps several a launch: four forward (substep_forward_quad),
+# two adjoint (substep_adjoint_pair). At 100k particles a launch cost ~0.11 ms of Taichi's C++ launch
+# path and 0.11-0.23 ms of argument setting on the H200 machine, more than a substep's GPU work: two
+# a launch took an optimisation step of bench/e2e_step.py from 202 to 146 ms (2026-11-28, one call),
+# four forward a launch its median from 103 to 95 ms (the same day, 20 interleaved steps each, one
+# process; the quad kernel compiles in ~35 s on a cold cache there). Not on the CPU: there a 40-substep
+# rollout took as long either way, and the grouped kernels cost compile time on 2 cores. Short
+# rollouts (under GROUPED_MIN_SUBSTEPS) keep the single kernels: little to gain, a compile to pay.
+GROUPED_ARCHES = ("cuda",)
+GROUPED_MIN_SUBSTEPS = 16
+FORWARD_GROUP = 4  # substeps of one substep_forward_quad launch
 
 
-def paired_substeps(n_substeps: int) -> bool:
-    """Whether a rollout of n_substeps runs its elastic substeps two a launch: on PAIRED_ARCHES for
-    n_substeps >= PAIRED_MIN_SUBSTEPS. TAICHI_MPM_PAIRED_SUBSTEPS=0 turns it off, =1 on at any arch
-    and length (comparisons, tests)."""
+def grouped_substeps(n_substeps: int) -> bool:
+    """Whether a rollout of n_substeps runs its elastic substeps several a launch (forward four,
+    adjoint two): on GROUPED_ARCHES for n_substeps >= GROUPED_MIN_SUBSTEPS.
+    TAICHI_MPM_GROUPED_SUBSTEPS=0 turns it off, =1 on at any arch and length (comparisons, tests)."""
     from taichi.lang import impl
-    setting = os.environ.get("TAICHI_MPM_PAIRED_SUBSTEPS", "")
+    setting = os.environ.get("TAICHI_MPM_GROUPED_SUBSTEPS", "")
     if setting in ("0", "1"):
         return setting == "1"
-    return impl.current_cfg().arch.name in PAIRED_ARCHES and n_substeps >= PAIRED_MIN_SUBSTEPS
+    return impl.current_cfg().arch.name in GROUPED_ARCHES and n_substeps >= GROUPED_MIN_SUBSTEPS
 
 
 @dataclass(frozen=True)
@@ -1057,7 +1071,7 @@ class GridSetup:
     def boundary(self, time: float) -> tuple:
         """(wall_mode, wall_friction, colliders, n_colliders, time): the arguments that end every
         grid-update kernel's list (grid_update, grid_update_grad, substep_forward, substep_adjoint;
-        the pair kernels add the second substep's time after them)."""
+        the grouped kernels add the later substeps' times after them)."""
         return self.wall_mode, self.wall_friction, self.colliders, self.n_colliders, time
 
 
@@ -1105,17 +1119,18 @@ def run_substep(k, src: int, dst: int, n: int, state: Mapping[str, Any], constan
         k.g2p(src, dst, n, x, v, C, grid_v, setup.origin, inv_dx, dt, tiled)
 
 
-def run_substep_pair(k, src: int, mid: int, dst: int, n: int, state: Mapping[str, Any],
-                     constants: Mapping[str, Any], grids: Tuple[Tuple[Any, Any, Any], Tuple[Any, Any, Any]],
-                     controls: Tuple[Tuple[Any, float], Tuple[Any, float]], setup: GridSetup, dt: float,
-                     times: Tuple[float, float], keep_grid: bool, tiled: bool = False) -> None:
-    """Two elastic substeps, src -> mid -> dst, in one launch (substep_forward_pair): run_substep
-    without ``svd`` twice, the second with ``grids[1]``, ``controls[1]`` and ``times[1]``. With
-    ``keep_grid=False`` both grids may be the same clear scratch grid."""
+def run_substep_quad(k, slots: Tuple[int, int, int, int, int], n: int, state: Mapping[str, Any],
+                     constants: Mapping[str, Any], grids: Tuple[Tuple[Any, Any, Any], ...],
+                     controls: Tuple[Tuple[Any, float], ...], setup: GridSetup, dt: float,
+                     times: Tuple[float, ...], keep_grid: bool, tiled: bool = False) -> None:
+    """Four elastic substeps through slots[0] -> ... -> slots[4] in one launch
+    (substep_forward_quad): run_substep without ``svd`` four times, the i-th with ``grids[i]``,
+    ``controls[i]`` and ``times[i]``. With ``keep_grid=False`` the grids may be one clear scratch grid."""
     x, v, C, F, plastic = state["x"], state["v"], state["C"], state["F"], state["plastic"]
     material, E, nu, aux = constants["material"], constants["E"], constants["nu"], constants["aux"]
     density, volume = constants["density"], constants["volume"]
-    (dFc, scale), (dFc1, scale1) = controls
-    k.substep_forward_pair(src, mid, dst, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc,
-                           scale, dFc1, scale1, *grids[0], *grids[1], setup.origin, 1.0 / setup.dx, dt,
-                           setup.gravity, setup.dx, *setup.boundary(times[0]), times[1], int(keep_grid), tiled)
+    (dFc, scale), (dFc1, scale1), (dFc2, scale2), (dFc3, scale3) = controls
+    k.substep_forward_quad(*slots, n, x, v, C, F, plastic, material, E, nu, density, volume, aux, dFc, scale, dFc1,
+                           scale1, dFc2, scale2, dFc3, scale3, *grids[0], *grids[1], *grids[2], *grids[3],
+                           setup.origin, 1.0 / setup.dx, dt, setup.gravity, setup.dx, *setup.boundary(times[0]),
+                           times[1], times[2], times[3], int(keep_grid), tiled)

@@ -252,17 +252,20 @@ def test_recomputed_grids_give_same_gradients(setup, grads_body):
         torch.testing.assert_close(grads_body[name], recomputed[name], rtol=1e-11, atol=1e-13)
 
 
-@pytest.mark.parametrize("store_grids", [True, False])
-def test_paired_substeps_equal_single_ones(setup, monkeypatch, store_grids):
-    """Two substeps a launch (substep_forward_pair, substep_adjoint_pair; CUDA's default) give the
-    gradients of one a launch. The schedule mixes both: frames 7 and 13 split pairs, segments of
-    6 have odd tails, and the controls act on every 5th substep, the first or the second of a
-    pair. Seen to fail with the adjoint pair's g_E given g_nu, with the second substep of a pair
-    (forward or adjoint) run at the first one's clock, and with the pairs' controls swapped."""
+@pytest.mark.parametrize("store_grids, every", [(True, K), (False, K), (True, 8)])
+def test_grouped_substeps_equal_single_ones(setup, monkeypatch, store_grids, every):
+    """Several substeps a launch (substep_forward_quad, substep_adjoint_pair; CUDA's default) give
+    the gradients of one a launch. The schedule mixes them with single launches: frames 7 and 13
+    split adjoint pairs, segments of 6 end in single substeps (and the refill without stored grids
+    runs 5 of them), and the controls act on every 5th substep: with segments of 8 on the first,
+    second, third and fourth substep of a quad in turn. Seen to fail with the adjoint pair's g_E
+    given g_nu, with the second substep of a pair (forward or adjoint) run at the first one's
+    clock, with the pairs' controls swapped, and with a quad's third substep given its second's
+    control."""
     grads = {}
     for setting in ("0", "1"):
-        monkeypatch.setenv("TAICHI_MPM_PAIRED_SUBSTEPS", setting)
-        grads[setting] = analytic(setup, per_particle_params=False, store_grids=store_grids)
+        monkeypatch.setenv("TAICHI_MPM_GROUPED_SUBSTEPS", setting)
+        grads[setting] = analytic(setup, per_particle_params=False, checkpoint_every=every, store_grids=store_grids)
     assert grads["1"]["loss"] == pytest.approx(grads["0"]["loss"], rel=1e-13)
     for name in ("x0", "v0", "C0", "F0", "E", "nu", "controls"):
         torch.testing.assert_close(grads["1"][name], grads["0"][name], rtol=1e-11, atol=1e-13)
@@ -285,7 +288,14 @@ def test_checkpoint_plan():
     from bridge.rollout import CheckpointPlan
 
     GiB = 1 << 30
-    assert CheckpointPlan.choose(1000, 100, 10, on_cuda=True) == CheckpointPlan(32, "device", True)
+    # small states: segments grow to SEGMENT_GROWTH sqrt(T) (fewer segments, less host work), in
+    # whole groups of the launches' substeps; a segment within the budget when they are larger
+    assert CheckpointPlan.choose(1000, 100, 10, on_cuda=True) == CheckpointPlan(128, "device", True)
+    assert CheckpointPlan.choose(200, 100, 10, on_cuda=True, group=4) == CheckpointPlan(64, "device", True)
+    assert CheckpointPlan.choose(30, 100, 10, on_cuda=True, group=4) == CheckpointPlan(30, "device", True)
+    mid = CheckpointPlan.choose(200, 10 ** 7, 7 * 10 ** 6, on_cuda=True, group=4)
+    assert mid.storage == "device" and mid.store_grids and mid.every % 4 == 0 and 16 < mid.every <= 64
+    assert -(-200 // mid.every) * 10 ** 7 + (mid.every + 1) * 10 ** 7 + mid.every * 7 * 10 ** 6 <= GiB
     # 1M particles in float32 on a 129^3 grid: host checkpoints, grids kept, segment within 1 GiB
     state, grid = 10 ** 6 * 25 * 4, 129 ** 3 * 7 * 4
     big = CheckpointPlan.choose(1000, state, grid, on_cuda=True)

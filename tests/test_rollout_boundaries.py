@@ -87,15 +87,15 @@ def test_float32_rollout_gives_the_float64_gradients(device):
 
 
 
-@pytest.mark.parametrize("paired", ["0", "1"])
-def test_moving_box_runs_on_the_solver_clock(device, monkeypatch, paired):
+@pytest.mark.parametrize("grouped", ["0", "1"])
+def test_moving_box_runs_on_the_solver_clock(device, monkeypatch, grouped):
     """A box sweeping into a body: a rollout started from a solver at t0 > 0 (RolloutScene.time0)
     ends where the solver's own substeps end, and its gradient (v0, along a random direction)
     matches central differences, so the backward runs on the forward's clock too. Seen to fail
     with the rollout's colliders frozen at time 0 (forward and backward: positions off by 1e-2),
     and with only the backward's clock at time 0 (the gradient off by 4%). Run with one substep a
-    launch and two (substep_forward_pair, substep_adjoint_pair)."""
-    monkeypatch.setenv("TAICHI_MPM_PAIRED_SUBSTEPS", paired)
+    launch and several (substep_forward_quad, substep_adjoint_pair)."""
+    monkeypatch.setenv("TAICHI_MPM_GROUPED_SUBSTEPS", grouped)
     from bridge.rollout import RolloutScene, simulate
     from taichi_mpm import Elastic, MPMSolver
     from taichi_mpm.boundary import Box
