@@ -17,6 +17,9 @@ T = 20               # substeps
 FRAMES = (0, 7, 13, 20)
 K = 6                # checkpoint every 6 substeps: segments 0-6, 6-12, 12-18, 18-20 (uneven tail)
 STRIDE = 5           # F controls on substeps 0, 5, 10, 15
+# two schedules of the same float64 sums: equal up to the order CUDA's atomics add in (one gradient
+# element of ~0.05 differed by 1e-12 between runs of one schedule on an H200, 2026-11-28)
+SAME_SUMS = dict(rtol=1e-11, atol=1e-11)
 f64 = torch.float64
 
 
@@ -180,13 +183,13 @@ def test_checkpointed_equals_store_everything(setup, grads_body):
     stored = analytic(setup, per_particle_params=False, checkpoint_every=T)
     assert stored["loss"] == pytest.approx(grads_body["loss"], rel=1e-13)
     for name in ("x0", "v0", "C0", "F0", "E", "nu", "controls"):
-        torch.testing.assert_close(grads_body[name], stored[name], rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(grads_body[name], stored[name], **SAME_SUMS)
 
 
 def test_host_checkpoints_give_same_gradients(setup, grads_body):
     host = analytic(setup, per_particle_params=False, checkpoint_storage="host")
     for name in ("x0", "v0", "C0", "F0", "E", "nu", "controls"):
-        torch.testing.assert_close(grads_body[name], host[name], rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(grads_body[name], host[name], **SAME_SUMS)
 
 
 def test_two_calls_in_one_graph_count_each_gradient_once(setup):
@@ -249,7 +252,7 @@ def test_recomputed_grids_give_same_gradients(setup, grads_body):
     """store_grids=False recomputes every substep's grid in the backward (DiffTaichi's rule)."""
     recomputed = analytic(setup, per_particle_params=False, store_grids=False)
     for name in ("x0", "v0", "C0", "F0", "E", "nu", "controls"):
-        torch.testing.assert_close(grads_body[name], recomputed[name], rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(grads_body[name], recomputed[name], **SAME_SUMS)
 
 
 @pytest.mark.parametrize("store_grids, every", [(True, K), (False, K), (True, 8)])
@@ -268,7 +271,7 @@ def test_grouped_substeps_equal_single_ones(setup, monkeypatch, store_grids, eve
         grads[setting] = analytic(setup, per_particle_params=False, checkpoint_every=every, store_grids=store_grids)
     assert grads["1"]["loss"] == pytest.approx(grads["0"]["loss"], rel=1e-13)
     for name in ("x0", "v0", "C0", "F0", "E", "nu", "controls"):
-        torch.testing.assert_close(grads["1"][name], grads["0"][name], rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(grads["1"][name], grads["0"][name], **SAME_SUMS)
 
 
 def test_a_blow_up_raises_naming_its_first_bad_segment(setup):
