@@ -1031,9 +1031,12 @@ def tiled_p2g(n_particles: int) -> bool:
 # path and 0.11-0.23 ms of argument setting on the H200 machine, more than a substep's GPU work: two
 # a launch took an optimisation step of bench/e2e_step.py from 202 to 146 ms (2026-11-28, one call),
 # four forward a launch its median from 103 to 95 ms (the same day, 20 interleaved steps each, one
-# process; the quad kernel compiles in ~35 s on a cold cache there). Not on the CPU: there a 40-substep
-# rollout took as long either way, and the grouped kernels cost compile time on 2 cores. Short
-# rollouts (under GROUPED_MIN_SUBSTEPS) keep the single kernels: little to gain, a compile to pay.
+# process). The price is compile time where the scene is large enough for the shared-memory kernels
+# (tiled_p2g): that step's first run on an empty cache took 99 s against 35-55 s with two a launch
+# (H200 machines, 2026-11-28); small scenes' untiled kernels compile several times faster. Not on the CPU:
+# there a 40-substep rollout took as long either way, and the grouped kernels cost compile time on 2
+# cores. Short rollouts (under GROUPED_MIN_SUBSTEPS) keep the single kernels: little to gain, a
+# compile to pay.
 GROUPED_ARCHES = ("cuda",)
 GROUPED_MIN_SUBSTEPS = 16
 FORWARD_GROUP = 4  # substeps of one substep_forward_quad launch
