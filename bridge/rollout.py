@@ -42,8 +42,8 @@ import torch
 
 from taichi_mpm.materials import PLASTIC_IDS, PLASTIC_PARAMETERS, plastic_model_set
 from taichi_mpm.runtime import device as runtime_device, ensure_init
-from taichi_mpm.substep import FORWARD_GROUP, grouped_substeps
 from taichi_mpm.solver import STATE_KEYS, SimulationError, check_particles, extent_is_valid, particle_extent
+from taichi_mpm.substep import FORWARD_GROUP, grouped_substeps
 from taichi_mpm.validation import check_nu, check_tensor, same_device
 
 STATE_SHAPES = {"x": (3,), "v": (3,), "C": (3, 3), "F": (3, 3), "plastic": ()}
@@ -189,6 +189,7 @@ def _compile_notice(stage: str, dtype: torch.dtype):
 # ----------------------------------------------------------------------------- schedule
 SEGMENT_GROWTH = 4  # a default segment may grow to this many times sqrt(T) substeps (CheckpointPlan)
 
+
 @dataclass(frozen=True)
 class CheckpointPlan:
     """K substeps a segment (``every``), where the checkpoints live ("device" or "host"), and
@@ -210,11 +211,11 @@ class CheckpointPlan:
         forward and the backward a checkpoint copy, a state check and a restore (~30 small torch
         calls), and its tail breaks a group; bench/e2e_step.py's step (200 substeps) took 6 ms
         less with 4 segments of 56 than with 13 of 16 (median of 20 interleaved steps, H200,
-        2026-11-28), its peak memory 1.00 -> 1.39 GB. In
-        order, the first plan within ``device_budget_bytes`` wins: device checkpoints with grids;
-        on CUDA, host checkpoints with grids and K lowered to fit (if K stays >= sqrt(T) / 8: a
-        small K only costs host copies and host memory); device checkpoints without grids; host
-        checkpoints without grids, K lowered to fit. Off CUDA the host is the device."""
+        2026-11-28), its peak memory 1.00 -> 1.39 GB. In order, the first plan within
+        ``device_budget_bytes`` wins: device checkpoints with grids; on CUDA, host checkpoints with
+        grids and K lowered to fit (if K stays >= sqrt(T) / 8: a small K only costs host copies
+        and host memory); device checkpoints without grids; host checkpoints without grids, K
+        lowered to fit. Off CUDA the host is the device."""
         if storage not in ("auto", "device", "host"):
             raise ValueError(f"checkpoint storage must be 'auto', 'device' or 'host', got {storage!r}")
         if every is not None and not (isinstance(every, int) and every >= 1):
