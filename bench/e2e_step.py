@@ -18,11 +18,23 @@ during the plain step. The warm-up step compiles every kernel (on a fresh CUDA m
 mostly the rollout's reverse kernels): give a GPU run 5 minutes.
 
     python bench/e2e_step.py [--quick] [--out bench/results/e2e_step_cuda.json]
+
+``--compare SETTING [SETTING ...]`` times rollout settings against each other instead: steps of the
+first variant under each setting, interleaved in one process with the order alternating each round
+(``--rounds``), so that the host's drift, which moves a step by tens of milliseconds within minutes
+on the GPU machines, lands on every setting alike. A setting is ``default`` or comma-separated
+``grouped=0|1`` (TAICHI_MPM_GROUPED_SUBSTEPS) and ``every=K`` (simulate's checkpoint_every). Reports
+each setting's median, range and peak memory, and the median over rounds of its difference to the
+first setting's step of the same round:
+
+    python bench/e2e_step.py --compare default grouped=0 every=16 --rounds 20
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import json
 import platform
 import statistics
@@ -77,7 +89,7 @@ def build(args):
     return solver, scene, x0, binding, viewmats, Ks
 
 
-def step(args, scene, x0, binding, viewmats, Ks, target, variant, clock=None):
+def step(args, scene, x0, binding, viewmats, Ks, target, variant, clock=None, checkpoint_every=None):
     """One forward + backward. With a clock: timed in stages; returns (loss, leaves)."""
     dev, real = x0.device, x0.dtype
     leaves = {"log_E": torch.tensor(np.log(1e5), dtype=real, device=dev, requires_grad=True),
@@ -88,7 +100,7 @@ def step(args, scene, x0, binding, viewmats, Ks, target, variant, clock=None):
     frames = [args.substeps * (i + 1) // args.frames for i in range(args.frames)]
     t = time.perf_counter()
     traj = simulate(scene, x0, leaves["v0"].expand(len(x0), 3), {"E": leaves["log_E"].exp(), "nu": leaves["nu"]},
-                    args.substeps, frames)
+                    args.substeps, frames, checkpoint_every=checkpoint_every)
     if clock:
         t = clock.lap("sim_fwd_ms", t)
         xs, Fs = traj.x.detach().requires_grad_(), traj.F.detach().requires_grad_()
@@ -181,6 +193,93 @@ def profile_step(args, scene, x0, binding, viewmats, Ks, target, variant) -> str
     return "\n".join(lines)
 
 
+SETTING_KEYS = {"grouped": ("0", "1"), "every": None}
+
+
+def parse_setting(text: str) -> dict:
+    """"default" -> {}; "grouped=0,every=16" -> {"grouped": "0", "every": 16}. ValueError if malformed."""
+    if text == "default":
+        return {}
+    setting = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in SETTING_KEYS or key in setting:
+            raise ValueError(f"setting {text!r}: want 'default' or comma-separated grouped=0|1, every=K")
+        if key == "every":
+            if not (value.isdigit() and int(value) >= 1):
+                raise ValueError(f"setting {text!r}: every must be an int >= 1")
+            setting[key] = int(value)
+        elif value not in SETTING_KEYS[key]:
+            raise ValueError(f"setting {text!r}: grouped must be 0 or 1")
+        else:
+            setting[key] = value
+    return setting
+
+
+@contextlib.contextmanager
+def applied(setting: dict):
+    """The environment of a setting while the block runs (taichi_mpm reads it at every rollout);
+    yields its checkpoint_every (None: the default plan)."""
+    saved = os.environ.get("TAICHI_MPM_GROUPED_SUBSTEPS")
+    if "grouped" in setting:
+        os.environ["TAICHI_MPM_GROUPED_SUBSTEPS"] = setting["grouped"]
+    try:
+        yield setting.get("every")
+    finally:
+        if saved is None:
+            os.environ.pop("TAICHI_MPM_GROUPED_SUBSTEPS", None)
+        else:
+            os.environ["TAICHI_MPM_GROUPED_SUBSTEPS"] = saved
+
+
+def interleaved(run_step, settings: dict, rounds: int) -> dict:
+    """{name: [ms of each round]}: run_step(checkpoint_every) under each setting once per round,
+    after two untimed steps each, the order alternating between rounds."""
+    names = list(settings)
+    for name in names:
+        with applied(settings[name]) as every:
+            run_step(every)
+            run_step(every)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            with applied(settings[name]) as every:
+                sync()
+                t = time.perf_counter()
+                run_step(every)
+                sync()
+                times[name].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def compare(args, scene, x0, binding, viewmats, Ks, target) -> dict:
+    """--compare: the first variant's steps under each setting, interleaved; prints the table."""
+    variant = args.variants[0]
+    settings = {text: parse_setting(text) for text in args.compare}
+    peaks = {}
+
+    def run_step(every):
+        step(args, scene, x0, binding, viewmats, Ks, target, variant, checkpoint_every=every)
+
+    times = interleaved(run_step, settings, args.rounds)
+    for name, setting in settings.items():  # peak memory: one more step each, alone
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with applied(setting) as every:
+            run_step(every)
+        peaks[name] = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+    first = args.compare[0]
+    rows = [{"setting": name, "step_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t),
+             "diff_vs_first_ms": statistics.median(a - b for a, b in zip(t, times[first])),
+             "peak_GB": peaks[name], "steps_ms": t} for name, t in times.items()]
+    print(f"{variant}, {args.rounds} interleaved rounds; difference: median over rounds against {first!r}")
+    print(f"{'setting':>24} {'median ms':>10} {'min':>7} {'max':>7} {'difference':>11} {'peak GB':>8}")
+    for r in rows:
+        print(f"{r['setting']:>24} {r['step_ms']:>10.1f} {r['min_ms']:>7.1f} {r['max_ms']:>7.1f} "
+              f"{r['diff_vs_first_ms']:>+11.1f} {r['peak_GB']:>8.2f}")
+    return {"variant": variant, "rounds": args.rounds, "rows": rows}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--particles", type=int, default=100_000)
@@ -197,7 +296,18 @@ def main():
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None,
                         help="also profile one step of each variant (torch.profiler) and write the kernel table here")
+    parser.add_argument("--compare", nargs="+", metavar="SETTING", default=None,
+                        help="time rollout settings against each other, interleaved (see above)")
+    parser.add_argument("--rounds", type=int, default=20, help="--compare's rounds")
     args = parser.parse_args()
+    if args.compare:
+        try:
+            for text in args.compare:
+                parse_setting(text)
+        except ValueError as error:
+            parser.error(str(error))
+        if len(set(args.compare)) != len(args.compare) or args.rounds < 1:
+            parser.error("--compare needs distinct settings and --rounds >= 1")
     if args.quick:
         args.particles, args.res, args.substeps, args.gaussians = 2000, 24, 20, 2000
         args.views, args.frames, args.size, args.repeats = 2, 2, 64, 1
@@ -209,6 +319,10 @@ def main():
     print(f"device: {device_name} ({arch}); {scene.n_particles} particles, {args.substeps} substeps, "
           f"{binding.n_gaussians} surface Gaussians, {args.frames} frames x {len(viewmats)} views at {args.size}^2",
           flush=True)
+    if args.compare:
+        result = compare(args, scene, x0, binding, viewmats, Ks, target)
+        print(f"wrote {write(args, result['rows'], device_name, arch, scene, binding, viewmats, 'e2e_compare', result)}")
+        return
     rows = []
     for variant in args.variants:  # the JSON is rewritten after each, so a timeout keeps the first
         rows.append(run_variant(args, scene, x0, binding, viewmats, Ks, target, variant))
@@ -225,15 +339,15 @@ def main():
         print("\n\n".join(tables))
 
 
-def write(args, rows, device_name, arch, scene, binding, viewmats):
-    result = {"benchmark": "e2e_step", "device": device_name, "arch": arch,
+def write(args, rows, device_name, arch, scene, binding, viewmats, name="e2e_step", extra=None):
+    result = {"benchmark": name, "device": device_name, "arch": arch,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "command": " ".join(sys.argv),
               "workload": {"particles": scene.n_particles, "substeps": args.substeps, "dt": scene.dt,
                            "gaussians": binding.n_gaussians, "frames": args.frames, "views": len(viewmats),
                            "size": args.size, "repeats": args.repeats},
-              "rows": rows}
-    out = args.out or Path(__file__).resolve().parent / "results" / f"e2e_step_{arch}{'_quick' if args.quick else ''}.json"
+              **(extra or {}), "rows": rows}
+    out = args.out or Path(__file__).resolve().parent / "results" / f"{name}_{arch}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return out

@@ -26,3 +26,24 @@ def test_calls_interleave_alternate_and_repeat_small_rows(monkeypatch):
     order.clear()
     slow = bench.time_calls({"a": fn("a", 0.03)}, 3, torch.device("cpu"))
     assert slow["a"]["calls"] == 3  # a row past ROW_SECONDS runs --iters rounds
+
+
+def test_e2e_compare_settings_interleave_in_their_environment(monkeypatch):
+    """bench/e2e_step.py --compare: each setting's environment and checkpoint_every hold during its
+    steps only, two untimed steps each come first, and the order alternates every round."""
+    import pytest
+
+    bench = load_bench("e2e_step")
+    assert bench.parse_setting("default") == {}
+    assert bench.parse_setting("grouped=0,every=16") == {"grouped": "0", "every": 16}
+    for bad in ("grouped=2", "every=0", "every=x", "fast=1", "grouped=1,grouped=0", "grouped"):
+        with pytest.raises(ValueError):
+            bench.parse_setting(bad)
+    monkeypatch.setenv("TAICHI_MPM_GROUPED_SUBSTEPS", "1")
+    seen = []
+    times = bench.interleaved(lambda every: seen.append((every, bench.os.environ["TAICHI_MPM_GROUPED_SUBSTEPS"])),
+                              {"a": {}, "b": {"grouped": "0", "every": 8}}, rounds=3)
+    a, b = (None, "1"), (8, "0")
+    assert seen == [a, a, b, b] + [a, b, b, a, a, b]
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+    assert bench.os.environ["TAICHI_MPM_GROUPED_SUBSTEPS"] == "1"  # restored
