@@ -321,7 +321,8 @@ def main():
           flush=True)
     if args.compare:
         result = compare(args, scene, x0, binding, viewmats, Ks, target)
-        print(f"wrote {write(args, result['rows'], device_name, arch, scene, binding, viewmats, 'e2e_compare', result)}")
+        rows = result.pop("rows")
+        print(f"wrote {write(args, rows, device_name, arch, scene, binding, viewmats, 'e2e_compare', result)}")
         return
     rows = []
     for variant in args.variants:  # the JSON is rewritten after each, so a timeout keeps the first

@@ -573,8 +573,8 @@ class _Rollout(torch.autograd.Function):
                     if g is not None:
                         adjoint[key][1] += g[i]
 
-        # views made once: every segment passes the same tensors to the launches, which then skip
-        # their checks (taichi_mpm.launch)
+        # views made once (state_views[j]: slots j, j + 1 of every state key): every segment passes
+        # the same tensors to the launches, which then skip their checks (taichi_mpm.launch)
         state_views = [{key: segment[key][j:j + 2] for key in STATE_KEYS} for j in range(segment_length)]
         grid_views = None if stored_grids is None else [[g[j] for g in stored_grids] for j in range(segment_length)]
 
@@ -609,10 +609,6 @@ class _Rollout(torch.autograd.Function):
             substeps.forward(states, 0, constants, control, move_particles=False, for_adjoint=True, substep=s)
             return substeps.grid, True
 
-        def slots(j: int) -> dict:
-            """Views of the segment's states j and j + 1, substep j's input and output."""
-            return state_views[j]
-
         starts = list(range(0, n_substeps, segment_length))
         for start in reversed(starts):
             length = min(segment_length, n_substeps - start)
@@ -623,11 +619,12 @@ class _Rollout(torch.autograd.Function):
                 add_output_grads(s + 1)
                 if grouped and stored_grids is not None and j >= 1 and s not in frame_index:
                     control, control_grad = step_controls(s - 1, 2)
-                    substeps.backward_pair((slots(j - 1), slots(j)), adjoint, (kept_grid(j - 1), kept_grid(j)),
-                                           constants, parameter_grads, control, control_grad, substep=s - 1)
+                    substeps.backward_pair((state_views[j - 1], state_views[j]), adjoint,
+                                           (kept_grid(j - 1), kept_grid(j)), constants, parameter_grads, control,
+                                           control_grad, substep=s - 1)
                     j -= 2
                     continue
-                states = slots(j)
+                states = state_views[j]  # slots j and j + 1: substep j's input and output
                 (control,), (control_grad,) = step_controls(s, 1)
                 grid, stress_ready = recompute(states, j, control, s)
                 substeps.backward(states, adjoint, grid, constants, parameter_grads, control, control_grad,
