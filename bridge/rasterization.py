@@ -98,13 +98,14 @@ class _Project(torch.autograd.Function):
     """Gaussians -> (means2d, conics, depths, opacities, features) (C, N, ...): views of one array of
     splat records (C, N, PROJECTED) (render/splat_record.py; features: the columns the blend reads,
     from `columns`), the radii (C, N, 2) and, flat over the C*N items, the tile rectangles (C*N, 4)
-    and pair counts (C*N,) that binning reads."""
+    and pair counts (C*N,) that binning reads. The Gaussian arrays hold S scenes of N each (S*N
+    rows) and the C cameras S groups, one a scene (render/projection.py)."""
 
     @staticmethod
     def forward(ctx, means, quats, scales, covars, opacities, sh, viewmats, Ks, plane: tuple, columns: tuple,
-                kernels: tuple):
+                kernels: tuple, N: int):
         # inputs pass as they are: TorchKernel's forward launch gives Taichi no gradient pointers
-        C, N, dev = viewmats.shape[0], means.shape[0], means.device
+        C, dev = viewmats.shape[0], means.device
         width, height, near, far = plane
         splats = torch.empty(C, N, PROJECTED, device=dev)
         radii = torch.empty(C, N, 2, dtype=torch.int32, device=dev)
@@ -113,7 +114,7 @@ class _Project(torch.autograd.Function):
         kernels[0](means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far,
                    splats, radii, rects, pair_counts)
         ctx.save_for_backward(means, quats, scales, covars, opacities, sh, viewmats, Ks, rects)
-        ctx.plane, ctx.columns, ctx.kernel, ctx.used = plane, columns, kernels[1], kernels[2]
+        ctx.plane, ctx.columns, ctx.kernel, ctx.used, ctx.N = plane, columns, kernels[1], kernels[2], N
         ctx.mark_non_differentiable(radii, rects, pair_counts)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for outputs the loss does not use
         means2d, conics, opac, features = split_record(splats, *columns)
@@ -126,11 +127,11 @@ class _Project(torch.autograd.Function):
         # the kernel writes every gradient element (summing the cameras itself). An unused input is a
         # placeholder the kernel never touches: it stands in for its own gradient array
         grads = [torch.empty_like(t) if u else t for t, u in zip(inputs, ctx.used)]
-        v_splats = _projected_grads(viewmats.shape[0], means.shape[0], ctx.columns, v_means2d, v_conics, v_depths,
-                                    v_opac, v_features)
+        v_splats = _projected_grads(viewmats.shape[0], ctx.N, ctx.columns, v_means2d, v_conics, v_depths, v_opac,
+                                    v_features)
         ctx.kernel(means, quats, scales, covars, opacities, sh, viewmats, Ks, ctx.plane[0], ctx.plane[1], rects,
                    v_splats, *grads)
-        return (*(g if u else None for g, u in zip(grads, ctx.used)), None, None, None, None, None)
+        return (*(g if u else None for g, u in zip(grads, ctx.used)), None, None, None, None, None, None)
 
 
 def _projected_grads(C, N, columns, v_means2d, v_conics, v_depths, v_opac, v_features):
@@ -206,7 +207,7 @@ def _render_nothing(C, width, height, channels, color_channels, backgrounds, gri
                 radii=torch.zeros(C, 0, 2, dtype=torch.int32, device=dev), gaussian_ids=None,
                 tile_ranges=torch.zeros(C, grid.tiles_y, grid.tiles_x, 2, dtype=torch.int32, device=dev),
                 item_ids=torch.zeros(0, dtype=torch.int32, device=dev), num_pairs=0, width=width,
-                height=height, tile_size=grid.tile_size, n_cameras=C)
+                height=height, tile_size=grid.tile_size)
     return image, torch.zeros(C, height, width, 1, device=dev), meta
 
 
@@ -289,7 +290,8 @@ def _nonzero(x: float) -> bool:
 def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, *, width, height, near_plane,
               far_plane, sh_degree, backgrounds, render_mode, rasterize_mode, means2d_offset, channel_chunk,
               validate, dev):
-    """Clear Python errors for bad arguments; returns (N, C, color channels, blended channels)."""
+    """Clear Python errors for bad arguments; returns (batch shape, N, C, color channels, blended
+    channels): S = prod(batch shape) scenes of N Gaussians, each seen by its own C cameras."""
     if render_mode not in RENDER_MODES:
         raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
     if rasterize_mode not in RASTERIZE_MODES:
@@ -302,8 +304,9 @@ def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, *, 
 
     on = _device_index(dev)  # means must be on the Taichi device; the other inputs on means' device
     if not _is_f32(means, (None, 3), on):
-        check_tensor("means", means, (None, 3), dtype=torch.float32, device=dev)
-    N = means.shape[0]
+        leading = (None,) * (means.dim() - 1) if isinstance(means, torch.Tensor) and means.dim() > 2 else (None,)
+        check_tensor("means", means, (*leading, 3), dtype=torch.float32, device=dev)  # (..., N, 3)
+    batch, N = tuple(means.shape[:-2]), means.shape[-2]
 
     def tensor(name, t, shape):
         # float32 of this shape on means' device passes at once; otherwise check_tensor says what is
@@ -313,43 +316,43 @@ def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, *, 
         same = isinstance(t, torch.Tensor) and t.device == means.device
         return check_tensor(name, t, shape, dtype=torch.float32, device=None if same else dev)
 
-    C = tensor("viewmats", viewmats, (None, 4, 4)).shape[0]
+    C = tensor("viewmats", viewmats, (*batch, None, 4, 4)).shape[-3]
     if C == 0:
         raise ValueError("viewmats holds no camera")
-    tensor("Ks", Ks, (C, 3, 3))
-    tensor("opacities", opacities, (N,))
+    tensor("Ks", Ks, (*batch, C, 3, 3))
+    tensor("opacities", opacities, (*batch, N))
     if covars is not None:
-        tensor("covars", covars, (N, 6))
+        tensor("covars", covars, (*batch, N, 6))
     else:
         if quats is None or scales is None:
             raise ValueError("give quats and scales, or covars")
-        tensor("quats", quats, (N, 4))
-        tensor("scales", scales, (N, 3))
+        tensor("quats", quats, (*batch, N, 4))
+        tensor("scales", scales, (*batch, N, 3))
     if sh_degree is not None:
         check_int("sh_degree", sh_degree, low=0, high=3)
-        tensor("colors", colors, (N, None, 3))
-        if colors.shape[1] < (sh_degree + 1) ** 2:
+        tensor("colors", colors, (*batch, N, None, 3))
+        if colors.shape[-2] < (sh_degree + 1) ** 2:
             raise ValueError(f"sh_degree={sh_degree} needs {(sh_degree + 1) ** 2} SH coefficients per "
-                             f"Gaussian, colors has {colors.shape[1]}")
-    elif isinstance(colors, torch.Tensor) and colors.dim() == 2:
-        tensor("colors", colors, (N, None))
+                             f"Gaussian, colors has {colors.shape[-2]}")
+    elif isinstance(colors, torch.Tensor) and colors.dim() == len(batch) + 2:
+        tensor("colors", colors, (*batch, N, None))
     else:
-        tensor("colors", colors, (C, N, None))
+        tensor("colors", colors, (*batch, C, N, None))
     color_channels = 3 if sh_degree is not None else colors.shape[-1]
     channels = {"RGB": color_channels, "D": 1, "ED": 1}.get(render_mode, color_channels + 1)
     if not 1 <= channels <= MAX_CHANNELS:
         raise ValueError(f"{channels} channels to blend; between 1 and {MAX_CHANNELS} are supported "
                          f"(render wider features in chunks)")
     if means2d_offset is not None:
-        tensor("means2d_offset", means2d_offset, (C, N, 2))
+        tensor("means2d_offset", means2d_offset, (*batch, C, N, 2))
     if backgrounds is not None:
         if render_mode in ("D", "ED"):
             raise ValueError(f"backgrounds apply to colour channels; render_mode={render_mode!r} has none")
-        tensor("backgrounds", backgrounds, (C, color_channels))
+        tensor("backgrounds", backgrounds, (*batch, C, color_channels))
     if validate and N > 0:  # value checks cost one device sync
         with torch.no_grad():
             # the smallest focal length among fx, fy of every camera; the shortest quaternion
-            conditions = [(torch.diagonal(Ks, dim1=1, dim2=2)[:, :2].amin(), _positive,
+            conditions = [(torch.diagonal(Ks, dim1=-2, dim2=-1)[..., :2].amin(), _positive,
                            "Ks must have positive focal lengths fx, fy")]
             if covars is None:
                 conditions.insert(0, (torch.linalg.vector_norm(quats, dim=-1).amin(), _nonzero,
@@ -357,7 +360,19 @@ def _validate(means, quats, scales, covars, opacities, colors, viewmats, Ks, *, 
         _check_values(dict(means=means, quats=quats, scales=scales, covars=covars, opacities=opacities,
                            colors=colors, viewmats=viewmats, Ks=Ks, backgrounds=backgrounds), conditions)
 
-    return N, C, color_channels, channels
+    return batch, N, C, color_channels, channels
+
+
+def _scenes_flat(batch: tuple, tensors: dict, per_gaussian_colors: bool) -> dict:
+    """The batch's scenes laid end to end: Gaussian arrays (S*N, ...), camera arrays (S*C, ...) and
+    per-camera arrays (S*C, N, ...); colours given per Gaussian become per camera (S*C, N, D), the
+    form the blend packs. Views wherever the layout allows."""
+    flat = {k: None if t is None else t.flatten(0, len(batch)) for k, t in tensors.items()}
+    if per_gaussian_colors:
+        colors = tensors["colors"]
+        C = tensors["viewmats"].shape[-3]
+        flat["colors"] = colors.unsqueeze(len(batch)).expand(*batch, C, *colors.shape[-2:]).flatten(0, len(batch))
+    return flat
 
 
 def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Optional[torch.Tensor],
@@ -380,7 +395,12 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
     packed, tile_size, sparse_grad, absgrad, distributed, camera_model, with_ut, with_eval3d, the
     distortion coefficients, rolling_shutter, viewmats_rs) raise ValueError naming the keyword and
     the supported value for anything else. Note packed=False here where gsplat defaults to True:
-    outputs are always dense. Batch dimensions before N / C are not supported.
+    outputs are always dense.
+
+    Batch dimensions (...) before N and C work as in gsplat: every input may lead with the same
+    batch shape (a batch of scenes, say the frames of a simulation, each with its own Gaussians and
+    its own C cameras), and everything renders in one call (one launch per stage). Shapes below
+    without them; with them, each input and output gains them in front.
 
     Args:
         means: (N, 3) centres. quats: (N, 4) wxyz rotations (normalized inside). scales: (N, 3).
@@ -407,7 +427,9 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
     Returns:
         render_colors (C, H, W, D'), render_alphas (C, H, W, 1) and meta, a dict with means2d
         (C, N, 2; call retain_grad() for screen-space gradients), conics, depths, opacities, radii
-        (C, N, 2) int32, tile_ranges, item_ids, width, height, tile_size, n_cameras.
+        (C, N, 2) int32, tile_ranges (C, tiles_y, tiles_x, 2), item_ids, width, height, tile_size,
+        n_cameras (C) and batch_shape. With batch dimensions, an item id indexes the S*C*N splats of
+        the flattened batch (camera-major), as tile_ranges' ranges index item_ids.
         Gradients reach means, quats, scales (or covars), opacities, colors and backgrounds;
         viewmats and Ks get none.
     """
@@ -421,20 +443,28 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
     dev = _device(arch)
     # CUDA blends a tile per thread block through shared memory; the per-pixel kernels serve the CPU
     blend_variant = "pixel" if arch == "cpu" else "block"
-    N, C, color_channels, channels = _validate(
+    batch, N, C, color_channels, channels = _validate(
         means, quats, scales, covars, opacities, colors, viewmats, Ks, width=width, height=height,
         near_plane=near_plane, far_plane=far_plane, sh_degree=sh_degree, backgrounds=backgrounds,
         render_mode=render_mode, rasterize_mode=rasterize_mode, means2d_offset=means2d_offset,
         channel_chunk=channel_chunk, validate=validate, dev=dev)
+    S = math.prod(batch)
+    if batch:
+        flat = _scenes_flat(batch, dict(means=means, quats=quats, scales=scales, covars=covars,
+                                        opacities=opacities, colors=colors, viewmats=viewmats, Ks=Ks,
+                                        backgrounds=backgrounds, means2d_offset=means2d_offset),
+                            per_gaussian_colors=sh_degree is None and colors.dim() == len(batch) + 2)
+        means, quats, scales, covars, opacities, colors, viewmats, Ks, backgrounds, means2d_offset = flat.values()
     grid = tile_grid(width, height)
     if not 0 < max_pairs < 2**31:  # render.binning's own check (its unchecked entry point is used)
         raise ValueError(f"max_pairs must be in [1, 2**31) (pair indices are int32), got {max_pairs}")
-    if C * N >= 2**31 or C * grid.num_tiles * TILE_THREADS >= 2**31:
-        raise ValueError(f"{C} cameras x {N} Gaussians at {width}x{height} overflow the kernels' int32 "
+    if S * C * N >= 2**31 or S * C * grid.num_tiles * TILE_THREADS >= 2**31:
+        raise ValueError(f"{S * C} cameras x {N} Gaussians at {width}x{height} overflow the kernels' int32 "
                          f"indices; render fewer cameras per call")
     sh_deg = -1 if sh_degree is None else sh_degree
-    if N == 0:
-        return _render_nothing(C, width, height, channels, color_channels, backgrounds, grid, dev)
+    if N == 0 or S == 0:
+        return _unflatten(batch, C, *_render_nothing(S * C, width, height, channels, color_channels, backgrounds,
+                                                     grid, dev))
     given_cov = covars is not None
     kernels = _projection(sh_deg, given_cov, rasterize_mode == "antialiased", C > 1)
     given = (means, quats, scales, covars, opacities, colors)
@@ -444,26 +474,37 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
     means2d, conics, depths, opac, features, radii, rects, pair_counts = _Project.apply(
         *(t.contiguous() if u else _placeholder(s, dev) for t, u, s in zip(given, kernels[2], _PLACEHOLDER_SHAPES)),
         viewmats.contiguous(), Ks.contiguous(), (width, height, float(near_plane), float(far_plane)), columns,
-        kernels)
-    record = means2d._base  # the records (C, N, PROJECTED), which the blend reads in place unless changed
+        kernels, N)
+    C_all = S * C  # the batch's cameras, end to end
+    record = means2d._base  # the records (S*C, N, PROJECTED), which the blend reads in place unless changed
     if means2d_offset is not None:
         means2d, record = means2d + means2d_offset, None
     if sh_degree is None and render_mode not in ("D", "ED"):  # the caller's colours (and depth), packed
-        rgb = colors.unsqueeze(0).expand(C, -1, -1) if colors.dim() == 2 else colors
+        rgb = colors.unsqueeze(0).expand(C_all, -1, -1) if colors.dim() == 2 else colors
         features, record = (rgb if render_mode == "RGB" else torch.cat([rgb, depths[..., None]], -1)), None
-    binning = bin_unchecked(rects, depths.detach().view(-1), pair_counts, C, grid, max_pairs, walked=True)
+    binning = bin_unchecked(rects, depths.detach().view(-1), pair_counts, C_all, grid, max_pairs, walked=True)
     item_ids = binning.item_ids if binning.num_pairs else _no_items(dev)
     image, alpha = _Blend.apply(means2d, conics, opac, features, record, columns[0], item_ids, binning.tile_ranges,
                                 width, height, (blend_variant, channels))
     if backgrounds is not None:
         pad = image.shape[-1] - color_channels
-        bg = torch.cat([backgrounds, backgrounds.new_zeros(C, pad)], -1) if pad else backgrounds
+        bg = torch.cat([backgrounds, backgrounds.new_zeros(C_all, pad)], -1) if pad else backgrounds
         image = image + (1.0 - alpha) * bg[:, None, None, :]
     if render_mode in ("ED", "RGB+ED"):
         image = torch.cat([image[..., :-1], image[..., -1:] / alpha.clamp_min(1e-10)], -1)
     meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, radii=radii, gaussian_ids=None,
                 tile_ranges=binning.tile_ranges[..., :2], item_ids=binning.item_ids, num_pairs=binning.num_pairs,
-                width=width, height=height, tile_size=grid.tile_size, n_cameras=C)
+                width=width, height=height, tile_size=grid.tile_size)
+    return _unflatten(batch, C, image, alpha, meta)
+
+
+def _unflatten(batch: tuple, C: int, image, alpha, meta: dict):
+    """The outputs of the flattened batch's S*C cameras given the batch shape back: (*batch, C, ...)."""
+    if batch:
+        image, alpha = image.unflatten(0, (*batch, C)), alpha.unflatten(0, (*batch, C))
+        for key in ("means2d", "conics", "depths", "opacities", "radii", "tile_ranges"):
+            meta[key] = meta[key].unflatten(0, (*batch, C))
+    meta.update(n_cameras=C, batch_shape=batch)
     return image, alpha, meta
 
 

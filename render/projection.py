@@ -90,6 +90,18 @@ def _frustum_limits(fx, fy, cx, cy, width, height):
             cy / fy + 0.3 * tan_y, (height - cy) / fy + 0.3 * tan_y)
 
 
+@ti.func
+def _cameras_per_scene(N, rows, cameras):
+    """C of S scenes of N Gaussians (rows = S*N) seen by `cameras` = S*C cameras."""
+    return cameras // (rows // N)
+
+
+@ti.func
+def _scene_row(c, n, N, rows, cameras):
+    """The row of the Gaussian arrays holding Gaussian n of camera c's scene."""
+    return c // _cameras_per_scene(N, rows, cameras) * N + n
+
+
 @dataclass(frozen=True)
 class ProjectionConfig:
     """What the projection kernels are compiled for; one cached (forward, backward) pair per value.
@@ -112,14 +124,17 @@ def projection_kernels(config: ProjectionConfig, lanes: Optional[int] = None):
     """(forward, backward) TorchKernels for one configuration (both cached). lanes: the item loops'
     form (render/lanes.py); None takes the arch's.
 
-    forward(means (N, 3), quats (N, 4), scales (N, 3), covars (N, 6), opacities (N,), sh (N, B, 3),
-            viewmats (C, 4, 4), Ks (C, 3, 3), width, height, near, far,
-            splats (C, N, PROJECTED) out: the records of render/splat_record.py (zeros where a splat is
-            not visible; colour columns only with SH), radii (C, N, 2) int32 out, rects (C*N, 4) int32
-            out, pair_counts (C*N,) int32 out)
+    forward(means (S*N, 3), quats (S*N, 4), scales (S*N, 3), covars (S*N, 6), opacities (S*N,),
+            sh (S*N, B, 3), viewmats (S*C, 4, 4), Ks (S*C, 3, 3), width, height, near, far,
+            splats (S*C, N, PROJECTED) out: the records of render/splat_record.py (zeros where a splat
+            is not visible; colour columns only with SH), radii (S*C, N, 2) int32 out, rects
+            (S*C*N, 4) int32 out, pair_counts (S*C*N,) int32 out)
     backward(means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects,
-             v_splats (C, N, PROJECTED) the records' gradients, v_means, v_quats, v_scales, v_covars,
-             v_opacities, v_sh (out, every element written))"""
+             v_splats (S*C, N, PROJECTED) the records' gradients, v_means, v_quats, v_scales, v_covars,
+             v_opacities, v_sh (out, every element written))
+    S scenes of N Gaussians each, each seen by its own C cameras (S = 1: one scene): camera c sees
+    the Gaussians of scene c // C. S follows from the shapes (S*N rows of means against the N of
+    the records), so one compiled kernel serves every batch."""
     lanes = item_lanes() if lanes is None else lanes
     return (_forward_kernel(replace(config, accumulate=True), lanes), _backward_kernel(config, lanes))
 
@@ -144,13 +159,14 @@ def _forward_kernel(config: ProjectionConfig, lanes: int):
                 opacities: ti.template(), sh: ti.template(), viewmats: ti.template(), Ks: ti.template(), width,
                 height, near, far, splats: ti.template(), radii: ti.template(), rects: ti.template(),
                 pair_counts: ti.template()):
-        """Item idx = c * N + n: Gaussian n seen by camera c."""
-        N = means.shape[0]
+        """Item idx = c * N + n: Gaussian n of camera c's scene (row g of the Gaussian arrays)."""
+        N = splats.shape[1]
         tiles_x = (width + TILE - 1) // TILE
         tiles_y = (height + TILE - 1) // TILE
         c, n = idx // N, idx % N
+        g = _scene_row(c, n, N, means.shape[0], viewmats.shape[0])
         Rv, tv, fx, fy, cx, cy = _camera(viewmats, Ks, c)
-        p = ti.math.vec3(means[n, 0], means[n, 1], means[n, 2])
+        p = ti.math.vec3(means[g, 0], means[g, 1], means[g, 2])
         t = Rv @ p + tv
         visible = False
         mean2d = ti.math.vec2(0.0)
@@ -165,7 +181,7 @@ def _forward_kernel(config: ProjectionConfig, lanes: int):
             v = ti.math.clamp(t.y / z, -ly0, ly1)
             J = ti.Matrix([[fx / z, 0.0, -fx * u / z], [0.0, fy / z, -fy * v / z]])
             A = J @ Rv
-            cov2 = A @ _cov3(quats, scales, covars, n, given_cov) @ A.transpose()
+            cov2 = A @ _cov3(quats, scales, covars, g, given_cov) @ A.transpose()
             a = cov2[0, 0] + DILATION
             b = cov2[0, 1]
             d = cov2[1, 1] + DILATION
@@ -175,7 +191,7 @@ def _forward_kernel(config: ProjectionConfig, lanes: int):
                 if ti.static(antialiased):
                     det_orig = cov2[0, 0] * cov2[1, 1] - b * b
                     comp = ti.sqrt(ti.max(det_orig / det, 0.0))
-                op = opacities[n] * comp
+                op = opacities[g] * comp
                 if op >= ALPHA_MIN:
                     mean2d = ti.math.vec2(fx * t.x / z + cx, fy * t.y / z + cy)
                     conic = ti.math.vec3(d / det, -b / det, a / det)
@@ -202,7 +218,7 @@ def _forward_kernel(config: ProjectionConfig, lanes: int):
             radii[c, n, 0] = ti.cast(ti.ceil(ti.min(rx, 1e9)), ti.i32)
             radii[c, n, 1] = ti.cast(ti.ceil(ti.min(ry, 1e9)), ti.i32)
             if ti.static(sh_degree >= 0):
-                color = sh_to_rgb(sh, n, p + Rv.transpose() @ tv, sh_degree)
+                color = sh_to_rgb(sh, g, p + Rv.transpose() @ tv, sh_degree)
                 for ch in ti.static(range(3)):
                     record[RGB + ch] = color[ch]
         else:
@@ -220,7 +236,7 @@ def _forward_kernel(config: ProjectionConfig, lanes: int):
                 near: ti.f32, far: ti.f32, splats: nd(ti.f32, ndim=3), radii: nd(ti.i32, ndim=3),
                 rects: nd(ti.i32, ndim=2), pair_counts: nd(ti.i32, ndim=1)):
         # rects (C*N, 4) and pair_counts (C*N,) are laid out flat, as binning reads them
-        for_items(viewmats.shape[0] * means.shape[0], lanes, project,
+        for_items(viewmats.shape[0] * splats.shape[1], lanes, project,
                   (means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, near, far, splats,
                    radii, rects, pair_counts))
 
@@ -234,14 +250,14 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
     sh_rows_used = num_sh_bases(sh_degree) if sh_degree >= 0 else 0
 
     @ti.func
-    def camera_grads(c, n, means: ti.template(), quats: ti.template(), scales: ti.template(),
+    def camera_grads(c, n, g, means: ti.template(), quats: ti.template(), scales: ti.template(),
                      covars: ti.template(), opacities: ti.template(), sh: ti.template(), viewmats: ti.template(),
                      Ks: ti.template(), width, height, rects: ti.template(), v_splats: ti.template(),
                      v_sh: ti.template()):
-        """The gradients camera c's splat of Gaussian n sends back (zeros where it is not visible):
-        (visible, mean, opacity, cov3D, scale, raw quaternion); SH gradients go into v_sh[n] (added
-        with accumulate, else written)."""
-        idx = c * means.shape[0] + n
+        """The gradients camera c's splat of Gaussian n (row g) sends back (zeros where it is not
+        visible): (visible, mean, opacity, cov3D, scale, raw quaternion); SH gradients go into v_sh[g]
+        (added with accumulate, else written)."""
+        idx = c * v_splats.shape[1] + n
         visible = rects[idx, 2] > rects[idx, 0] and rects[idx, 3] > rects[idx, 1]
         v_p = ti.math.vec3(0.0)
         v_op = 0.0
@@ -250,7 +266,7 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
         v_q_raw = ti.math.vec4(0.0)
         if visible:
             Rv, tv, fx, fy, cx, cy = _camera(viewmats, Ks, c)
-            p = ti.math.vec3(means[n, 0], means[n, 1], means[n, 2])
+            p = ti.math.vec3(means[g, 0], means[g, 1], means[g, 2])
             t = Rv @ p + tv
             z = t.z
             lx0, lx1, ly0, ly1 = _frustum_limits(fx, fy, cx, cy, width, height)
@@ -258,7 +274,7 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
             v = ti.math.clamp(t.y / z, -ly0, ly1)
             J = ti.Matrix([[fx / z, 0.0, -fx * u / z], [0.0, fy / z, -fy * v / z]])
             A = J @ Rv
-            S3 = _cov3(quats, scales, covars, n, given_cov)
+            S3 = _cov3(quats, scales, covars, g, given_cov)
             cov2 = A @ S3 @ A.transpose()
             a = cov2[0, 0] + DILATION
             b = cov2[0, 1]
@@ -278,7 +294,7 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
                     # d det(X)/dX = adj(X) for symmetric 2x2 X
                     adj_orig = ti.Matrix([[cov2[1, 1], -b], [-b, cov2[0, 0]]])
                     adj_dil = ti.Matrix([[d, -b], [-b, a]])
-                    v_comp = v_op * opacities[n]
+                    v_comp = v_op * opacities[g]
                     v_cov2 += v_comp * 0.5 / comp * (adj_orig / det - det_orig / (det * det) * adj_dil)
                 v_op *= comp
 
@@ -303,14 +319,14 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
             v_p = Rv.transpose() @ v_t
             if ti.static(sh_degree >= 0):
                 v_color = ti.math.vec3([v_splats[c, n, RGB + ch] for ch in ti.static(range(3))])
-                v_p += sh_to_rgb_backward(sh, v_sh, n, p + Rv.transpose() @ tv, v_color, sh_degree,
+                v_p += sh_to_rgb_backward(sh, v_sh, g, p + Rv.transpose() @ tv, v_color, sh_degree,
                                           accumulate)
 
             if ti.static(given_cov):
                 v_cov6 = ti.Vector([v_S3[0, 0], v_S3[0, 1] + v_S3[1, 0], v_S3[0, 2] + v_S3[2, 0],
                                     v_S3[1, 1], v_S3[1, 2] + v_S3[2, 1], v_S3[2, 2]])
             else:
-                M, R, s, q, q_raw = _scale_rotation(quats, scales, n)
+                M, R, s, q, q_raw = _scale_rotation(quats, scales, g)
                 v_M = (v_S3 + v_S3.transpose()) @ M
                 v_R = ti.Matrix([[v_M[i, j] * s[j] for j in ti.static(range(3))] for i in ti.static(range(3))])
                 for j in ti.static(range(3)):
@@ -321,13 +337,17 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
         return visible, v_p, v_op, v_cov6, v_s, v_q_raw
 
     @ti.func
-    def unproject(n, means: ti.template(), quats: ti.template(), scales: ti.template(), covars: ti.template(),
+    def unproject(g, means: ti.template(), quats: ti.template(), scales: ti.template(), covars: ti.template(),
                   opacities: ti.template(), sh: ti.template(), viewmats: ti.template(), Ks: ti.template(), width,
                   height, rects: ti.template(), v_splats: ti.template(), v_means: ti.template(),
                   v_quats: ti.template(), v_scales: ti.template(), v_covars: ti.template(),
                   v_opacities: ti.template(), v_sh: ti.template()):
-        """Every gradient element of Gaussian n, written once: the sum over the cameras, taken in this
-        thread (no zero-filled arrays, no atomics across threads, the same sum on every run)."""
+        """Every gradient element of the Gaussian in row g, written once: the sum over its scene's
+        cameras, taken in this thread (no zero-filled arrays, no atomics across threads, the same sum
+        on every run)."""
+        N = v_splats.shape[1]
+        C = _cameras_per_scene(N, means.shape[0], viewmats.shape[0])
+        n, first = g % N, g // N * C
         v_p = ti.math.vec3(0.0)
         v_op = 0.0
         v_cov6 = ti.Vector.zero(ti.f32, 6)
@@ -336,31 +356,31 @@ def _backward_kernel(config: ProjectionConfig, lanes: int):
         if ti.static(accumulate and sh_degree >= 0):
             for k in range(v_sh.shape[1]):
                 for ch in ti.static(range(3)):
-                    v_sh[n, k, ch] = 0.0
-        for c in range(viewmats.shape[0]):
+                    v_sh[g, k, ch] = 0.0
+        for c in range(first, first + C):
             visible, p_c, op_c, cov6_c, s_c, q_c = camera_grads(
-                c, n, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects, v_splats,
+                c, n, g, means, quats, scales, covars, opacities, sh, viewmats, Ks, width, height, rects, v_splats,
                 v_sh)
             if ti.static(not accumulate and sh_degree >= 0):  # one camera: SH rows it did not write
                 for k in range(ti.select(visible, sh_rows_used, 0), v_sh.shape[1]):
                     for ch in ti.static(range(3)):
-                        v_sh[n, k, ch] = 0.0
+                        v_sh[g, k, ch] = 0.0
             v_p += p_c
             v_op += op_c
             v_cov6 += cov6_c
             v_s += s_c
             v_q_raw += q_c
-        v_opacities[n] = v_op
+        v_opacities[g] = v_op
         for k in ti.static(range(3)):
-            v_means[n, k] = v_p[k]
+            v_means[g, k] = v_p[k]
         if ti.static(given_cov):
             for k in ti.static(range(6)):
-                v_covars[n, k] = v_cov6[k]
+                v_covars[g, k] = v_cov6[k]
         else:
             for k in ti.static(range(3)):
-                v_scales[n, k] = v_s[k]
+                v_scales[g, k] = v_s[k]
             for k in ti.static(range(4)):
-                v_quats[n, k] = v_q_raw[k]
+                v_quats[g, k] = v_q_raw[k]
 
     @ti.kernel
     def backward(means: nd(ti.f32, ndim=2), quats: nd(ti.f32, ndim=2), scales: nd(ti.f32, ndim=2),
