@@ -16,12 +16,13 @@ import torch
 
 @dataclass
 class Gaussians:
-    """A set of N 3D Gaussians in the layout ``bridge.rasterize`` takes with ``covars=``."""
+    """A set of N 3D Gaussians in the layout ``bridge.rasterize`` takes with ``covars=``; a batch
+    of such sets (frames, say) leads every field with the same batch shape (...)."""
 
-    means: torch.Tensor      # (N, 3)
-    covars: torch.Tensor     # (N, 6) upper triangle xx, xy, xz, yy, yz, zz
-    opacities: torch.Tensor  # (N,)
-    colors: torch.Tensor     # (N, 3)
+    means: torch.Tensor      # (..., N, 3)
+    covars: torch.Tensor     # (..., N, 6) upper triangle xx, xy, xz, yy, yz, zz
+    opacities: torch.Tensor  # (..., N)
+    colors: torch.Tensor     # (..., N, 3)
 
 
 # The per-frame maps from particles to Gaussians work on 10^5-10^6 3x3 matrices at a time, in ways
@@ -39,9 +40,10 @@ def gram(A: torch.Tensor) -> torch.Tensor:
     return (A[..., :, None, :] * A[..., None, :, :]).sum(-1)
 
 
-def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """t[index] for an integer index of any shape: (*index.shape, *t.shape[1:])."""
-    return t.index_select(0, index.reshape(-1)).view(*index.shape, *t.shape[1:])
+def gather_rows(t: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """t's rows (along ``dim``) at an integer index of any shape: (*t.shape[:dim], *index.shape,
+    *t.shape[dim + 1:])."""
+    return t.index_select(dim, index.reshape(-1)).view(*t.shape[:dim], *index.shape, *t.shape[dim + 1:])
 
 
 @lru_cache(maxsize=None)

@@ -182,28 +182,33 @@ def bind_surface(mesh: Union[str, trimesh.Trimesh], x_rest: torch.Tensor, config
 def deform_points(X: torch.Tensor, particles: torch.Tensor, weights: torch.Tensor, x_rest: torch.Tensor,
                   x: torch.Tensor, F: torch.Tensor):
     """Move rest points X (M, 3) with their bound particles: mu = sum_p w_p (x_p + F_p (X - X_p)).
+    x (..., N, 3) and F (..., N, 3, 3) may lead with batch dimensions (frames), as the results do.
 
-    Returns (mu (M, 3), F_g (M, 3, 3) = sum_p w_p F_p). Shared by the surface upsampler and the
-    3DGS advection (bridge.gaussian_sim)."""
+    Returns (mu (..., M, 3), F_g (..., M, 3, 3) = sum_p w_p F_p). Shared by the surface upsampler
+    and the 3DGS advection (bridge.gaussian_sim)."""
+    lead = x.dim() - 2
     offset = X[:, None, :] - gather_rows(x_rest, particles)         # (M, k, 3)
-    Fp = gather_rows(F, particles)                                  # (M, k, 3, 3)
-    moved = gather_rows(x, particles) + matvec(Fp, offset)          # (M, k, 3)
+    Fp = gather_rows(F, particles, lead)                            # (..., M, k, 3, 3)
+    moved = gather_rows(x, particles, lead) + matvec(Fp, offset)    # (..., M, k, 3)
     w = weights.to(x.dtype)
-    return (w[..., None] * moved).sum(1), (w[..., None, None] * Fp).sum(1)
+    return (w[..., None] * moved).sum(-2), (w[..., None, None] * Fp).sum(-3)
 
 
 def synthesize_surface(x: torch.Tensor, F: torch.Tensor, binding: SurfaceBinding,
                        sigma0: Union[float, torch.Tensor], thickness: Union[float, torch.Tensor],
                        dtype: torch.dtype = torch.float32, validate: bool = True) -> Gaussians:
     """N particles (x (N, 3), F (N, 3, 3)) -> M surface Gaussians (bridge.Gaussians, ``dtype``).
+    A batch of states (x (..., N, 3), F (..., N, 3, 3): the frames of a trajectory, say) gives a
+    batch of Gaussian sets (..., M, ...) in one pass, which ``bridge.rasterize`` renders in one call.
 
     sigma0 > 0: tangential standard deviation of Sigma0; thickness >= 0: depth of the band under the
     rest surface. Both may be 0-d tensors carrying gradients. ``validate`` checks the tensor values
     (one device sync); :class:`SurfaceUpsampler` turns it off, its exp-parametrisation keeps both positive.
     """
     n = binding.n_particles
-    check_tensor("x", x, (n, 3))
-    check_tensor("F", F, (n, 3, 3), dtype=x.dtype, device=x.device)
+    batch = tuple(x.shape[:-2]) if isinstance(x, torch.Tensor) else ()
+    check_tensor("x", x, (*batch, n, 3))
+    check_tensor("F", F, (*batch, n, 3, 3), dtype=x.dtype, device=x.device)
     real = x.dtype
     for name, value, low, strict in (("sigma0", sigma0, 0.0, True), ("thickness", thickness, 0.0, False)):
         if isinstance(value, torch.Tensor):
@@ -223,10 +228,12 @@ def synthesize_surface(x: torch.Tensor, F: torch.Tensor, binding: SurfaceBinding
     FFt = gram(Fg)
     if b.flatten != 1.0:
         Fn = matvec(Fg, normals)
-        FFt = FFt - (1.0 - b.flatten ** 2) * Fn[:, :, None] * Fn[:, None, :]
+        FFt = FFt - (1.0 - b.flatten ** 2) * Fn[..., :, None] * Fn[..., None, :]
     cov = sigma0.square() * FFt
+    M = b.n_gaussians
     return Gaussians(mu.to(dtype).contiguous(), upper_triangle(cov).to(dtype).contiguous(),
-                     b.opacities.to(dtype).contiguous(), b.colors.to(dtype).contiguous())
+                     b.opacities.to(dtype).expand(*batch, M).contiguous(),
+                     b.colors.to(dtype).expand(*batch, M, 3).contiguous())
 
 
 class SurfaceUpsampler(nn.Module):

@@ -72,6 +72,33 @@ def test_formulas_match_a_float64_loop(cube):
     assert torch.equal(upper_triangle(torch.eye(3)), torch.tensor([1.0, 0, 0, 1, 0, 1]))
 
 
+def test_a_batch_of_states_equals_one_call_a_state(cube):
+    """x (T, N, 3), F (T, N, 3, 3) -> Gaussians (T, M, ...), each frame as its own call gives it,
+    and the gradients reaching every frame's x and F and sigma0 alike."""
+    x, b = cube
+    states = [random_state(x, seed=s) for s in (3, 4, 5)]
+    sigma0 = torch.tensor(0.004, dtype=x.dtype, device=x.device)
+
+    def run(batched: bool):
+        xs = torch.stack([s[0] for s in states]).requires_grad_(True)
+        Fs = torch.stack([s[1] for s in states]).requires_grad_(True)
+        s0 = sigma0.clone().requires_grad_(True)
+        if batched:
+            g = synthesize_surface(xs, Fs, b, s0, 0.012, dtype=torch.float64)
+            fields = [g.means, g.covars, g.opacities, g.colors]
+        else:
+            parts = [synthesize_surface(xs[t], Fs[t], b, s0, 0.012, dtype=torch.float64) for t in range(len(states))]
+            fields = [torch.stack([getattr(p, k) for p in parts]) for k in ("means", "covars", "opacities", "colors")]
+        w = torch.Generator().manual_seed(9)
+        sum(((f * torch.randn(f.shape, generator=w, dtype=f.dtype).to(f.device)).sum() for f in fields[:2])).backward()
+        return fields, (xs.grad, Fs.grad, s0.grad)
+
+    (fields, grads), (ref_fields, ref_grads) = run(True), run(False)
+    assert fields[0].shape == (3, b.n_gaussians, 3) and fields[3].shape == (3, b.n_gaussians, 3)
+    for f, r in zip(fields + list(grads), ref_fields + list(ref_grads)):
+        torch.testing.assert_close(f, r, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("wrt", ["x", "F", "sigma0", "thickness"])
 def test_gradient_of_each_input_matches_finite_differences(cube, wrt):
     """gradcheck (float64 central differences, each input on its own). Shown to catch: F detached in
