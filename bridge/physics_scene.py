@@ -221,16 +221,13 @@ class PhysicsScene(nn.Module):
             raise ValueError("all cameras of one call must share an image size")
         viewmats, Ks = stack_cameras(cameras, self.x0.device)
         traj = self.simulate(frames)
-        bg = self.background.expand(len(cameras), 3).contiguous()
-        images, alphas = [], []
-        for x, F in zip(traj.x, traj.F):
-            means, covars, opacities, sh, degree = self.gaussians(x, F)
-            image, alpha, _ = rasterize(means, None, None, opacities, sh, viewmats, Ks, width, height,
-                                        sh_degree=degree, covars=covars, render_mode="RGB+ED",
-                                        backgrounds=bg)
-            images.append(image)
-            alphas.append(alpha)
-        out, alphas = torch.stack(images), torch.stack(alphas)
+        per_frame = [self.gaussians(x, F) for x, F in zip(traj.x, traj.F)]
+        means, covars, opacities, sh = (torch.stack([g[k] for g in per_frame]) for k in range(4))
+        T, C = len(per_frame), len(cameras)
+        # every frame from every camera in one call: the frames are the batch of scenes
+        out, alphas, _ = rasterize(means, None, None, opacities, sh, viewmats.expand(T, C, 4, 4),
+                                   Ks.expand(T, C, 3, 3), width, height, sh_degree=per_frame[0][4], covars=covars,
+                                   render_mode="RGB+ED", backgrounds=self.background.expand(T, C, 3))
         return out[..., :3], alphas, out[..., 3:] * (alphas > 1e-4)
 
 
