@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -192,13 +192,21 @@ SEGMENT_GROWTH = 4  # a default segment may grow to this many times sqrt(T) subs
 
 @dataclass(frozen=True)
 class CheckpointPlan:
-    """K substeps a segment (``every``), where the checkpoints live ("device" or "host"), and
-    whether the backward keeps the segment's grids from its refill pass (``store_grids``) instead
-    of recomputing each substep's grid a second time."""
+    """K substeps a segment (``every``), where the checkpoints live ("device" or "host"), whether
+    the backward keeps the segment's grids from its refill pass (``store_grids``) instead of
+    recomputing each substep's grid a second time, and whether the forward keeps its last segment's
+    states and grids for the backward (``keep_last``: that segment needs no checkpoint and no refill;
+    the buffers the backward would allocate are held from the forward on instead, so only with
+    device checkpoints and stored grids)."""
 
     every: int
     storage: str
     store_grids: bool
+    keep_last: bool = True
+
+    @property
+    def keeps_last_segment(self) -> bool:
+        return self.keep_last and self.storage == "device" and self.store_grids
 
     @staticmethod
     def choose(n_substeps: int, state_bytes: int, grid_bytes: int, on_cuda: bool, every: Optional[int] = None,
@@ -251,6 +259,14 @@ class CheckpointPlan:
 # ----------------------------------------------------------------------------- buffers
 def _alloc_state(slots: int, n: int, dtype, dev) -> dict:
     return {k: torch.zeros((slots, n) + STATE_SHAPES[k], dtype=dtype, device=dev) for k in STATE_KEYS}
+
+
+def _alloc_grids(count: int, grid: tuple) -> list:
+    """``count`` stored grids like ``grid`` (mv, m, v), as one array each, at zero: the adjoint's
+    grid_update_grad zeroes mv and m after reading them, and the grid update leaves nodes without
+    mass as they are, whose velocities are read with weight 0 (taichi_mpm.substep.grid_update_at)
+    and must not meet NaN."""
+    return [torch.zeros((count,) + tuple(t.shape), dtype=t.dtype, device=t.device) for t in grid]
 
 
 class _Substeps:
@@ -500,6 +516,9 @@ class _Rollout(torch.autograd.Function):
         controls = None if controls is None else controls.detach().contiguous()
         pin = plan.storage == "host" and dev.type == "cuda"
         checkpoints = []
+        # the last segment's states (this buffer) and grids, kept for the backward (see CheckpointPlan)
+        keep_last = plan.keeps_last_segment and any(ctx.needs_input_grad[4:])
+        kept_grids = None
 
         def record(t: int, slot: int):
             if t in frame_slot:
@@ -514,15 +533,21 @@ class _Rollout(torch.autograd.Function):
                 if start > 0:
                     for key in STATE_KEYS:
                         state[key][0] = state[key][K]
-                if any(ctx.needs_input_grad[4:]):
+                last = start + K >= n_substeps
+                if keep_last and last:
+                    kept_grids = _alloc_grids(K, substeps.grid)
+                elif any(ctx.needs_input_grad[4:]):
                     checkpoints.append(_store(state, plan.storage, pin))
+                grid = (lambda j: None) if kept_grids is None else (lambda j: [g[j] for g in kept_grids])
                 for j, count in _chunks(length, grouped):
                     step_controls = [_control_for(scene, controls, start + i, substeps.no_control)
                                      for i in range(j, j + count)]
                     if count == FORWARD_GROUP:
-                        substeps.forward_quad(state, j, constants, step_controls, substep=start + j)
+                        substeps.forward_quad(state, j, constants, step_controls,
+                                              None if kept_grids is None else tuple(grid(j + i) for i in range(4)),
+                                              substep=start + j)
                     else:
-                        substeps.forward(state, j, constants, step_controls[0], substep=start + j)
+                        substeps.forward(state, j, constants, step_controls[0], grid(j), substep=start + j)
                     for i in range(j, j + count):
                         record(start + i + 1, i + 1)
                 ticket = substeps.check_later(state, length, start + length)
@@ -531,6 +556,7 @@ class _Rollout(torch.autograd.Function):
             substeps.finish_check(checking, state, length)
         ctx.scene, ctx.n_substeps, ctx.frames, ctx.plan = scene, n_substeps, frames, plan
         ctx.checkpoints = checkpoints
+        ctx.kept = (state, kept_grids) if keep_last else None
         ctx.save_for_backward(E, nu, aux, controls)
         return out["x"], out["v"], out["C"], out["F"]
 
@@ -555,15 +581,14 @@ class _Rollout(torch.autograd.Function):
         n, dtype, dev = scene.n_particles, scene.dtype, E.device
         segment_length = plan.every
         frame_index = {t: i for i, t in enumerate(frames)}
-        segment = _alloc_state(segment_length + 1, n, dtype, dev)
+        kept = ctx.kept  # the forward's last segment (states, grids), or None
+        ctx.kept = None
+        segment = kept[0] if kept else _alloc_state(segment_length + 1, n, dtype, dev)
         adjoint = _alloc_state(2, n, dtype, dev)  # [0]: state before the substep, [1]: after it
         parameter_grads = {"E": torch.zeros_like(E), "nu": torch.zeros_like(nu), "aux": torch.zeros_like(aux)}
         constants = substeps.constants(E, nu, aux)
         controls_grad = None if controls is None else torch.zeros_like(controls)
-        # zeros: the grid update leaves nodes without mass as they are, and the velocities there
-        # are read with weight 0 (taichi_mpm.substep.grid_update_at), which must not meet NaN
-        stored_grids = [torch.zeros((segment_length,) + tuple(t.shape), dtype=dtype, device=dev)
-                        for t in substeps.grid] if plan.store_grids else None
+        stored_grids = (kept[1] if kept else _alloc_grids(segment_length, substeps.grid)) if plan.store_grids else None
 
         def add_output_grads(t: int):
             """dL/d(state t) from the frames the caller used."""
@@ -590,7 +615,9 @@ class _Rollout(torch.autograd.Function):
 
         def refill(start: int, length: int):
             """Run the segment's substeps forward again from its checkpoint (slot `length` is never
-            read; with stored grids, keep each substep's grid)."""
+            read; with stored grids, keep each substep's grid); the kept last segment needs none."""
+            if kept and start + segment_length >= n_substeps:
+                return
             _restore(segment, ctx.checkpoints[start // segment_length])
             for j, count in _chunks(length if stored_grids is not None else length - 1, grouped):
                 control, _ = step_controls(start + j, count)
@@ -730,7 +757,8 @@ def simulate(scene: RolloutScene, x0: torch.Tensor, v0: torch.Tensor, params: Ma
              n_substeps: int, frames: Sequence[int], controls: Optional[torch.Tensor] = None,
              C0: Optional[torch.Tensor] = None, F0: Optional[torch.Tensor] = None,
              checkpoint_every: Optional[int] = None, checkpoint_storage: str = "auto",
-             device_budget_bytes: int = 1 << 30, store_grids: Optional[bool] = None) -> Trajectory:
+             device_budget_bytes: int = 1 << 30, store_grids: Optional[bool] = None,
+             keep_last_segment: bool = True) -> Trajectory:
     """Run ``n_substeps`` MPM substeps of ``scene.dt`` from (x0 [N, 3], v0 [N, 3]) and return the
     states at ``frames`` (substep indices in [0, n_substeps], increasing; 0 is the initial state).
 
@@ -746,7 +774,9 @@ def simulate(scene: RolloutScene, x0: torch.Tensor, v0: torch.Tensor, params: Ma
     states with K = checkpoint_every (default: see :class:`CheckpointPlan`);
     checkpoint_storage "auto" | "device" | "host" (pinned, for large N on the GPU); store_grids:
     keep each segment's grids in the backward instead of recomputing them (None: when the budget
-    allows); see :class:`CheckpointPlan`.
+    allows); keep_last_segment: with device checkpoints and stored grids, the forward's last
+    segment stays on the device for the backward, which then skips its refill (False frees it at
+    the end of the forward); see :class:`CheckpointPlan`.
     Returns :class:`Trajectory` (x, v, C, F) with a leading frame axis.
     """
     ensure_init()
@@ -787,6 +817,8 @@ def simulate(scene: RolloutScene, x0: torch.Tensor, v0: torch.Tensor, params: Ma
     if controls is not None:
         _check_input("controls", controls, (scene.n_controls(n_substeps), n, 3, 3), scene, dev)
     plan = plan_for(scene, n_substeps, checkpoint_every, checkpoint_storage, device_budget_bytes, store_grids)
+    if not keep_last_segment:
+        plan = replace(plan, keep_last=False)
     return Trajectory(*_Rollout.apply(scene, n_substeps, frames, plan, x0.contiguous(), v0.contiguous(),
                                       C0.contiguous(), F0.contiguous(), E.contiguous(), nu.contiguous(),
                                       aux.contiguous(), None if controls is None else controls.contiguous()))

@@ -274,6 +274,22 @@ def test_grouped_substeps_equal_single_ones(setup, monkeypatch, store_grids, eve
         torch.testing.assert_close(grads["1"][name], grads["0"][name], **SAME_SUMS)
 
 
+@pytest.mark.parametrize("every", [K, 8, T])
+def test_kept_last_segment_equals_its_refill(setup, grads_body, every):
+    """The forward keeps its last segment (states, grids) for the backward, which skips that
+    segment's checkpoint and refill (CheckpointPlan.keep_last, the default with device checkpoints
+    and stored grids): the gradients of keep_last_segment=False's refill. Segments of 6 end in a
+    tail of 2, of 8 in one of 4 with frame 13 before it, of T are one kept segment. Seen to fail
+    with the backward taking a fresh buffer for the kept segment."""
+    from bridge.rollout import plan_for
+
+    assert plan_for(setup["scene"], T, every).keeps_last_segment
+    kept = grads_body if every == K else analytic(setup, per_particle_params=False, checkpoint_every=every)
+    refilled = analytic(setup, per_particle_params=False, checkpoint_every=every, keep_last_segment=False)
+    for name in ("x0", "v0", "C0", "F0", "E", "nu", "controls"):
+        torch.testing.assert_close(kept[name], refilled[name], **SAME_SUMS)
+
+
 def test_a_blow_up_raises_naming_its_first_bad_segment(setup):
     """A stiffness far past the CFL limit of dt blows the state up within the first segment:
     SimulationError names the end of that segment (substep K) and a particle, not a later
