@@ -23,9 +23,11 @@ mostly the rollout's reverse kernels): give a GPU run 5 minutes.
 first variant under each setting, interleaved in one process with the order alternating each round
 (``--rounds``), so that the host's drift, which moves a step by tens of milliseconds within minutes
 on the GPU machines, lands on every setting alike. A setting is ``default`` or comma-separated
-``grouped=0|1`` (TAICHI_MPM_GROUPED_SUBSTEPS) and ``every=K`` (simulate's checkpoint_every). Reports
-each setting's median, range and peak memory, and the median over rounds of its difference to the
-first setting's step of the same round:
+``grouped=0|1`` (TAICHI_MPM_GROUPED_SUBSTEPS), ``batched=0|1`` (the frames upsampled and rendered
+in one call, or a call each), ``keep=0|1`` (simulate's keep_last_segment) and ``every=K``
+(simulate's checkpoint_every). Reports each setting's median, range and peak memory, the median
+over rounds of its difference to the first setting's step of the same round, and a host probe
+(a fixed Python loop timed each round: the host's own drift):
 
     python bench/e2e_step.py --compare default grouped=0 every=16 --rounds 20
 """
@@ -89,8 +91,11 @@ def build(args):
     return solver, scene, x0, binding, viewmats, Ks
 
 
-def step(args, scene, x0, binding, viewmats, Ks, target, variant, clock=None, checkpoint_every=None):
-    """One forward + backward. With a clock: timed in stages; returns (loss, leaves)."""
+def step(args, scene, x0, binding, viewmats, Ks, target, variant, clock=None, checkpoint_every=None,
+         batched=True, keep_last_segment=True):
+    """One forward + backward. With a clock: timed in stages; returns (loss, leaves). batched: every
+    frame is upsampled in one pass and rendered in one rasterize call (the frames as a batch of
+    scenes), else a call of each a frame."""
     dev, real = x0.device, x0.dtype
     leaves = {"log_E": torch.tensor(np.log(1e5), dtype=real, device=dev, requires_grad=True),
               "nu": torch.tensor(0.3, dtype=real, device=dev, requires_grad=True),
@@ -100,26 +105,32 @@ def step(args, scene, x0, binding, viewmats, Ks, target, variant, clock=None, ch
     frames = [args.substeps * (i + 1) // args.frames for i in range(args.frames)]
     t = time.perf_counter()
     traj = simulate(scene, x0, leaves["v0"].expand(len(x0), 3), {"E": leaves["log_E"].exp(), "nu": leaves["nu"]},
-                    args.substeps, frames, checkpoint_every=checkpoint_every)
+                    args.substeps, frames, checkpoint_every=checkpoint_every, keep_last_segment=keep_last_segment)
     if clock:
         t = clock.lap("sim_fwd_ms", t)
         xs, Fs = traj.x.detach().requires_grad_(), traj.F.detach().requires_grad_()
     else:
         xs, Fs = traj.x, traj.F
-    images = []
-    for f in range(args.frames):
-        if variant == "surface":
-            g = synthesize_surface(xs[f], Fs[f], binding, leaves["log_sigma0"].exp(), leaves["log_thickness"].exp())
-        else:
-            g = particles_to_gaussians(xs[f], Fs[f], 0.5 * args.spacing, (0.8, 0.4, 0.3), 0.9)
-        if clock:
-            t = clock.lap("upsample_fwd_ms", t)
-        image, _, _ = rasterize(g.means, None, None, g.opacities, g.colors, viewmats, Ks, args.size, args.size,
-                                covars=g.covars)
-        images.append(image)
-        if clock:
-            t = clock.lap("render_fwd_ms", t)
-    loss = (torch.stack(images) - target).square().mean()
+    sigma0, thickness = leaves["log_sigma0"].exp(), leaves["log_thickness"].exp()
+    if batched and variant == "surface":  # every frame's Gaussians in one pass: (T, M, ...)
+        gaussians = synthesize_surface(xs, Fs, binding, sigma0, thickness)
+    else:
+        gaussians = [synthesize_surface(xs[f], Fs[f], binding, sigma0, thickness) if variant == "surface" else
+                     particles_to_gaussians(xs[f], Fs[f], 0.5 * args.spacing, (0.8, 0.4, 0.3), 0.9)
+                     for f in range(args.frames)]
+    if clock:
+        t = clock.lap("upsample_fwd_ms", t)
+    if batched:
+        T, C = args.frames, len(viewmats)
+        fields = ("means", "covars", "opacities", "colors")
+        means, covars, opacities, colors = ((getattr(gaussians, k) for k in fields) if variant == "surface" else
+                                            (torch.stack([getattr(g, k) for g in gaussians]) for k in fields))
+        images, _, _ = rasterize(means, None, None, opacities, colors, viewmats.expand(T, C, 4, 4),
+                                 Ks.expand(T, C, 3, 3), args.size, args.size, covars=covars)
+    else:
+        images = torch.stack([rasterize(g.means, None, None, g.opacities, g.colors, viewmats, Ks, args.size,
+                                        args.size, covars=g.covars)[0] for g in gaussians])
+    loss = (images - target).square().mean()
     if not clock:
         loss.backward()
         return loss, leaves
@@ -139,8 +150,9 @@ def run_variant(args, scene, x0, binding, viewmats, Ks, target, variant):
     sync()
     warmup_s = time.perf_counter() - t
     print(f"{variant}: warm-up step (kernel compiles included) {warmup_s:.1f} s", flush=True)
-    splits, plain, peaks = [], [], []
+    splits, plain, peaks, probes = [], [], [], []
     for _ in range(args.repeats):
+        probes.append(host_probe())
         clock = Clock()
         step(args, scene, x0, binding, viewmats, Ks, target, variant, clock)
         splits.append(clock.times)
@@ -154,7 +166,7 @@ def run_variant(args, scene, x0, binding, viewmats, Ks, target, variant):
         peaks.append(torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan"))
     finite = all(bool(torch.isfinite(v.grad).all()) for v in leaves.values() if v.grad is not None)
     row = {"variant": variant, "step_ms": statistics.median(plain), "peak_GB": max(peaks), "grads_finite": finite,
-           "warmup_s": warmup_s}
+           "warmup_s": warmup_s, "steps_ms": plain, "host_probe_ms": probes}
     for key in splits[0]:
         row[key] = statistics.median(s[key] for s in splits)
     row["split_total_ms"] = sum(row[k] for k in splits[0])
@@ -178,11 +190,13 @@ def profile_step(args, scene, x0, binding, viewmats, Ks, target, variant) -> str
         sync()
         wall_ms = (time.perf_counter() - t) * 1e3
     kernels = defaultdict(lambda: [0, 0.0])  # name -> [launches, microseconds]
+    spans = []
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
             name = re.sub(r"_c\d+_\d+_kernel_\d+_\w+$", "", e.name)[:70]  # a Taichi kernel's loops together
             kernels[name][0] += 1
             kernels[name][1] += e.self_device_time_total
+            spans.append((e.time_range.start, e.time_range.end, name))
     gpu_ms = sum(us for _, us in kernels.values()) / 1e3
     if not kernels:
         return f"{variant}: wall {wall_ms:.1f} ms; no GPU kernel (a CPU run)"
@@ -190,27 +204,50 @@ def profile_step(args, scene, x0, binding, viewmats, Ks, target, variant) -> str
              f"{'kernel':<72} {'launches':>8} {'ms':>8} {'share':>6}"]
     for name, (count, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]:
         lines.append(f"{name:<72} {count:>8} {us / 1e3:>8.2f} {us / 1e3 / gpu_ms:>6.1%}")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + idle_table(spans))
 
 
-SETTING_KEYS = {"grouped": ("0", "1"), "every": None}
+def idle_table(spans: list) -> list:
+    """Where the GPU waited for the host: the idle time between consecutive kernels (and copies),
+    summed by the one that ended each wait; a host-bound stage shows as waits before its kernels."""
+    from collections import defaultdict
+
+    spans.sort()
+    waits = defaultdict(lambda: [0, 0.0])  # kernel that ended the wait -> [waits, microseconds]
+    busy_until = spans[0][1]
+    for start, end, name in spans[1:]:
+        if start > busy_until:
+            waits[name][0] += 1
+            waits[name][1] += start - busy_until
+        busy_until = max(busy_until, end)
+    idle_ms = sum(us for _, us in waits.values()) / 1e3
+    lines = [f"GPU idle between its first and last kernel: {idle_ms:.1f} ms of "
+             f"{(busy_until - spans[0][0]) / 1e3:.1f} ms; the waits by the kernel that ended them:",
+             f"{'kernel':<72} {'waits':>8} {'ms':>8}"]
+    for name, (count, us) in sorted(waits.items(), key=lambda kv: -kv[1][1])[:15]:
+        lines.append(f"{name:<72} {count:>8} {us / 1e3:>8.2f}")
+    return lines
+
+
+SETTING_KEYS = {"grouped": ("0", "1"), "batched": ("0", "1"), "keep": ("0", "1"), "every": None}
 
 
 def parse_setting(text: str) -> dict:
     """"default" -> {}; "grouped=0,every=16" -> {"grouped": "0", "every": 16}. ValueError if malformed."""
+    usage = "want 'default' or comma-separated grouped=0|1, batched=0|1, keep=0|1, every=K"
     if text == "default":
         return {}
     setting = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep or key not in SETTING_KEYS or key in setting:
-            raise ValueError(f"setting {text!r}: want 'default' or comma-separated grouped=0|1, every=K")
+            raise ValueError(f"setting {text!r}: {usage}")
         if key == "every":
             if not (value.isdigit() and int(value) >= 1):
                 raise ValueError(f"setting {text!r}: every must be an int >= 1")
             setting[key] = int(value)
         elif value not in SETTING_KEYS[key]:
-            raise ValueError(f"setting {text!r}: grouped must be 0 or 1")
+            raise ValueError(f"setting {text!r}: {key} must be 0 or 1")
         else:
             setting[key] = value
     return setting
@@ -219,12 +256,14 @@ def parse_setting(text: str) -> dict:
 @contextlib.contextmanager
 def applied(setting: dict):
     """The environment of a setting while the block runs (taichi_mpm reads it at every rollout);
-    yields its checkpoint_every (None: the default plan)."""
+    yields its step options: checkpoint_every (None: the default plan), batched and
+    keep_last_segment."""
     saved = os.environ.get("TAICHI_MPM_GROUPED_SUBSTEPS")
     if "grouped" in setting:
         os.environ["TAICHI_MPM_GROUPED_SUBSTEPS"] = setting["grouped"]
     try:
-        yield setting.get("every")
+        yield dict(checkpoint_every=setting.get("every"), batched=setting.get("batched", "1") == "1",
+                   keep_last_segment=setting.get("keep", "1") == "1")
     finally:
         if saved is None:
             os.environ.pop("TAICHI_MPM_GROUPED_SUBSTEPS", None)
@@ -232,24 +271,35 @@ def applied(setting: dict):
             os.environ["TAICHI_MPM_GROUPED_SUBSTEPS"] = saved
 
 
-def interleaved(run_step, settings: dict, rounds: int) -> dict:
-    """{name: [ms of each round]}: run_step(checkpoint_every) under each setting once per round,
-    after two untimed steps each, the order alternating between rounds."""
+def host_probe() -> float:
+    """ms of a fixed pure-Python loop: the host's speed at this moment, which drifts on the GPU
+    machines (a step that slows with it is host-bound, one that slows alone is not)."""
+    t = time.perf_counter()
+    total = 0
+    for i in range(200_000):
+        total += i & 7
+    return (time.perf_counter() - t) * 1e3
+
+
+def interleaved(run_step, settings: dict, rounds: int) -> tuple:
+    """({name: [ms of each round]}, [host_probe() ms of each round]): run_step(**options) under each
+    setting once per round, after two untimed steps each, the order alternating between rounds."""
     names = list(settings)
     for name in names:
-        with applied(settings[name]) as every:
-            run_step(every)
-            run_step(every)
-    times = {name: [] for name in names}
+        with applied(settings[name]) as options:
+            run_step(**options)
+            run_step(**options)
+    times, probes = {name: [] for name in names}, []
     for r in range(rounds):
+        probes.append(host_probe())
         for name in (names if r % 2 == 0 else names[::-1]):
-            with applied(settings[name]) as every:
+            with applied(settings[name]) as options:
                 sync()
                 t = time.perf_counter()
-                run_step(every)
+                run_step(**options)
                 sync()
                 times[name].append((time.perf_counter() - t) * 1e3)
-    return times
+    return times, probes
 
 
 def compare(args, scene, x0, binding, viewmats, Ks, target) -> dict:
@@ -258,15 +308,15 @@ def compare(args, scene, x0, binding, viewmats, Ks, target) -> dict:
     settings = {text: parse_setting(text) for text in args.compare}
     peaks = {}
 
-    def run_step(every):
-        step(args, scene, x0, binding, viewmats, Ks, target, variant, checkpoint_every=every)
+    def run_step(**options):
+        step(args, scene, x0, binding, viewmats, Ks, target, variant, **options)
 
-    times = interleaved(run_step, settings, args.rounds)
+    times, probes = interleaved(run_step, settings, args.rounds)
     for name, setting in settings.items():  # peak memory: one more step each, alone
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        with applied(setting) as every:
-            run_step(every)
+        with applied(setting) as options:
+            run_step(**options)
         peaks[name] = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
     first = args.compare[0]
     rows = [{"setting": name, "step_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t),
@@ -277,7 +327,8 @@ def compare(args, scene, x0, binding, viewmats, Ks, target) -> dict:
     for r in rows:
         print(f"{r['setting']:>24} {r['step_ms']:>10.1f} {r['min_ms']:>7.1f} {r['max_ms']:>7.1f} "
               f"{r['diff_vs_first_ms']:>+11.1f} {r['peak_GB']:>8.2f}")
-    return {"variant": variant, "rounds": args.rounds, "rows": rows}
+    print(f"host probe (a fixed Python loop) each round, ms: {' '.join(f'{p:.1f}' for p in probes)}")
+    return {"variant": variant, "rounds": args.rounds, "rows": rows, "host_probe_ms": probes}
 
 
 def main():

@@ -61,8 +61,9 @@ for step in "${steps[@]}"; do
     ncu_forward)  timeout 240 python3 bench/ncu_table.py mpm_forward --out "$out/ncu_mpm_forward.txt" ;;  # needs ncu
     ncu_backward) timeout 240 python3 bench/ncu_table.py mpm_backward --out "$out/ncu_mpm_backward.txt" ;;
     e2e)          timeout 300 python3 bench/e2e_step.py --out "$out/e2e_step_cuda.json" ;;
-    e2e_compare)  timeout 400 python3 bench/e2e_step.py --compare default grouped=0 --rounds 20 \
-                    --out "$out/e2e_compare_cuda.json" ;;  # grouped launches against one a launch, interleaved
+    e2e_compare)  # E2E_SETTINGS: the settings to interleave (default: grouped launches against one a launch)
+                  timeout 400 python3 bench/e2e_step.py --compare ${E2E_SETTINGS:-default grouped=0} --rounds 20 \
+                    --out "$out/e2e_compare_cuda.json" ;;
     multigpu)     timeout 540 python3 bench/multigpu.py --out "$out/multigpu.json" ;;  # on a 2- or 4-GPU kind
     demo)         timeout 150 python3 -m scenes.demo --frames 48 --out /tmp/demo ;;
     *)            echo "unknown step $step" >&2; false ;;

@@ -36,14 +36,16 @@ def test_e2e_compare_settings_interleave_in_their_environment(monkeypatch):
     bench = load_bench("e2e_step")
     assert bench.parse_setting("default") == {}
     assert bench.parse_setting("grouped=0,every=16") == {"grouped": "0", "every": 16}
-    for bad in ("grouped=2", "every=0", "every=x", "fast=1", "grouped=1,grouped=0", "grouped"):
+    assert bench.parse_setting("batched=0") == {"batched": "0"}
+    for bad in ("grouped=2", "every=0", "every=x", "fast=1", "grouped=1,grouped=0", "grouped", "batched=2"):
         with pytest.raises(ValueError):
             bench.parse_setting(bad)
     monkeypatch.setenv("TAICHI_MPM_GROUPED_SUBSTEPS", "1")
     seen = []
-    times = bench.interleaved(lambda every: seen.append((every, bench.os.environ["TAICHI_MPM_GROUPED_SUBSTEPS"])),
-                              {"a": {}, "b": {"grouped": "0", "every": 8}}, rounds=3)
-    a, b = (None, "1"), (8, "0")
+    times, probes = bench.interleaved(lambda checkpoint_every, batched, keep_last_segment: seen.append(
+        (checkpoint_every, batched, keep_last_segment, bench.os.environ["TAICHI_MPM_GROUPED_SUBSTEPS"])),
+        {"a": {}, "b": {"grouped": "0", "every": 8, "batched": "0", "keep": "0"}}, rounds=3)
+    a, b = (None, True, True, "1"), (8, False, False, "0")
     assert seen == [a, a, b, b] + [a, b, b, a, a, b]
-    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3} and len(probes) == 3
     assert bench.os.environ["TAICHI_MPM_GROUPED_SUBSTEPS"] == "1"  # restored
