@@ -228,11 +228,12 @@ def e2e_table() -> str:
             f"{w['particles']:,} particles, {w['substeps']} substeps, {w['frames']} frames x {w['views']} views at "
             f"{w['size']}x{w['size']}, full backward; median of {w['repeats']}"
             + (f"; code: {d['code']}" if "code" in d else "") + "." + noted(d), "",
-            "| Gaussians | step (ms) | sim forward | upsampling | rendering | render+upsample backward | "
+            "| Gaussians | step (ms; range) | sim forward | upsampling | rendering | render+upsample backward | "
             "sim backward | peak GB |", "|---|---|---|---|---|---|---|---|"]
     names = {"surface": f"{w['gaussians']:,} surface (synthesize_surface)", "per_particle": "one per particle"}
     for r in d["rows"]:
-        rows.append(f"| {names.get(r['variant'], r['variant'])} | **{r['step_ms']:.0f}** | {r['sim_fwd_ms']:.0f} | "
+        spread = f" ({min(r['steps_ms']):.0f}-{max(r['steps_ms']):.0f})" if "steps_ms" in r else ""
+        rows.append(f"| {names.get(r['variant'], r['variant'])} | **{r['step_ms']:.0f}**{spread} | {r['sim_fwd_ms']:.0f} | "
                     f"{r['upsample_fwd_ms']:.1f} | {r['render_fwd_ms']:.1f} | {r['render_upsample_bwd_ms']:.1f} | "
                     f"{r['sim_bwd_ms']:.0f} | {r['peak_GB']:.2f} |")
     return "\n".join(rows)
