@@ -25,7 +25,8 @@ def raster_table() -> str:
         return ""
     w, h = d["resolution"]
     rows = [f"**Rasterization** (`bench/raster.py`), {d['device']}, {d['date'][:10]}, {w}x{h}, SH degree "
-            f"{d['sh_degree']}, median of {d['iters']}; peer: gsplat 1.5.3 on the same Gaussians in the same run.",
+            f"{d['sh_degree']}, median of {d['iters']}; peer: gsplat 1.5.3 on the same Gaussians in the same run."
+            + noted(d),
             "", "| scene | Gaussians | ours fwd / bwd (ms) | gsplat fwd / bwd (ms) | fwd+bwd vs gsplat | peak MB ours / gsplat |",
             "|---|---|---|---|---|---|"]
     for name, s in d["scenes"].items():
