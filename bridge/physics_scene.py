@@ -195,19 +195,23 @@ class PhysicsScene(nn.Module):
                         max(frames[-1] * k, 1), [f * k for f in frames])
 
     def gaussians(self, x: torch.Tensor, F: torch.Tensor):
-        """(means, covars, opacities, sh (M, B, 3), sh_degree) of all bodies at one state; surface
-        colours become SH DC terms (rgb = C0 * dc + 0.5) so that every body renders in one call."""
+        """(means, covars, opacities, sh (M, B, 3), sh_degree) of all bodies at one state x (N, 3),
+        F (N, 3, 3), or at a batch of states (T, N, ...) -> (T, M, ...): surface bodies take the
+        whole batch in one pass, 3DGS bodies a state at a time. Surface colours become SH DC terms
+        (rgb = C0 * dc + 0.5) so that every body renders in one call."""
         parts = []
         for r, lo, hi in zip(self.renderers, self.offsets, self.offsets[1:]):
+            xb, Fb = x[..., lo:hi, :], F[..., lo:hi, :, :]
             if isinstance(r, SplatRenderer):
-                parts.append(r(x[lo:hi], F[lo:hi]))
+                parts.append(r(xb, Fb) if x.dim() == 2 else
+                             tuple(torch.stack(field) for field in zip(*(r(xt, Ft) for xt, Ft in zip(xb, Fb)))))
             else:
-                g = r(x[lo:hi], F[lo:hi])
-                parts.append((g.means, g.covars, g.opacities, ((g.colors - 0.5) / SH_C0)[:, None, :]))
-        bases = max(p[3].shape[1] for p in parts)
-        sh = [torch.nn.functional.pad(p[3], (0, 0, 0, bases - p[3].shape[1])) for p in parts]
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                torch.cat([p[2] for p in parts]), torch.cat(sh), int(round(bases ** 0.5)) - 1)
+                g = r(xb, Fb)
+                parts.append((g.means, g.covars, g.opacities, ((g.colors - 0.5) / SH_C0)[..., None, :]))
+        bases = max(p[3].shape[-2] for p in parts)
+        sh = [torch.nn.functional.pad(p[3], (0, 0, 0, bases - p[3].shape[-2])) for p in parts]
+        return (torch.cat([p[0] for p in parts], -2), torch.cat([p[1] for p in parts], -2),
+                torch.cat([p[2] for p in parts], -1), torch.cat(sh, -3), int(round(bases ** 0.5)) - 1)
 
     def forward(self, cameras: Union[Sequence[Camera], Tuple[torch.Tensor, torch.Tensor]], frames: Sequence[int]):
         """Render ``frames`` (frame indices) from ``cameras`` (Camera list, or (viewmats, Ks) with
@@ -221,12 +225,11 @@ class PhysicsScene(nn.Module):
             raise ValueError("all cameras of one call must share an image size")
         viewmats, Ks = stack_cameras(cameras, self.x0.device)
         traj = self.simulate(frames)
-        per_frame = [self.gaussians(x, F) for x, F in zip(traj.x, traj.F)]
-        means, covars, opacities, sh = (torch.stack([g[k] for g in per_frame]) for k in range(4))
-        T, C = len(per_frame), len(cameras)
+        means, covars, opacities, sh, degree = self.gaussians(traj.x, traj.F)
+        T, C = len(traj.x), len(cameras)
         # every frame from every camera in one call: the frames are the batch of scenes
         out, alphas, _ = rasterize(means, None, None, opacities, sh, viewmats.expand(T, C, 4, 4),
-                                   Ks.expand(T, C, 3, 3), width, height, sh_degree=per_frame[0][4], covars=covars,
+                                   Ks.expand(T, C, 3, 3), width, height, sh_degree=degree, covars=covars,
                                    render_mode="RGB+ED", backgrounds=self.background.expand(T, C, 3))
         return out[..., :3], alphas, out[..., 3:] * (alphas > 1e-4)
 

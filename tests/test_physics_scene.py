@@ -82,6 +82,28 @@ def test_a_3dgs_ply_body_renders_and_differentiates(tmp_path, ti_arch):
     assert float(s.materials[0].velocity.grad.abs().sum()) > 0 and float(s.materials[0].log_E.grad.abs()) > 0
 
 
+def test_frames_batched_gaussians_equal_each_frames(tmp_path, ti_arch):
+    """PhysicsScene.gaussians on all frames' states at once (what forward renders in one call)
+    equals one state at a time, for a scene of a surface body and a 3DGS body."""
+    rng = np.random.default_rng(1)
+    n = 200
+    normals = rng.normal(size=(n, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    write_ply(tmp_path / "ball.ply", GaussianPly(
+        normals.astype(np.float32), rng.normal(scale=0.3, size=(n, 4, 3)).astype(np.float32),
+        np.full(n, 3.0, np.float32), np.full((n, 3), np.log(0.15), np.float32),
+        np.tile([1.0, 0, 0, 0], (n, 1)).astype(np.float32)))
+    s = PhysicsScene([Body(ASSETS / "checker_cube.obj", size=0.15, center=(0.35, 0.25, 0.5),
+                           surface=SurfaceConfig(n_gaussians=300)),
+                      Body(tmp_path / "ball.ply", size=0.15, center=(0.65, 0.25, 0.5))], res=16, particles_per_cell=2)
+    traj = s.simulate([1, 3])
+    batched = s.gaussians(traj.x, traj.F)
+    frames = [s.gaussians(x, F) for x, F in zip(traj.x, traj.F)]
+    assert batched[4] == frames[0][4] and batched[0].shape == (2, 300 + n, 3)
+    for k in range(4):
+        torch.testing.assert_close(batched[k], torch.stack([f[k] for f in frames]), rtol=1e-6, atol=1e-7)
+
+
 def test_bad_input_is_a_clear_error(scene, tmp_path, ti_arch):
     with pytest.raises(ValueError, match="at least one body"):
         PhysicsScene([])
