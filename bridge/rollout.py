@@ -518,7 +518,7 @@ class _Rollout(torch.autograd.Function):
         checkpoints = []
         # the last segment's states (this buffer) and grids, kept for the backward (see CheckpointPlan)
         keep_last = plan.keeps_last_segment and any(ctx.needs_input_grad[4:])
-        kept_grids = None
+        kept_grids = kept_views = None  # kept_views[j]: substep j's (mv, m, v)
 
         def record(t: int, slot: int):
             if t in frame_slot:
@@ -536,18 +536,19 @@ class _Rollout(torch.autograd.Function):
                 last = start + K >= n_substeps
                 if keep_last and last:
                     kept_grids = _alloc_grids(K, substeps.grid)
+                    kept_views = [[g[j] for g in kept_grids] for j in range(K)]
                 elif any(ctx.needs_input_grad[4:]):
                     checkpoints.append(_store(state, plan.storage, pin))
-                grid = (lambda j: None) if kept_grids is None else (lambda j: [g[j] for g in kept_grids])
                 for j, count in _chunks(length, grouped):
                     step_controls = [_control_for(scene, controls, start + i, substeps.no_control)
                                      for i in range(j, j + count)]
+                    kept = None if kept_views is None else kept_views[j:j + count]
                     if count == FORWARD_GROUP:
-                        substeps.forward_quad(state, j, constants, step_controls,
-                                              None if kept_grids is None else tuple(grid(j + i) for i in range(4)),
+                        substeps.forward_quad(state, j, constants, step_controls, None if kept is None else tuple(kept),
                                               substep=start + j)
                     else:
-                        substeps.forward(state, j, constants, step_controls[0], grid(j), substep=start + j)
+                        substeps.forward(state, j, constants, step_controls[0], None if kept is None else kept[0],
+                                         substep=start + j)
                     for i in range(j, j + count):
                         record(start + i + 1, i + 1)
                 ticket = substeps.check_later(state, length, start + length)
