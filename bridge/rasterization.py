@@ -452,9 +452,9 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
     if batch:
         flat = _scenes_flat(batch, dict(means=means, quats=quats, scales=scales, covars=covars,
                                         opacities=opacities, colors=colors, viewmats=viewmats, Ks=Ks,
-                                        backgrounds=backgrounds, means2d_offset=means2d_offset),
+                                        backgrounds=backgrounds),
                             per_gaussian_colors=sh_degree is None and colors.dim() == len(batch) + 2)
-        means, quats, scales, covars, opacities, colors, viewmats, Ks, backgrounds, means2d_offset = flat.values()
+        means, quats, scales, covars, opacities, colors, viewmats, Ks, backgrounds = flat.values()
     grid = tile_grid(width, height)
     if not 0 < max_pairs < 2**31:  # render.binning's own check (its unchecked entry point is used)
         raise ValueError(f"max_pairs must be in [1, 2**31) (pair indices are int32), got {max_pairs}")
@@ -463,8 +463,8 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
                          f"indices; render fewer cameras per call")
     sh_deg = -1 if sh_degree is None else sh_degree
     if N == 0 or S == 0:
-        return _unflatten(batch, C, *_render_nothing(S * C, width, height, channels, color_channels, backgrounds,
-                                                     grid, dev))
+        image, alpha, meta = _render_nothing(S * C, width, height, channels, color_channels, backgrounds, grid, dev)
+        return _unflatten(batch, C, image, alpha, meta, ("means2d", "conics", "depths", "opacities", "radii"))
     given_cov = covars is not None
     kernels = _projection(sh_deg, given_cov, rasterize_mode == "antialiased", C > 1)
     given = (means, quats, scales, covars, opacities, colors)
@@ -477,8 +477,15 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
         kernels, N)
     C_all = S * C  # the batch's cameras, end to end
     record = means2d._base  # the records (S*C, N, PROJECTED), which the blend reads in place unless changed
+    if batch:  # meta's arrays take the batch shape, and what follows reads flat views of them, so that
+        # a gradient retained on meta["means2d"] (gsplat's densification signal) is the one the blend sends
+        means2d, conics, depths, opac, radii = (t.unflatten(0, (*batch, C)) for t in (means2d, conics, depths, opac,
+                                                                                    radii))
     if means2d_offset is not None:
         means2d, record = means2d + means2d_offset, None
+    meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, radii=radii, gaussian_ids=None)
+    if batch:
+        means2d, conics, depths, opac = (t.flatten(0, len(batch)) for t in (means2d, conics, depths, opac))
     if sh_degree is None and render_mode not in ("D", "ED"):  # the caller's colours (and depth), packed
         rgb = colors.unsqueeze(0).expand(C_all, -1, -1) if colors.dim() == 2 else colors
         features, record = (rgb if render_mode == "RGB" else torch.cat([rgb, depths[..., None]], -1)), None
@@ -492,17 +499,17 @@ def rasterize(means: torch.Tensor, quats: Optional[torch.Tensor], scales: Option
         image = image + (1.0 - alpha) * bg[:, None, None, :]
     if render_mode in ("ED", "RGB+ED"):
         image = torch.cat([image[..., :-1], image[..., -1:] / alpha.clamp_min(1e-10)], -1)
-    meta = dict(means2d=means2d, conics=conics, depths=depths, opacities=opac, radii=radii, gaussian_ids=None,
-                tile_ranges=binning.tile_ranges[..., :2], item_ids=binning.item_ids, num_pairs=binning.num_pairs,
+    meta.update(tile_ranges=binning.tile_ranges[..., :2], item_ids=binning.item_ids, num_pairs=binning.num_pairs,
                 width=width, height=height, tile_size=grid.tile_size)
     return _unflatten(batch, C, image, alpha, meta)
 
 
-def _unflatten(batch: tuple, C: int, image, alpha, meta: dict):
-    """The outputs of the flattened batch's S*C cameras given the batch shape back: (*batch, C, ...)."""
+def _unflatten(batch: tuple, C: int, image, alpha, meta: dict, keys: tuple = ()):
+    """The outputs of the flattened batch's S*C cameras given the batch shape back: (*batch, C, ...),
+    for the images, the tile ranges and meta's `keys`."""
     if batch:
         image, alpha = image.unflatten(0, (*batch, C)), alpha.unflatten(0, (*batch, C))
-        for key in ("means2d", "conics", "depths", "opacities", "radii", "tile_ranges"):
+        for key in ("tile_ranges",) + keys:
             meta[key] = meta[key].unflatten(0, (*batch, C))
     meta.update(n_cameras=C, batch_shape=batch)
     return image, alpha, meta

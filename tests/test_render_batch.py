@@ -25,15 +25,18 @@ def scenes(device, count: int):
 
 
 def render(inputs: dict, **kwargs):
-    """(image, alpha, meta, grads of the loss w.r.t. every tensor input) with fixed loss weights."""
+    """(image, alpha, meta, grads of the loss w.r.t. every tensor input and meta's means2d) with
+    fixed loss weights."""
     leaves = {k: v.clone().requires_grad_(v.is_floating_point() and k not in ("viewmats", "Ks"))
               for k, v in inputs.items()}
     image, alpha, meta = rasterize(**leaves, width=WIDTH, height=HEIGHT, **kwargs)
+    meta["means2d"].retain_grad()  # gsplat's densification signal
     # one scene's weights, broadcast over the batch: every scene weighs as in its own call
     w_image = loss_weights(image.shape[-4:], device=image.device, dtype=image.dtype)
     w_alpha = loss_weights(alpha.shape[-4:], 8, device=image.device, dtype=image.dtype)
     ((image * w_image).sum() + (alpha * w_alpha).sum()).backward()
-    return image.detach(), alpha.detach(), meta, {k: v.grad for k, v in leaves.items() if v.requires_grad}
+    grads = {k: v.grad for k, v in leaves.items() if v.requires_grad}
+    return image.detach(), alpha.detach(), meta, dict(grads, means2d=meta["means2d"].grad)
 
 
 def stack(parts: list, keys, shape=None):
