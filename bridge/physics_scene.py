@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from render.binning import DEFAULT_MAX_PAIRS, TooManyPairsError
 from render.camera import Camera, stack_cameras
 from render.sh import C0 as SH_C0
 from taichi_mpm import Elastic, MPMSolver, Plane
@@ -111,7 +112,12 @@ class PhysicsScene(nn.Module):
         materials: externally owned material modules, one per body (anything with ``E``, ``nu`` and
             ``velocity [3]`` tensor attributes), e.g. to share one E and nu between the scenes of
             several recordings; None: a :class:`BodyMaterial` per body from its ``Body`` fields.
+
+    ``forward`` renders all its frames from all its cameras in one ``rasterize`` call; ``max_pairs``
+    (an attribute) caps that call's tile/splat pairs, past which the frames render in halves.
     """
+
+    max_pairs: int = DEFAULT_MAX_PAIRS
 
     def __init__(self, bodies: Sequence[Body], res: int = 32,
                  domain: Tuple[Sequence[float], Sequence[float]] = ((0, 0, 0), (1, 1, 1)),
@@ -225,13 +231,24 @@ class PhysicsScene(nn.Module):
             raise ValueError("all cameras of one call must share an image size")
         viewmats, Ks = stack_cameras(cameras, self.x0.device)
         traj = self.simulate(frames)
-        means, covars, opacities, sh, degree = self.gaussians(traj.x, traj.F)
-        T, C = len(traj.x), len(cameras)
-        # every frame from every camera in one call: the frames are the batch of scenes
-        out, alphas, _ = rasterize(means, None, None, opacities, sh, viewmats.expand(T, C, 4, 4),
-                                   Ks.expand(T, C, 3, 3), width, height, sh_degree=degree, covars=covars,
-                                   render_mode="RGB+ED", backgrounds=self.background.expand(T, C, 3))
+        out, alphas = self._render(*self.gaussians(traj.x, traj.F), viewmats, Ks, width, height)
         return out[..., :3], alphas, out[..., 3:] * (alphas > 1e-4)
+
+    def _render(self, means, covars, opacities, sh, degree, viewmats, Ks, width, height):
+        """(RGB+ED images, alphas) (T, C, H, W, ...) of T frames' Gaussians (T, M, ...): every frame
+        from every camera in one call (the frames as a batch of scenes), or, where the batch's
+        tile/splat pairs pass ``max_pairs``, its two halves each the same way."""
+        T, C = means.shape[0], viewmats.shape[0]
+        try:
+            return rasterize(means, None, None, opacities, sh, viewmats.expand(T, C, 4, 4), Ks.expand(T, C, 3, 3),
+                             width, height, sh_degree=degree, covars=covars, render_mode="RGB+ED",
+                             backgrounds=self.background.expand(T, C, 3), max_pairs=self.max_pairs)[:2]
+        except TooManyPairsError:
+            if T == 1:
+                raise
+        halves = [self._render(means[part], covars[part], opacities[part], sh[part], degree, viewmats, Ks, width,
+                               height) for part in (slice(0, T // 2), slice(T // 2, T))]
+        return tuple(torch.cat(pieces) for pieces in zip(*halves))
 
 
 def _place_mesh(body: Body, spacing: float):

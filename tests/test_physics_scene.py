@@ -104,6 +104,42 @@ def test_frames_batched_gaussians_equal_each_frames(tmp_path, ti_arch):
         torch.testing.assert_close(batched[k], torch.stack([f[k] for f in frames]), rtol=1e-6, atol=1e-7)
 
 
+def test_frames_past_the_pair_cap_render_in_parts(scene):
+    """forward renders all frames in one call; where that call's tile/splat pairs pass max_pairs,
+    the frames go in halves (down to one frame a call) with the same images and gradients, and a
+    single frame past the cap is the renderer's TooManyPairsError."""
+    from render.binning import TooManyPairsError
+
+    def run(max_pairs):
+        scene.max_pairs = max_pairs
+        scene.materials[0].zero_grad()
+        try:
+            images, alphas, depths = scene([camera()], [1, 2, 3])
+        finally:
+            del scene.max_pairs  # the class default again
+        (images.square().mean() + depths.mean()).backward()
+        return images.detach(), alphas.detach(), scene.materials[0].velocity.grad.clone()
+
+    whole = run(1 << 27)
+    most = max(rasterize_one_frame(scene, f)[2]["num_pairs"] for f in (1, 2, 3))
+    parts = run(most + 1)  # one frame fits, two do not: the halves split again
+    for a, b in zip(whole, parts):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(TooManyPairsError):
+        run(1)
+
+
+def rasterize_one_frame(scene, frame: int):
+    from bridge.rasterization import rasterize
+    from render.camera import stack_cameras
+
+    traj = scene.simulate([frame])
+    means, covars, opacities, sh, degree = scene.gaussians(traj.x[0], traj.F[0])
+    viewmats, Ks = stack_cameras([camera()], means.device)
+    return rasterize(means.detach(), None, None, opacities.detach(), sh.detach(), viewmats, Ks, camera().width,
+                     camera().height, sh_degree=degree, covars=covars.detach())
+
+
 def test_bad_input_is_a_clear_error(scene, tmp_path, ti_arch):
     with pytest.raises(ValueError, match="at least one body"):
         PhysicsScene([])
