@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bridge.rasterization import rasterize  # noqa: E402
 from bridge.rollout import RolloutScene, simulate  # noqa: E402
-from bridge.surface import particles_to_gaussians  # noqa: E402
+from bridge.surface import Gaussians, particles_to_gaussians  # noqa: E402
 from bridge.upsampling import SurfaceConfig, bind_surface, synthesize_surface  # noqa: E402
 from render.camera import Camera, stack_cameras  # noqa: E402
 from taichi_mpm import Elastic, MPMSolver  # noqa: E402
@@ -122,11 +122,10 @@ def step(args, scene, x0, binding, viewmats, Ks, target, variant, clock=None, ch
         t = clock.lap("upsample_fwd_ms", t)
     if batched:
         T, C = args.frames, len(viewmats)
-        fields = ("means", "covars", "opacities", "colors")
-        means, covars, opacities, colors = ((getattr(gaussians, k) for k in fields) if variant == "surface" else
-                                            (torch.stack([getattr(g, k) for g in gaussians]) for k in fields))
-        images, _, _ = rasterize(means, None, None, opacities, colors, viewmats.expand(T, C, 4, 4),
-                                 Ks.expand(T, C, 3, 3), args.size, args.size, covars=covars)
+        g = gaussians if isinstance(gaussians, Gaussians) else Gaussians(
+            *(torch.stack([getattr(f, k) for f in gaussians]) for k in ("means", "covars", "opacities", "colors")))
+        images, _, _ = rasterize(g.means, None, None, g.opacities, g.colors, viewmats.expand(T, C, 4, 4),
+                                 Ks.expand(T, C, 3, 3), args.size, args.size, covars=g.covars)
     else:
         images = torch.stack([rasterize(g.means, None, None, g.opacities, g.colors, viewmats, Ks, args.size,
                                         args.size, covars=g.covars)[0] for g in gaussians])
