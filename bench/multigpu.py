@@ -11,9 +11,9 @@ all-reduce) and reports the median over the steps after the first ``--warmup`` (
 kernels on the first ones). ``speedup`` is the 1-process step time over the N-process one, measured
 in the same run; the 1-process run is torchrun with WORLD_SIZE=1, which the scene runs as a plain
 process (no process group, no all-reduce): the one-GPU fit as users run it. The sequence of process
-counts runs ``--repeats`` times, interleaved, and each row is the median run (a run's median moved by
-~20% between runs of the same code on one 4x H200 host, 2026-11-27), with every repeat's own speedup
-beside it. The runs must agree on the first step's loss (the same K recordings), else the script
+counts runs ``--repeats`` times, interleaved (every other repeat in reverse order), and each row is
+the median run (a run's median moved by ~20% between runs of the same code on one 4x H200 host,
+2026-11-27), with every repeat's own speedup beside it. The runs must agree on the first step's loss (the same K recordings), else the script
 stops. Prints a table and writes JSON rows with ``gpus``, ``step_ms``, ``speedup``, the device name
 and the date.
 """
@@ -140,7 +140,10 @@ def main(argv=None) -> dict:
     runs = {n: [] for n in sorted(set(gpus))}  # process count -> one summary per repeat
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):  # interleaved: a slow spell of the host hits every count alike
-            for n in runs:
+            # and the order reversed every other repeat: in one fixed order a host that speeds up (or
+            # slows down) through a run favours the counts run last (4x H200, 2026-11-28: one process
+            # took 2860, 2200 and 1867 ms a step in three runs of the order 1, 2, 4)
+            for n in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
                 result = time_steps(n, args, scene_args, Path(tmp) / f"r{repeat}n{n}")
                 runs[n].append(summarize(result, warmup))
                 r = runs[n][-1]

@@ -45,9 +45,15 @@ class TorchKernel:
     """Wraps a ti.kernel (its reverse-mode .grad with reverse=True); call it with the kernel's own
     arguments (torch tensors for ndarrays)."""
 
-    def __init__(self, kernel, reverse: bool = False, compile_config: Optional[Mapping[str, object]] = None) -> None:
+    def __init__(self, kernel, reverse: bool = False, compile_config: Optional[Mapping[str, object]] = None,
+                 remember: bool = False) -> None:
         # Taichi compile settings changed for this kernel's compile only (see compile_settings)
         self._compile_config = dict(compile_config or {})
+        # remember=True: each array parameter remembers the tensors set lately (see _array_setter), for
+        # launchers called again and again on the same buffers (the MPM substeps). A renderer's arrays
+        # are new every call, where the memory only adds its look-up and entry (raster forward+backward,
+        # 48 arrays: host glue 811 -> 943 us a call with it, 2-core CPU, bench/raster.py --host-overhead)
+        self._remember = remember
         self._primal = kernel._adjoint if reverse else kernel._primal
         self._reverse = reverse
         self._name = self._primal.func.__name__ + (".grad" if reverse else "")
@@ -114,30 +120,32 @@ class TorchKernel:
             raise ValueError(f"{self._name}: {name} is on {value.device}, the Taichi runtime runs on "
                              f"{'cuda' if self._on_cuda else 'cpu'}")
 
-        # the tensors set here lately, by id: a weak reference (a launcher must not keep a buffer
-        # alive) and the pointer, size and shape the launch took. The same tensor again, unchanged,
-        # skips the checks and their attribute reads (~0.9 us of ~2.8 an argument, 2-core CPU): a
-        # rollout passes the same buffers and views to every substep's launches.
-        seen: Dict[int, tuple] = {}
+        # with remember: the tensors set here lately, by id: a weak reference (a launcher must not
+        # keep a buffer alive) and the pointer, size and shape the launch took. The same tensor
+        # again, unchanged, skips the checks and their attribute reads (~0.9 us of ~2.8 an argument,
+        # 2-core CPU): a rollout passes the same buffers and views to every substep's launches.
+        seen: Optional[Dict[int, tuple]] = {} if self._remember else None
 
         def set_array(ctx, slot, value):
-            entry = seen.get(id(value))
-            if entry is not None:
-                ref, pointer, shape, nbytes, launch_shape = entry
-                if (ref() is value and value.data_ptr() == pointer and value.shape == shape and value.dtype is dtype
-                        and value.is_contiguous() and not (reverse and value.requires_grad)):
-                    if ctx is not None:
-                        ctx.set_arg_external_array_with_shape(slot, pointer, nbytes, launch_shape, 0)
-                    return
+            if seen is not None:
+                entry = seen.get(id(value))
+                if entry is not None:
+                    ref, pointer, shape, nbytes, launch_shape = entry
+                    if (ref() is value and value.data_ptr() == pointer and value.shape == shape
+                            and value.dtype is dtype and value.is_contiguous() and not (reverse and value.requires_grad)):
+                        if ctx is not None:
+                            ctx.set_arg_external_array_with_shape(slot, pointer, nbytes, launch_shape, 0)
+                        return
             # one expression on the hot path (~0.5 us); is_cuda/is_cpu: device.type builds a string
             if not (isinstance(value, torch.Tensor) and value.dtype is dtype and value.dim() == rank
                     and value.is_contiguous() and (value.is_cuda if self._on_cuda else value.is_cpu)
                     and (not element_shape or value.shape[ndim:] == element_shape)):
                 fail(value)
             launch_shape = value.shape[:ndim] if element_shape else value.shape
-            if len(seen) >= SEEN_TENSORS:  # the dead and the rarely passed go with the rest
-                seen.clear()
-            seen[id(value)] = weakref.ref(value), value.data_ptr(), value.shape, value.nbytes, launch_shape
+            if seen is not None:
+                if len(seen) >= SEEN_TENSORS:  # the dead and the rarely passed go with the rest
+                    seen.clear()
+                seen[id(value)] = weakref.ref(value), value.data_ptr(), value.shape, value.nbytes, launch_shape
             grad_pointer = 0
             if reverse and value.requires_grad:
                 grad = value.grad

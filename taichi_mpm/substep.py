@@ -996,9 +996,10 @@ def substep_launchers(real, plastic_models: bool = True) -> SimpleNamespace:
     """substep_kernels behind TorchKernel launchers (~2 us of host time per tensor argument instead
     of ~20 us: an MPM substep passes ~40 over five launches, so this is the difference between a
     host-bound and a GPU-bound substep at 100k particles): every kernel under its own name, compiled
-    with FAST_COMPILE."""
+    with FAST_COMPILE and remembering their arguments (a rollout passes the same buffers to every substep)."""
     kernels = substep_kernels(real, plastic_models)
-    launchers = {name: TorchKernel(kernel, compile_config=FAST_COMPILE) for name, kernel in vars(kernels).items()}
+    launchers = {name: TorchKernel(kernel, compile_config=FAST_COMPILE, remember=True)
+                 for name, kernel in vars(kernels).items()}
     return SimpleNamespace(**launchers)
 
 

@@ -33,9 +33,9 @@ def random_args(seed: int, repeats: int, dev: torch.device):
     return [x.to(dev), A.to(dev), w.to(dev), offset, M, 0.7, seed % 2, repeats, torch.zeros((N, 3), device=dev)]
 
 
-@pytest.fixture(scope="module")
-def wrapped(ti_arch):
-    return TorchKernel(mix)
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "remember"])
+def wrapped(ti_arch, request):
+    return TorchKernel(mix, remember=request.param)
 
 
 @pytest.mark.parametrize("repeats", [1, 2])
@@ -81,8 +81,8 @@ def test_bad_input_raises_before_launch(wrapped, device, case, compiled):
 
 @pytest.mark.parametrize("change", ["values", "resized", "data swapped", "strided in place", "other dtype"])
 def test_same_tensor_changed_in_place_is_taken_again(wrapped, device, change):
-    """A launcher remembers the last tensor of each argument to skip its checks: the same object,
-    changed in place between two calls, must be read (or refused) as it is now."""
+    """A launcher with remember=True keeps the last tensors of each argument to skip their checks:
+    the same object, changed in place between two calls, must be read (or refused) as it is now."""
     args = random_args(3, 1, device)
     wrapped(*args)
     x, w = args[0], args[2]
