@@ -13,8 +13,8 @@ in the same run; the 1-process run is torchrun with WORLD_SIZE=1, which the scen
 process (no process group, no all-reduce): the one-GPU fit as users run it. The sequence of process
 counts runs ``--repeats`` times, interleaved (every other repeat in reverse order), and each row is
 the median run (a run's median moved by ~20% between runs of the same code on one 4x H200 host,
-2026-11-27), with every repeat's own speedup beside it. The runs must agree on the first step's loss (the same K recordings), else the script
-stops. Prints a table and writes JSON rows with ``gpus``, ``step_ms``, ``speedup``, the device name
+2026-11-27), with every repeat's own speedup beside it. The runs must agree on the first step's loss
+(the same K recordings), else the script stops. Prints a table and writes JSON rows with ``gpus``, ``step_ms``, ``speedup``, the device name
 and the date.
 """
 from __future__ import annotations

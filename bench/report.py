@@ -63,11 +63,14 @@ def raster_grid_table() -> str:
                     + noted(d))
     for r in d["rows"]:
         o, g = r["ours"], r.get("gsplat")
-        other = f" {r['ratio_other_run']:.2f}x |" if "ratio_other_run" in r else ""
-        rows.append(f"| {r['gaussians']:,} | {r['distribution']} | {r['cameras']} | {r['width']}x{r['height']} | "
-                    f"{r['mode']} | {o['gpu_ms']:.2f} | {g['gpu_ms']:.2f} | **{r['ratio']:.2f}x** | {o['host_ms']:.2f} |"
-                    + other if g else f"| {r['gaussians']:,} | {r['distribution']} | {r['cameras']} | "
-                    f"{r['width']}x{r['height']} | {r['mode']} | {o['gpu_ms']:.2f} | | | {o['host_ms']:.2f} |")
+        row = (f"| {r['gaussians']:,} | {r['distribution']} | {r['cameras']} | {r['width']}x{r['height']} | "
+               f"{r['mode']} | ")
+        if g:
+            other = f" {r['ratio_other_run']:.2f}x |" if "ratio_other_run" in r else ""
+            rows.append(row + f"{o['gpu_ms']:.2f} | {g['gpu_ms']:.2f} | **{r['ratio']:.2f}x** | {o['host_ms']:.2f} |"
+                        + other)
+        else:
+            rows.append(row + f"{o['gpu_ms']:.2f} | | | {o['host_ms']:.2f} |")
     return "\n".join(rows)
 
 
@@ -115,18 +118,17 @@ def image2d_table() -> str:
     d = load("image2d_cuda.json")
     if d is None:
         return ""
+    with_pre = "gsplat_preprocess_ms" in d["render"][0]  # results before 2026-11-28 lack the column
     rows = [f"**2D image fitting** (`bench/image2d.py`), {d['device']}, {d['date'][:10]}: one forward+backward of "
             f"`bridge.splat2d` (preprocess, binning, blending, both backward kernels) beside gsplat 1.5.3's "
             f"isect_tiles + rasterize_to_pixels on the same 2D Gaussians, same run (median ms"
-            + (", calls interleaved" if "gsplat_preprocess_ms" in d["render"][0] else "") + "). "
+            + (", calls interleaved" if with_pre else "") + "). "
             "gsplat: conics and radii computed once, outside the timed call"
             + ("; gsplat + preprocess: computed from the Cholesky factors in torch inside each call, "
-               "gradients to the factors (the job ours does)." if "gsplat_preprocess_ms" in d["render"][0] else "."),
-            ""]
-    with_pre = "gsplat_preprocess_ms" in d["render"][0]
-    rows += ["| Gaussians | image | ours alpha (ms) | ours sum (ms) | gsplat (ms) | ours alpha vs gsplat |"
-             + (" gsplat + preprocess (ms) | ours alpha vs it |" if with_pre else ""),
-             "|---|---|---|---|---|---|" + ("---|---|" if with_pre else "")]
+               "gradients to the factors (the job ours does)." if with_pre else "."), "",
+            "| Gaussians | image | ours alpha (ms) | ours sum (ms) | gsplat (ms) | ours alpha vs gsplat |"
+            + (" gsplat + preprocess (ms) | ours alpha vs it |" if with_pre else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if with_pre else "")]
     for r in d["render"]:
         rows.append(f"| {r['n']:,} | {r['width']}x{r['height']} | {r['ours_alpha_ms']:.2f} | {r['ours_sum_ms']:.2f} | "
                     f"{r['gsplat_ms']:.2f} | **{r['ours_alpha_vs_gsplat']:.2f}x** |"
